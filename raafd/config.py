@@ -1,0 +1,523 @@
+"""Configuration: TOML and environment into a tree of frozen attrs classes.
+
+The rule of this module: a configuration is either entirely valid or rejected with *every*
+problem listed as ``path.to.key: reason``. Nothing half-valid ever reaches the daemon, on start
+or on reload.
+
+Lookup order (first found wins): ``--config PATH``, ``$RAAFD_CONFIG``, ``./raafd.toml``,
+``/etc/raafd/raafd.toml``, else the built-in defaults. ``RAAFD_<SECTION>__<KEY>=value``
+environment variables override single keys after the file is read; the value is parsed as a
+TOML value when it is one (``8081``, ``true``, ``["a"]``) and taken as a string otherwise.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+from attrs import field, frozen
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+__all__ = [
+    "DEFAULT_PATHS",
+    "AdminConfig",
+    "AgentConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "HttpConfig",
+    "LoggingConfig",
+    "ProviderConfig",
+    "ServerConfig",
+    "StreamsConfig",
+    "WebSocketConfig",
+    "find_config_file",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_PATHS = (Path("raafd.toml"), Path("/etc/raafd/raafd.toml"))
+ENV_PREFIX = "RAAFD_"
+
+
+class ConfigError(Exception):
+    """A configuration was rejected; ``problems`` holds one ``path: reason`` line each."""
+
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(problems))
+
+
+# --- validators -------------------------------------------------------------------------------
+
+
+def _positive(_: Any, a: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+
+
+def _non_negative(_: Any, a: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+
+
+def _between(lo: float, hi: float) -> Callable[[Any, attrs.Attribute[Any], float], None]:
+    def check(_: Any, a: attrs.Attribute[Any], value: float) -> None:
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute[Any], str], None]:
+    def check(_: Any, a: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+# --- the tree ---------------------------------------------------------------------------------
+
+
+@frozen
+class ServerConfig:
+    """``[server]``: the public listener (HTTP, SSE, NDJSON and WebSocket on one port)."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, validator=_between(0, 65535))
+    unix_socket: str = ""  # listen on this unix socket path instead of host:port when set
+    allow_public_without_auth: bool = False
+    shutdown_grace: float = field(default=10.0, validator=_non_negative)
+    drain_delay: float = field(default=0.0, validator=_non_negative)
+    max_connections: int = field(default=10_000, validator=_positive)
+    header_timeout: float = field(default=10.0, validator=_positive)
+    max_header_bytes: int = field(default=16_384, validator=_between(1024, 1 << 20))
+    keep_alive_timeout: float = field(default=5.0, validator=_positive)
+    backlog: int = field(default=1024, validator=_positive)
+
+
+@frozen
+class HttpConfig:
+    """``[http]``: request limits and streaming heartbeats for the HTTP API."""
+
+    max_body_bytes: int = field(default=1 << 20, validator=_positive)
+    heartbeat_interval: float = field(default=15.0, validator=_positive)
+    cors_origins: list[str] = field(factory=list)
+
+
+@frozen
+class WebSocketConfig:
+    """``[websocket]``: per-connection limits and heartbeats of ``/v1/ws``."""
+
+    max_frame: int = field(default=1 << 20, validator=_between(1024, 64 << 20))
+    heartbeat_interval: float = field(default=20.0, validator=_positive)
+    heartbeat_timeout: float = field(default=60.0, validator=_positive)
+    auth_timeout: float = field(default=10.0, validator=_positive)
+    send_queue: int = field(default=256, validator=_positive)
+    allowed_origins: list[str] = field(factory=list)
+
+
+@frozen
+class AuthConfig:
+    """``[auth]``: static bearer tokens. Empty means authentication is off."""
+
+    tokens: list[str] = field(factory=list, repr=False)
+    tokens_env: str = ""  # name of an environment variable holding comma-separated tokens
+
+    def all_tokens(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+        env = os.environ if environ is None else environ
+        extra = [t.strip() for t in env.get(self.tokens_env, "").split(",")] if self.tokens_env else []
+        return frozenset(t for t in [*self.tokens, *extra] if t)
+
+
+@frozen
+class StreamsConfig:
+    """``[streams]``: the stream engine's bounds and timeouts."""
+
+    max_streams: int = field(default=10_000, validator=_positive)
+    max_streams_per_connection: int = field(default=32, validator=_positive)
+    log_max_events: int = field(default=100_000, validator=_positive)
+    log_max_bytes: int = field(default=8 << 20, validator=_positive)
+    retention: float = field(default=300.0, validator=_non_negative)
+    detach_grace: float = field(default=30.0, validator=_non_negative)
+    pause_timeout: float = field(default=300.0, validator=_positive)
+    first_token_timeout: float = field(default=60.0, validator=_positive)
+    idle_timeout: float = field(default=60.0, validator=_positive)
+    max_duration: float = field(default=900.0, validator=_positive)
+    subscriber_buffer: int = field(default=64, validator=_positive)
+    provider_buffer: int = field(default=16, validator=_positive)
+    max_lag: int = field(default=1024, validator=_positive)
+
+
+@frozen
+class ProviderConfig:
+    """``[providers.NAME]``: one upstream. ``type`` picks the implementation."""
+
+    type: str = field(default="demo", validator=_one_of("demo", "openai", "anthropic", "ollama"))
+    # openai-compatible and other network providers
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = ""  # the *name* of the environment variable holding the key
+    headers: dict[str, str] = field(factory=dict, repr=False)
+    connect_timeout: float = field(default=10.0, validator=_positive)
+    read_timeout: float = field(default=120.0, validator=_positive)
+    max_retries: int = field(default=3, validator=_between(0, 20))
+    retry_base: float = field(default=0.5, validator=_positive)
+    retry_max: float = field(default=30.0, validator=_positive)
+    # demo provider
+    tokens_per_second: float = field(default=50.0, validator=_positive)
+    reply_words: int = field(default=40, validator=_between(0, 1_000_000))
+    jitter: float = field(default=0.0, validator=_between(0.0, 1.0))
+    first_token_delay: float = field(default=0.0, validator=_non_negative)
+    seed: int = 0
+
+
+@frozen
+class AgentConfig:
+    """``[agents.NAME]``: an agent, run on a provider."""
+
+    provider: str = "demo"
+    model: str = ""
+    instructions: str = "You are a helpful assistant."
+    temperature: float | None = None
+    max_tokens: int | None = field(default=None, validator=_positive)
+
+
+@frozen
+class LoggingConfig:
+    """``[logging]``: structlog output."""
+
+    level: str = field(default="info", validator=_one_of(*LOG_LEVELS))
+    format: str = field(default="auto", validator=_one_of("auto", "json", "console"))
+
+
+@frozen
+class AdminConfig:
+    """``[admin]``: the unix-socket admin interface used by ``raafd ctl``."""
+
+    enabled: bool = True
+    socket: str = ""  # empty: <state.dir>/admin.sock
+
+
+@frozen
+class StateConfig:
+    """``[state]``: where durable state lives."""
+
+    dir: str = "./var"
+
+
+def _default_providers() -> dict[str, ProviderConfig]:
+    return {"demo": ProviderConfig(type="demo")}
+
+
+def _default_agents() -> dict[str, AgentConfig]:
+    return {"assistant": AgentConfig(provider="demo")}
+
+
+@frozen
+class Config:
+    """The whole configuration. Every section has defaults; an empty file is valid."""
+
+    server: ServerConfig = field(factory=ServerConfig)
+    http: HttpConfig = field(factory=HttpConfig)
+    websocket: WebSocketConfig = field(factory=WebSocketConfig)
+    auth: AuthConfig = field(factory=AuthConfig)
+    streams: StreamsConfig = field(factory=StreamsConfig)
+    providers: dict[str, ProviderConfig] = field(factory=_default_providers)
+    agents: dict[str, AgentConfig] = field(factory=_default_agents)
+    default_agent: str = "assistant"
+    logging: LoggingConfig = field(factory=LoggingConfig)
+    admin: AdminConfig = field(factory=AdminConfig)
+    state: StateConfig = field(factory=StateConfig)
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return Path(self.admin.socket) if self.admin.socket else Path(self.state.dir) / "admin.sock"
+
+
+# Settings SIGHUP applies without a restart; everything else is reported as "needs restart".
+RELOADABLE = (
+    "logging",
+    "http",
+    "websocket.heartbeat_interval",
+    "websocket.heartbeat_timeout",
+    "websocket.auth_timeout",
+    "websocket.max_frame",
+    "auth",
+    "streams",
+    "server.shutdown_grace",
+    "server.drain_delay",
+    "server.max_connections",
+    "providers",
+    "agents",
+    "default_agent",
+)
+
+
+# --- structuring and messages -----------------------------------------------------------------
+
+_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+
+def _structure_strict(value: Any, t: type) -> Any:
+    # cattrs' defaults coerce ("8080" -> 8080, 1 -> True); a config file should say what it means.
+    if t is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {_describe(value)}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {_describe(value)}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"expected a number, got {_describe(value)}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported type {t}")  # pragma: no cover
+
+
+for _t in (bool, int, float, str):
+    _converter.register_structure_hook(_t, _structure_strict)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return repr(value)
+
+
+def _fields_of(cls: Any) -> list[str]:
+    return [a.name for a in attrs.fields(cls)] if attrs.has(cls) else []
+
+
+def _class_at(path: list[str]) -> Any:
+    """The attrs class at a dotted path of the tree (to offer did-you-mean suggestions)."""
+    cls: Any = Config
+    for part in path:
+        if not attrs.has(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        t = hints[part]
+        if typing.get_origin(t) is dict:
+            t = typing.get_args(t)[1]
+            cls = t
+            continue
+        cls = t
+    return cls
+
+
+def _flatten(exc: BaseException, path: list[str], out: list[str]) -> None:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = _fields_of(exc.cl)
+        for key in sorted(exc.extra_fields):
+            where = ".".join([*path, key])
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            out.append(f"{where}: unknown key{hint}")
+        return
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            name = note.name if hasattr(note, "name") else getattr(note, "index", "?")
+            _flatten(sub, [*path, str(name)], out)
+        for sub in without:
+            _flatten(sub, path, out)
+        return
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            _flatten(sub, path, out)
+        return
+    where = ".".join(path) or "(top level)"
+    if isinstance(exc, KeyError):
+        out.append(f"{where}: required key missing")
+    elif isinstance(exc, TypeError | ValueError):
+        msg = str(exc)
+        if "is not iterable" in msg or "object has no attribute" in msg:
+            msg = "expected a table"
+        out.append(f"{where}: {msg}")
+    else:
+        out.append(f"{where}: {exc}")
+
+
+def _cross_check(cfg: Config) -> list[str]:
+    problems: list[str] = []
+    for name, agent in cfg.agents.items():
+        if agent.provider not in cfg.providers:
+            near = difflib.get_close_matches(agent.provider, list(cfg.providers), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            problems.append(
+                f"agents.{name}.provider: no provider named {agent.provider!r} is configured{hint}"
+            )
+    if cfg.default_agent not in cfg.agents:
+        problems.append(f"default_agent: no agent named {cfg.default_agent!r} is configured")
+    for name, prov in cfg.providers.items():
+        if prov.type in ("openai", "anthropic", "ollama") and not prov.base_url:
+            problems.append(f"providers.{name}.base_url: required for a {prov.type} provider")
+        for hname in prov.headers:
+            if hname.lower() == "authorization":
+                problems.append(
+                    f"providers.{name}.headers.{hname}: put secrets in the environment and name"
+                    " the variable in api_key_env"
+                )
+    if not cfg.server.unix_socket:
+        try:
+            loopback = ipaddress.ip_address(cfg.server.host).is_loopback
+        except ValueError:
+            loopback = cfg.server.host == "localhost"
+        if not loopback and not cfg.auth.tokens and not cfg.auth.tokens_env:
+            if not cfg.server.allow_public_without_auth:
+                problems.append(
+                    f"server.host: {cfg.server.host!r} is not a loopback address and [auth] has no"
+                    " tokens; configure tokens or set server.allow_public_without_auth = true"
+                )
+    if cfg.websocket.heartbeat_timeout <= cfg.websocket.heartbeat_interval:
+        problems.append(
+            "websocket.heartbeat_timeout: must be longer than websocket.heartbeat_interval"
+        )
+    return problems
+
+
+def _validate_tree(obj: Any, path: list[str], out: list[str]) -> None:
+    """Run every field validator, collecting all failures (attrs stops at the first)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _validate_tree(value, [*path, str(key)], out)
+        return
+    if not attrs.has(type(obj)):
+        return
+    for a in attrs.fields(type(obj)):
+        value = getattr(obj, a.name)
+        if a.validator is not None:
+            try:
+                a.validator(obj, a, value)
+            except ValueError as exc:
+                out.append(f"{'.'.join([*path, a.name])}: {exc}")
+        _validate_tree(value, [*path, a.name], out)
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Structure a plain mapping (parsed TOML plus overrides) into :class:`Config`."""
+    problems: list[str] = []
+    with attrs.validators.disabled():
+        try:
+            cfg = _converter.structure(dict(data), Config)
+        except Exception as exc:
+            _flatten(exc, [], problems)
+            raise ConfigError(problems or [str(exc)]) from None
+    _validate_tree(cfg, [], problems)
+    if problems:
+        raise ConfigError(problems)
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _toml_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply ``RAAFD_<SECTION>__<KEY>`` overrides (keys lower-cased, ``__`` nests)."""
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            continue
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"{'.'.join(parts)}: {name} overrides a value that is not a table"])
+            node = child
+        node[parts[-1]] = _toml_value(raw)
+    return data
+
+
+def find_config_file(explicit: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file to read, by the lookup order; ``None`` means built-in defaults."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if env.get("RAAFD_CONFIG"):
+        return Path(env["RAAFD_CONFIG"])
+    for candidate in DEFAULT_PATHS:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read file: {exc.strerror or exc}"], str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"], str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: TOML syntax error: {exc}"], str(path)) from None
+
+
+def load_config(
+    explicit: str | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Config, Path | None]:
+    """Find, read, override and validate; raise :class:`ConfigError` listing every problem."""
+    env = os.environ if environ is None else environ
+    path = find_config_file(explicit, env)
+    data = read_toml(path) if path is not None else {}
+    apply_env(data, env)
+    try:
+        return parse_config(data), path
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, str(path) if path else "") from None
+
+
+def diff_configs(old: Config, new: Config, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf that differs between two configs."""
+    changed: list[str] = []
+    for a in attrs.fields(type(old)):
+        before, after = getattr(old, a.name), getattr(new, a.name)
+        path = f"{prefix}{a.name}"
+        if attrs.has(type(before)) and type(before) is type(after):
+            changed.extend(diff_configs(before, after, path + "."))
+        elif before != after:
+            changed.append(path)
+    return changed
+
+
+def is_reloadable(path: str) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in RELOADABLE)
+
+
+Format = Literal["json", "console"]

@@ -1,0 +1,111 @@
+"""The raafd error family.
+
+Every error a client can see is a :class:`RaafdError` with a stable ``code`` (the wire
+protocol's error code), a human sentence, and optionally the offending field path and a
+``retry_after`` hint. Transports turn them into frames or HTTP bodies; nothing else about an
+exception (type, traceback, upstream secrets) is ever sent to a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RaafdError(Exception):
+    """Base of every client-visible error."""
+
+    code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``{"code", "message", "field"}`` object used on every transport."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return body
+
+
+class BadRequest(RaafdError):
+    code = "bad_request"
+    http_status = 400
+
+
+class Unauthorized(RaafdError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(RaafdError):
+    code = "forbidden"
+    http_status = 403
+
+
+class NotFound(RaafdError):
+    code = "not_found"
+    http_status = 404
+
+
+class MethodNotAllowed(RaafdError):
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class Conflict(RaafdError):
+    code = "conflict"
+    http_status = 409
+
+
+class TooLarge(RaafdError):
+    code = "too_large"
+    http_status = 413
+
+
+class RateLimited(RaafdError):
+    code = "rate_limited"
+    http_status = 429
+
+
+class TooManyStreams(RaafdError):
+    code = "too_many_streams"
+    http_status = 429
+
+
+class Unavailable(RaafdError):
+    code = "unavailable"
+    http_status = 503
+
+
+class UpstreamError(RaafdError):
+    code = "upstream_error"
+    http_status = 502
+
+
+class Timeout(RaafdError):
+    code = "timeout"
+    http_status = 504
+
+
+class Internal(RaafdError):
+    code = "internal"
+    http_status = 500
+
+
+class Gone(RaafdError):
+    """Events older than what a stream's log still holds were asked for."""
+
+    code = "gone"
+    http_status = 410

@@ -1,0 +1,67 @@
+"""structlog setup: JSON lines for machines, console lines for people, level changeable live.
+
+Ids (``conn``, ``stream``, ``req``, ``job``) are bound with
+``structlog.contextvars.bind_contextvars`` at the top of the task that owns them; trio copies
+the context into child tasks, so they stay with the task tree they belong to.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = ["configure_logging", "get_level", "get_logger", "set_level"]
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_state = {"level": 20}
+
+
+def _filter_by_level(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _LEVELS.get(method, 20) < _state["level"]:
+        raise structlog.DropEvent
+    return event
+
+
+def set_level(level: str) -> None:
+    """Change the level at run time (admin ``log-level``, SIGHUP reload)."""
+    if level not in _LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
+    _state["level"] = _LEVELS[level]
+
+
+def get_level() -> str:
+    return next(name for name, value in _LEVELS.items() if value == _state["level"])
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog once per process. ``fmt``: ``auto`` (console on a TTY), ``json``,
+    ``console``."""
+    out = stream or sys.stderr
+    set_level(level)
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            _filter_by_level,
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.BoundLogger,
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=out, format="%(name)s: %(message)s")
+
+
+def get_logger(name: str = "raafd") -> Any:
+    return structlog.get_logger(name)

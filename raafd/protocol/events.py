@@ -1,0 +1,82 @@
+"""Stream events: the one object every transport carries.
+
+A :class:`StreamEvent` is immutable and encodes itself to JSON once (``json``); the WebSocket
+gateway, SSE and NDJSON all frame those same bytes, so a token fanned out to many subscribers
+is serialised exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import orjson
+from attrs import field, frozen
+
+__all__ = [
+    "CANCEL_REASONS",
+    "EVENT_KINDS",
+    "TERMINAL_KINDS",
+    "StreamEvent",
+    "coalesce",
+    "make_event",
+]
+
+EVENT_KINDS: Final = frozenset(
+    {
+        "start",
+        "content",
+        "tool_call",
+        "tool_result",
+        "handoff",
+        "retry",
+        "paused",
+        "resumed",
+        "complete",
+        "error",
+        "cancelled",
+    }
+)
+TERMINAL_KINDS: Final = frozenset({"complete", "error", "cancelled"})
+CANCEL_REASONS: Final = frozenset({"client", "timeout", "drain", "detached", "admin"})
+
+
+def _encode(stream: str, seq: int, kind: str, fields: dict[str, Any]) -> bytes:
+    return orjson.dumps({"stream": stream, "seq": seq, "event": kind, **fields})
+
+
+@frozen
+class StreamEvent:
+    """One sequenced event of one stream. ``json`` is its wire encoding, made once."""
+
+    stream: str
+    seq: int
+    kind: str
+    fields: dict[str, Any] = field(eq=False, hash=False)
+    json: bytes = field(eq=False, hash=False, repr=False)
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
+
+    @property
+    def size(self) -> int:
+        return len(self.json)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream, "seq": self.seq, "event": self.kind, **self.fields}
+
+
+def make_event(stream: str, seq: int, kind: str, **fields: Any) -> StreamEvent:
+    """Build and encode an event. ``kind`` must be one of :data:`EVENT_KINDS`."""
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"unknown stream event kind {kind!r}")
+    return StreamEvent(stream, seq, kind, fields, _encode(stream, seq, kind, fields))
+
+
+def coalesce(first: StreamEvent, second: StreamEvent) -> StreamEvent:
+    """Merge two adjacent ``content`` events; the result carries the later seq (lossless)."""
+    if first.kind != "content" or second.kind != "content" or first.stream != second.stream:
+        raise ValueError("only adjacent content events of one stream coalesce")
+    return make_event(
+        second.stream, second.seq, "content", delta=first.fields["delta"] + second.fields["delta"]
+    )

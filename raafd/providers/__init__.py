@@ -1,0 +1,1 @@
+"""Upstream LLM providers behind one small interface (see ``base``)."""
