@@ -423,9 +423,18 @@ def _validate_tree(obj: Any, path: list[str], out: list[str]) -> None:
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Structure a plain mapping (parsed TOML plus overrides) into :class:`Config`."""
     problems: list[str] = []
+    data = dict(data)
+    # The built-in demo provider and assistant agent stay available beside configured ones.
+    for section, defaults in (("providers", _default_providers), ("agents", _default_agents)):
+        given = data.get(section)
+        if isinstance(given, dict):
+            data[section] = {
+                **{k: _converter.unstructure(v) for k, v in defaults().items()},
+                **given,
+            }
     with attrs.validators.disabled():
         try:
-            cfg = _converter.structure(dict(data), Config)
+            cfg = _converter.structure(data, Config)
         except Exception as exc:
             _flatten(exc, [], problems)
             raise ConfigError(problems or [str(exc)]) from None

@@ -1,1 +1,1 @@
-"""gateway."""
+"""The WebSocket gateway at /v1/ws."""

@@ -1,1 +1,1 @@
-"""http."""
+"""HTTP transport: the ASGI app served through hypercorn."""

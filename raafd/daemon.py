@@ -1,0 +1,265 @@
+"""The composition root: builds every component and runs them in one nursery, in order.
+
+Task tree (docs/architecture.md has the picture)::
+
+    Daemon.run
+    ├── admin server            (unix socket; refuses to start if another daemon owns it)
+    ├── sd_notify watchdog      (when systemd asked for one)
+    ├── stream manager          (every stream's task; streams outlive connections)
+    └── public listener         (HTTP via hypercorn, WebSocket via the gateway)
+        └── one task per connection, each with its own nursery
+
+Stopping is a drain: readiness goes 503, the listener stops accepting after ``drain_delay``,
+in-flight work gets ``shutdown_grace`` seconds, then everything left is cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from raafd import __version__
+from raafd.admin.server import AdminServer
+from raafd.config import Config, ConfigError, diff_configs, is_reloadable, load_config
+from raafd.errors import BadRequest, NotFound
+from raafd.gateway.gateway import Gateway
+from raafd.http.app import build_app
+from raafd.listener import PublicListener
+from raafd.logging import get_level, get_logger, set_level
+from raafd.metrics import Metrics
+from raafd.providers.base import Provider
+from raafd.providers.registry import build_providers, open_http_client
+from raafd.sdnotify import SdNotifier
+from raafd.streams import StreamManager
+
+__all__ = ["Daemon"]
+
+log = get_logger("raafd.daemon")
+
+
+class Daemon:
+    """One raafd process's worth of components."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.environ = environ
+        self.metrics = Metrics()
+        self.notifier = SdNotifier.from_environ(environ)
+        self.started_at = time.time()
+        self.draining = False
+        self._drain_requested = trio.Event()
+        self.address: str | None = None
+        self.providers: dict[str, Provider] = {}
+        self.streams = StreamManager(
+            config.streams, config.agents, {}, self.metrics, config.default_agent
+        )
+        self.gateway = Gateway(
+            lambda: self.config, self.streams, self.metrics,
+            lambda: self.config.auth.all_tokens(self.environ),
+        )
+        self.listener = PublicListener(
+            config.server, build_app(self), self.metrics, self.gateway.handle
+        )
+        self.admin = AdminServer(
+            config.admin_socket_path,
+            {
+                "stats": self._admin_stats,
+                "reload": self._admin_reload,
+                "drain": self._admin_drain,
+                "log-level": self._admin_log_level,
+                "connections": self._admin_connections,
+                "streams": self._admin_streams,
+                "kick": self._admin_kick,
+                "cancel": self._admin_cancel,
+            },
+            metrics=self.metrics,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start everything; ``started`` with the public address; return after a drain."""
+        Path(self.config.state.dir).mkdir(parents=True, exist_ok=True)
+        async with open_http_client() as http_client, trio.open_nursery() as nursery:
+            self._http_client = http_client
+            self.providers = build_providers(self.config.providers, http_client, **self._env())
+            self.streams.reload(providers=self.providers)
+            if self.config.admin.enabled:
+                await nursery.start(self.admin.run)
+            if self.notifier.watchdog_interval() is not None:
+                await nursery.start(self.notifier.run_watchdog)
+            await nursery.start(self.streams.run)
+            self.address = await nursery.start(self.listener.run)
+            self.notifier.ready()
+            self.notifier.status(f"serving on {self.address}")
+            log.info("raafd ready", version=__version__, address=self.address)
+            task_status.started(self.address)
+            await self._drain_requested.wait()
+            await self._drain()
+            nursery.cancel_scope.cancel()
+        log.info("raafd stopped")
+
+    def request_drain(self) -> None:
+        """Begin a graceful stop (SIGTERM, first SIGINT, admin ``drain``)."""
+        self._drain_requested.set()
+
+    async def _drain(self) -> None:
+        cfg = self.config.server
+        self.draining = True
+        self.listener.draining = True
+        self.metrics.draining.set(1)
+        self.notifier.stopping()
+        log.info("draining", drain_delay=cfg.drain_delay, shutdown_grace=cfg.shutdown_grace)
+        # Load balancers see /readyz turn 503 while we still answer.
+        await trio.sleep(cfg.drain_delay)
+        await self.listener.stop_accepting()
+        self.gateway.shutdown(reconnect_after=1.0)
+        with trio.move_on_after(cfg.shutdown_grace) as grace:
+            # Streams get the grace, then are cancelled (reason `drain`); connections close
+            # once their streams have ended (WebSocket: 1001).
+            await self.streams.drain(cfg.shutdown_grace)
+            await self.listener.wait_idle()
+        if grace.cancelled_caught:
+            log.warning("shutdown grace over; cancelling what is left",
+                        connections=self.listener.open_connections)
+
+    # --- reload -------------------------------------------------------------------------------
+
+    def reload(self, new: Config) -> dict[str, list[str]]:
+        """Apply what can change at run time; report what would need a restart."""
+        changed = diff_configs(self.config, new)
+        applied = [p for p in changed if is_reloadable(p)]
+        restart = [p for p in changed if not is_reloadable(p)]
+        if new.logging.level != get_level():
+            set_level(new.logging.level)
+        # Components read their section through the daemon's config on each use, so replacing
+        # the reloadable sections is enough; the rest keeps its running value until restart.
+        self.config = new if not restart else _merge_reloadable(self.config, new)
+        self.listener.config = self.config.server
+        if any(p.startswith("providers") for p in applied):
+            self.providers = build_providers(self.config.providers, self._http_client, **self._env())
+        self.streams.reload(
+            config=self.config.streams,
+            agents=self.config.agents,
+            providers=self.providers,
+            default_agent=self.config.default_agent,
+        )
+        log.info("configuration reloaded", applied=applied, needs_restart=restart)
+        return {"applied": applied, "needs_restart": restart}
+
+    def reload_from_file(self) -> dict[str, list[str]]:
+        """Re-read the config file (SIGHUP, admin ``reload``); raises ConfigError and keeps the
+        running config when the file is bad."""
+        self.notifier.reloading()
+        try:
+            new, _ = load_config(str(self.config_path) if self.config_path else None, self.environ)
+        except ConfigError as err:
+            log.error("reload rejected; the running configuration stays", problems=err.problems)
+            raise
+        finally:
+            self.notifier.ready()
+        return self.reload(new)
+
+    def _env(self) -> dict[str, Any]:
+        return {} if self.environ is None else {"environ": self.environ}
+
+    # --- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        snap = self.metrics.snapshot()
+        return {
+            "version": __version__,
+            "uptime": round(time.time() - self.started_at, 3),
+            "draining": self.draining,
+            "address": self.address,
+            "connections": {
+                "open": self.listener.open_connections,
+                "websocket": len(self.gateway.connections),
+            },
+            "streams": self.streams.stats(),
+            "process": {
+                "rss_bytes": snap.get("process_resident_memory_bytes"),
+                "open_fds": snap.get("process_open_fds"),
+            },
+            "log_level": get_level(),
+        }
+
+    # --- admin commands -----------------------------------------------------------------------
+
+    async def _admin_stats(self, args: dict[str, Any]) -> Any:
+        return self.stats()
+
+    async def _admin_reload(self, args: dict[str, Any]) -> Any:
+        try:
+            return self.reload_from_file()
+        except ConfigError as err:
+            raise BadRequest("configuration rejected: " + "; ".join(err.problems)) from None
+
+    async def _admin_drain(self, args: dict[str, Any]) -> Any:
+        self.request_drain()
+        return {"draining": True}
+
+    async def _admin_connections(self, args: dict[str, Any]) -> Any:
+        return self.gateway.describe()
+
+    async def _admin_streams(self, args: dict[str, Any]) -> Any:
+        return self.streams.list_streams()
+
+    async def _admin_kick(self, args: dict[str, Any]) -> Any:
+        conn = args.get("id") or args.get("conn")
+        if not isinstance(conn, str):
+            raise BadRequest("give the connection id to kick", field="id")
+        if not self.gateway.kick(conn):
+            raise NotFound(f"no connection {conn}", field="id")
+        return {"kicked": conn}
+
+    async def _admin_cancel(self, args: dict[str, Any]) -> Any:
+        stream = args.get("id") or args.get("stream")
+        if not isinstance(stream, str):
+            raise BadRequest("give the stream id to cancel", field="id")
+        self.streams.cancel(stream, "admin")
+        return {"cancelled": stream}
+
+    async def _admin_log_level(self, args: dict[str, Any]) -> Any:
+        level = args.get("level")
+        if not isinstance(level, str):
+            raise BadRequest("give the level to set", field="level")
+        try:
+            set_level(level)
+        except ValueError as err:
+            raise BadRequest(str(err), field="level") from None
+        log.info("log level changed", level=level)
+        return {"level": level}
+
+
+def _merge_reloadable(old: Config, new: Config) -> Config:
+    """``old`` with every reloadable setting taken from ``new``."""
+    import attrs
+
+    updates: dict[str, Any] = {}
+    for a in attrs.fields(Config):
+        if is_reloadable(a.name):
+            updates[a.name] = getattr(new, a.name)
+    server_updates = {
+        name.split(".", 1)[1]: getattr(new.server, name.split(".", 1)[1])
+        for name in ("server.shutdown_grace", "server.drain_delay", "server.max_connections")
+    }
+    ws_updates = {
+        f.name: getattr(new.websocket, f.name)
+        for f in attrs.fields(type(new.websocket))
+        if is_reloadable(f"websocket.{f.name}")
+    }
+    updates["server"] = attrs.evolve(old.server, **server_updates)
+    updates["websocket"] = attrs.evolve(old.websocket, **ws_updates)
+    return attrs.evolve(old, **updates)

@@ -1,0 +1,462 @@
+"""One WebSocket connection: handshake, then reader, writer, heartbeat and one task per attached
+stream, all in the connection's own nursery.
+
+Ordering rule of this file: everything the connection sends goes through ``_out`` (a bounded
+channel) to the single writer task, so frames never interleave and a slow socket pushes back on
+the tasks feeding it (for a private stream, all the way to the provider's read). Closing stops
+the work nursery first, then queues the close frame behind what is already queued, so the
+client always sees the last events before the close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+import structlog
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+from raafd.errors import BadRequest, Conflict, Gone, NotFound, RaafdError
+from raafd.gateway.frames import close_frame, ping_frame, pong_frame, text_frame
+from raafd.listener import PrefixedStream, RequestHead
+from raafd.logging import get_logger
+from raafd.protocol.commands import (
+    Hello,
+    StreamAttach,
+    StreamControl,
+    StreamDetach,
+    StreamStart,
+    parse_command,
+)
+from raafd.streams import SlowConsumer
+
+if TYPE_CHECKING:
+    from raafd.gateway.gateway import Gateway
+
+__all__ = ["Connection", "CloseCode"]
+
+log = get_logger("raafd.gateway")
+_conn_ids = itertools.count(1)
+SUBPROTOCOL = "raafd.v1"
+_EVENT_PREFIX = b'{"type":"stream.event",'
+
+
+class CloseCode:
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    TOO_BIG = 1009
+    INTERNAL = 1011
+    SLOW_CONSUMER = 4001
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
+    TIMEOUT = 4408
+    RATE_LIMITED = 4429
+
+
+class _Close(Exception):
+    """Raised inside the connection's work to close it with a code."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def event_frame(event_json: bytes) -> bytes:
+    """A stream event's JSON wrapped as a ``stream.event`` message, without re-encoding."""
+    return text_frame(_EVENT_PREFIX + event_json[1:])
+
+
+def _user_for(token: str | None) -> str:
+    if token is None:
+        return "anonymous"
+    return "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+class Connection:
+    def __init__(self, gateway: Gateway, stream: PrefixedStream, head: RequestHead) -> None:
+        self.gateway = gateway
+        self.stream = stream
+        self.head = head
+        self.id = f"c_{next(_conn_ids)}_{secrets.token_hex(3)}"
+        self.user = "anonymous"
+        self.authenticated = False
+        self.attachments: dict[str, trio.CancelScope] = {}
+        self.draining = False
+        self.started_at = trio.current_time()
+        self.last_seen = self.started_at
+        self.events_sent = 0
+        self._ws = WSConnection(ConnectionType.SERVER)
+        self._out, self._out_recv = trio.open_memory_channel[bytes](
+            gateway.config().websocket.send_queue
+        )
+        self._work: trio.Nursery | None = None
+        self._writer_done = trio.Event()
+        self._close: _Close | None = None
+        self._message: list[str] = []
+        self._message_size = 0
+
+    # --- entry point --------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        structlog.contextvars.bind_contextvars(conn=self.id)
+        cfg = self.gateway.config()
+        if not await self._handshake():
+            return
+        self.gateway.metrics.connections_total.labels("websocket").inc()
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._writer)
+                try:
+                    async with trio.open_nursery() as work:
+                        self._work = work
+                        await self._after_handshake()
+                        work.start_soon(self._reader)
+                        work.start_soon(self._heartbeat, cfg.websocket.heartbeat_interval)
+                except* _Close as group:
+                    self._close = group.exceptions[0]  # type: ignore[assignment]
+                except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                await self._finish(outer)
+        finally:
+            with trio.move_on_after(1, shield=True):
+                await self.stream.aclose()
+            log.debug("connection closed", code=self._close.code if self._close else None)
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the connection to close (from any task); its work is cancelled."""
+        if self._close is None:
+            self._close = _Close(code, reason)
+        if self._work is not None:
+            self._work.cancel_scope.cancel()
+
+    async def _finish(self, outer: trio.Nursery) -> None:
+        close = self._close or _Close(CloseCode.NORMAL, "")
+        with trio.move_on_after(2) as scope:
+            try:
+                await self._out.send(close_frame(close.code, close.reason))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await self._out.aclose()
+            # The writer drains what was queued, the close frame last, then returns.
+            await self._writer_done.wait()
+        if scope.cancelled_caught:
+            outer.cancel_scope.cancel()
+
+    # --- handshake ----------------------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        cfg = self.gateway.config()
+        request: Request | None = None
+        with trio.move_on_after(cfg.server.header_timeout):
+            while request is None:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return False
+                self._ws.receive_data(data)
+                for event in self._ws.events():
+                    if isinstance(event, Request):
+                        request = event
+                        break
+        if request is None:
+            return False
+        if self.gateway.draining:
+            await self._reject(503, "the server is draining")
+            return False
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.subprotocols else None
+        try:
+            await self.stream.send_all(self._ws.send(AcceptConnection(subprotocol=subprotocol)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    async def _reject(self, status: int, message: str) -> None:
+        body = orjson.dumps({"error": {"code": "unavailable", "message": message}})
+        data = self._ws.send(
+            RejectConnection(
+                status_code=status,
+                headers=[(b"content-type", b"application/json"), (b"retry-after", b"1")],
+                has_body=True,
+            )
+        )
+        from wsproto.events import RejectData
+
+        data += self._ws.send(RejectData(data=body))
+        with trio.move_on_after(1):
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _after_handshake(self) -> None:
+        cfg = self.gateway.config()
+        origin = self.head.headers.get("origin")
+        allowed = cfg.websocket.allowed_origins
+        if origin is not None and allowed and origin not in allowed:
+            raise _Close(CloseCode.FORBIDDEN, "origin not allowed")
+        tokens = self.gateway.tokens()
+        if not tokens:
+            self.authenticated = True
+            await self._welcome()
+            return
+        given = self._token_from_request()
+        if given is not None:
+            if not _token_ok(given, tokens):
+                raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
+            self.user = _user_for(given)
+            self.authenticated = True
+            await self._welcome()
+        # else: the first frame must be a `hello` with a token, within auth_timeout.
+
+    def _token_from_request(self) -> str | None:
+        auth = self.head.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
+        query = dict(parse_qsl(urlsplit(self.head.target).query))
+        return query.get("token")
+
+    async def _welcome(self) -> None:
+        cfg = self.gateway.config()
+        await self.send_json(
+            {
+                "type": "welcome",
+                "conn": self.id,
+                "user": self.user,
+                "heartbeat": cfg.websocket.heartbeat_interval,
+                "limits": {
+                    "max_frame": cfg.websocket.max_frame,
+                    "max_streams": cfg.streams.max_streams_per_connection,
+                    "heartbeat_timeout": cfg.websocket.heartbeat_timeout,
+                },
+            }
+        )
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        try:
+            async for data in self._out_recv:
+                parts = [data]
+                while len(parts) < 128:
+                    try:
+                        parts.append(self._out_recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._work is not None:
+                self._work.cancel_scope.cancel()
+        finally:
+            self._writer_done.set()
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            await self._out.send(ping_frame(b"hb"))
+
+    async def _reader(self) -> None:
+        cfg = self.gateway.config()
+        auth_deadline = self.started_at + cfg.websocket.auth_timeout
+        while True:
+            if self.authenticated:
+                deadline = self.last_seen + cfg.websocket.heartbeat_timeout
+            else:
+                deadline = auth_deadline
+            with trio.move_on_at(deadline) as idle:
+                data = await self.stream.receive_some(65536)
+            if idle.cancelled_caught:
+                if self.authenticated:
+                    raise _Close(CloseCode.TIMEOUT, "no frame from the client within the timeout")
+                raise _Close(CloseCode.TIMEOUT, "authentication timed out")
+            if not data:
+                return
+            self.last_seen = trio.current_time()
+            self._ws.receive_data(data)
+            for event in self._ws.events():
+                if isinstance(event, TextMessage):
+                    await self._on_text(event)
+                elif isinstance(event, BytesMessage):
+                    await self.send_error(BadRequest("binary frames are not supported"))
+                elif isinstance(event, Ping):
+                    await self._out.send(pong_frame(event.payload))
+                elif isinstance(event, CloseConnection):
+                    raise _Close(event.code if event.code != 1005 else 1000, "")
+
+    async def _on_text(self, event: TextMessage) -> None:
+        max_frame = self.gateway.config().websocket.max_frame
+        self._message_size += len(event.data)
+        if self._message_size > max_frame:
+            raise _Close(CloseCode.TOO_BIG, f"message over {max_frame} bytes")
+        self._message.append(event.data)
+        if not event.message_finished:
+            return
+        text = "".join(self._message)
+        self._message.clear()
+        self._message_size = 0
+        await self._command(text)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def _command(self, text: str) -> None:
+        ref: str | None = None
+        try:
+            kind, command = parse_command(text)
+            ref = getattr(command, "ref", None)
+            if not self.authenticated and kind != "hello":
+                raise _Close(CloseCode.UNAUTHORIZED, "authenticate with a hello frame first")
+            handler = self._handlers[kind]
+            await handler(self, kind, command)
+        except RaafdError as err:
+            await self.send_error(err, ref if ref is not None else getattr(err, "ref", None))
+
+    async def _hello(self, kind: str, cmd: Hello) -> None:
+        if self.authenticated:
+            await self.send_json({"type": "welcome", "conn": self.id, "user": self.user,
+                                  "ref": cmd.ref})
+            return
+        if cmd.token is None or not _token_ok(cmd.token, self.gateway.tokens()):
+            raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
+        self.user = _user_for(cmd.token)
+        self.authenticated = True
+        await self._welcome()
+
+    async def _ping(self, kind: str, cmd: Any) -> None:
+        await self.send_json({"type": "pong", "ref": cmd.ref})
+
+    async def _stream_start(self, kind: str, cmd: StreamStart) -> None:
+        if self.draining:
+            from raafd.errors import Unavailable
+
+            raise Unavailable("the server is draining; start the stream elsewhere")
+        stream = self.gateway.manager.start(
+            agent=cmd.agent,
+            messages=cmd.conversation(),
+            stream_id=cmd.stream,
+            owner=self.id,
+            session=cmd.session,
+        )
+        await self.send_json({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
+        self._attach(stream.id, 0)
+
+    async def _stream_attach(self, kind: str, cmd: StreamAttach) -> None:
+        self.gateway.manager.get(cmd.stream)  # not_found before we answer
+        self._attach(cmd.stream, cmd.after, cmd.ref)
+
+    async def _stream_detach(self, kind: str, cmd: StreamDetach) -> None:
+        scope = self.attachments.pop(cmd.stream, None)
+        if scope is None:
+            raise NotFound(f"stream {cmd.stream} is not attached here", field="stream")
+        scope.cancel()
+        await self.send_json({"type": "stream.detached", "ref": cmd.ref, "stream": cmd.stream})
+
+    async def _stream_control(self, kind: str, cmd: StreamControl) -> None:
+        manager = self.gateway.manager
+        if kind == "stream.cancel":
+            manager.cancel(cmd.stream, "client")
+        elif kind == "stream.pause":
+            manager.pause(cmd.stream)
+        else:
+            manager.resume(cmd.stream)
+        await self.send_json({"type": "ok", "ref": cmd.ref, "command": kind, "stream": cmd.stream})
+
+    _handlers: dict[str, Callable[..., Any]] = {
+        "hello": _hello,
+        "ping": _ping,
+        "stream.start": _stream_start,
+        "stream.attach": _stream_attach,
+        "stream.detach": _stream_detach,
+        "stream.cancel": _stream_control,
+        "stream.pause": _stream_control,
+        "stream.resume": _stream_control,
+    }
+
+    # --- stream delivery ----------------------------------------------------------------------
+
+    def _attach(self, stream_id: str, after: int, ref: str | None = None) -> None:
+        if stream_id in self.attachments:
+            raise Conflict(f"stream {stream_id} is already attached", field="stream")
+        limit = self.gateway.config().streams.max_streams_per_connection
+        if len(self.attachments) >= limit:
+            from raafd.errors import TooManyStreams
+
+            raise TooManyStreams(f"at most {limit} attached streams per connection")
+        assert self._work is not None
+        scope = trio.CancelScope()
+        self.attachments[stream_id] = scope
+        self._work.start_soon(self._deliver, stream_id, after, ref, scope)
+
+    async def _deliver(
+        self, stream_id: str, after: int, ref: str | None, scope: trio.CancelScope
+    ) -> None:
+        structlog.contextvars.bind_contextvars(stream=stream_id)
+        sent = self.gateway.metrics.events_sent.labels("websocket")
+        try:
+            with scope:
+                async with self.gateway.manager.subscribe(stream_id, after) as subscription:
+                    if ref is not None:
+                        await self.send_json(
+                            {"type": "stream.attached", "ref": ref, "stream": stream_id,
+                             "after": after}
+                        )
+                    async for batch in subscription:
+                        await self._out.send(b"".join([event_frame(e.json) for e in batch]))
+                        self.events_sent += len(batch)
+                        sent.inc(len(batch))
+        except SlowConsumer as err:
+            raise _Close(CloseCode.SLOW_CONSUMER, f"too far behind on {stream_id}; "
+                         "resume from your last seq") from err
+        except (Gone, NotFound) as err:
+            await self.send_error(err, ref)
+        finally:
+            if self.attachments.get(stream_id) is scope:
+                del self.attachments[stream_id]
+            if self.draining and not self.attachments:
+                self.close(CloseCode.GOING_AWAY, "server going away")
+
+    # --- sending ------------------------------------------------------------------------------
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        if message.get("ref", 0) is None:
+            del message["ref"]
+        await self._out.send(text_frame(orjson.dumps(message)))
+
+    async def send_error(self, err: RaafdError, ref: str | None = None) -> None:
+        self.gateway.metrics.errors.labels(err.code).inc()
+        body: dict[str, Any] = {"type": "error", **err.to_dict()}
+        if ref is not None:
+            body["ref"] = ref
+        await self._out.send(text_frame(orjson.dumps(body)))
+
+    def notify_shutdown(self, reconnect_after: float) -> None:
+        """Tell the client the server is draining; close 1001 once its streams end."""
+        self.draining = True
+        message = {"type": "shutdown", "reason": "drain", "reconnect_after": reconnect_after}
+        try:
+            self._out.send_nowait(text_frame(orjson.dumps(message)))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # a client this far behind learns from the 1001 close
+        if not self.attachments:
+            self.close(CloseCode.GOING_AWAY, "server going away")
+
+
+def _token_ok(given: str, tokens: frozenset[str]) -> bool:
+    ok = False
+    for token in tokens:  # constant time per comparison, and we compare against all
+        ok |= hmac.compare_digest(given.encode(), token.encode())
+    return ok

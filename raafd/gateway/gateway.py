@@ -1,0 +1,71 @@
+"""The WebSocket gateway: owns the set of live connections and what applies to all of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from raafd.config import Config
+from raafd.gateway.connection import Connection
+from raafd.listener import PrefixedStream, RequestHead
+from raafd.metrics import Metrics
+
+if TYPE_CHECKING:
+    from raafd.streams import StreamManager
+
+__all__ = ["Gateway"]
+
+
+class Gateway:
+    """Serves ``/v1/ws`` connections handed over by the public listener. Each connection runs
+    in the listener's per-connection task; the gateway only keeps the registry (bounded by the
+    listener's ``max_connections``) for drain, stats and admin."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        manager: StreamManager,
+        metrics: Metrics,
+        tokens: Callable[[], frozenset[str]],
+    ) -> None:
+        self.config = config
+        self.manager = manager
+        self.metrics = metrics
+        self.tokens = tokens
+        self.connections: dict[str, Connection] = {}
+        self.draining = False
+
+    async def handle(self, stream: PrefixedStream, head: RequestHead) -> None:
+        connection = Connection(self, stream, head)
+        self.connections[connection.id] = connection
+        gauge = self.metrics.connections.labels("websocket")
+        gauge.inc()
+        try:
+            await connection.serve()
+        finally:
+            gauge.dec()
+            del self.connections[connection.id]
+
+    def shutdown(self, reconnect_after: float = 1.0) -> None:
+        """Drain: every client gets ``shutdown``, then close 1001 when its streams end."""
+        self.draining = True
+        for connection in list(self.connections.values()):
+            connection.notify_shutdown(reconnect_after)
+
+    def kick(self, conn_id: str, reason: str = "kicked by an administrator") -> bool:
+        connection = self.connections.get(conn_id)
+        if connection is None:
+            return False
+        connection.close(1008, reason)
+        return True
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {
+                "conn": c.id,
+                "user": c.user,
+                "streams": sorted(c.attachments),
+                "events_sent": c.events_sent,
+            }
+            for c in self.connections.values()
+        ]

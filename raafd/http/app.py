@@ -1,0 +1,41 @@
+"""The HTTP API's routes. Transports only frame; the daemon's components decide."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from raafd.errors import Unavailable
+from raafd.http.asgi import JSONResponse, Request, Response, Router
+from raafd.http.streams import add_stream_routes
+
+if TYPE_CHECKING:
+    from raafd.daemon import Daemon
+
+__all__ = ["build_app"]
+
+
+def build_app(daemon: Daemon) -> Router:
+    router = Router(daemon.metrics, lambda: daemon.config.http.max_body_bytes)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if daemon.draining:
+            raise Unavailable("draining", retry_after=1)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(200, daemon.metrics.render(), CONTENT_TYPE_LATEST)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(daemon.stats())
+
+    router.add("GET", "/healthz", healthz)
+    router.add("GET", "/readyz", readyz)
+    router.add("GET", "/metrics", metrics)
+    router.add("GET", "/v1/stats", stats)
+    add_stream_routes(router, daemon)
+    return router

@@ -1,0 +1,253 @@
+"""A small ASGI layer: requests with bounded bodies, JSON responses, a route table.
+
+Every error leaves as ``{"error": {"code", "message", "field"}}`` with the status that fits; an
+unexpected exception is logged with its traceback and answered with ``internal`` and nothing
+more. Handlers raise :class:`raafd.errors.RaafdError`; they never build error bodies themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+import attrs
+import cattrs
+import orjson
+import structlog
+import trio
+
+from raafd.errors import BadRequest, MethodNotAllowed, NotFound, RaafdError, TooLarge
+from raafd.logging import get_logger
+from raafd.metrics import Metrics
+
+__all__ = ["JSONResponse", "Request", "Response", "Router", "StreamingResponse", "decode_body"]
+
+log = get_logger("raafd.http")
+T = TypeVar("T")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_body_converter = cattrs.Converter(forbid_extra_keys=True)
+_req_ids = itertools.count(1)
+
+
+class Request:
+    def __init__(self, scope: Scope, receive: Receive, max_body: int) -> None:
+        self.scope = scope
+        self._receive = receive
+        self.max_body = max_body
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query: dict[str, str] = dict(parse_qsl(scope.get("query_string", b"").decode()))
+        self.headers: dict[str, str] = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
+        self.id = f"req_{next(_req_ids)}"
+
+    async def body(self) -> bytes:
+        """The whole body, refusing (413) past ``max_body`` without reading the rest."""
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise TooLarge(f"request body is over the limit of {self.max_body} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise trio.BrokenResourceError("client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise TooLarge(f"request body is over the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def json(self, cls: type[T]) -> T:
+        """Parse and validate the body into an attrs class (400 naming the field on failure)."""
+        raw = await self.body()
+        return decode_body(raw, cls)
+
+    async def wait_disconnect(self) -> None:
+        """Return when the client disconnects (only valid once the body has been read)."""
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                return
+
+
+def decode_body(raw: bytes, cls: type[T]) -> T:
+    if not raw:
+        raise BadRequest("a JSON body is required")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return structure(data, cls)
+
+
+def structure(data: Mapping[str, Any], cls: type[T]) -> T:
+    """cattrs structuring with errors turned into ``bad_request`` naming the field path."""
+    try:
+        return _body_converter.structure(data, cls)
+    except cattrs.ForbiddenExtraKeysError as exc:
+        name = sorted(exc.extra_fields)[0]
+        raise BadRequest(f"unknown field {name!r}", field=name) from None
+    except Exception as exc:
+        field, message = _first_problem(exc, cls)
+        raise BadRequest(message, field=field) from None
+
+
+def _first_problem(exc: BaseException, cls: type[Any]) -> tuple[str | None, str]:
+    path: list[str] = []
+    while isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
+        with_notes, without = exc.group_exceptions()
+        if with_notes:
+            exc, note = with_notes[0]
+            path.append(str(getattr(note, "name", getattr(note, "index", "?"))))
+        elif without:
+            exc = without[0]
+        else:  # pragma: no cover
+            break
+    field = ".".join(path) or None
+    if isinstance(exc, KeyError):
+        return field, f"missing required field {field!r}"
+    if isinstance(exc, ValueError | TypeError):
+        return field, f"invalid value for {field!r}: {exc}" if field else str(exc)
+    return field, "invalid request body"
+
+
+@attrs.define
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+
+def JSONResponse(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, orjson.dumps(data), "application/json", headers or {})
+
+
+@attrs.define
+class StreamingResponse:
+    """A response whose body is produced while the client reads it. ``body`` is iterated in a
+    task that is cancelled when the client disconnects."""
+
+    body: Callable[[], AsyncIterator[bytes]]
+    content_type: str
+    status: int = 200
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+
+Handler = Callable[..., Awaitable[Response | StreamingResponse]]
+
+
+def error_response(err: RaafdError) -> Response:
+    headers = {}
+    if err.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(err.retry_after)))
+    return JSONResponse({"error": err.to_dict()}, err.http_status, headers)
+
+
+class Router:
+    """Method + path-pattern routing; ``{name}`` segments become keyword arguments."""
+
+    def __init__(self, metrics: Metrics, max_body: Callable[[], int]) -> None:
+        self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+        self.metrics = metrics
+        self._max_body = max_body
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        regex = re.compile(
+            "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$"
+        )
+        for existing, methods in self._routes:
+            if existing.pattern == regex.pattern:
+                methods[method] = handler
+                return
+        self._routes.append((regex, {method: handler}))
+
+    def route(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        for regex, methods in self._routes:
+            match = regex.match(path)
+            if match:
+                if method in methods:
+                    return methods[method], match.groupdict()
+                if method == "HEAD" and "GET" in methods:
+                    return methods["GET"], match.groupdict()
+                allowed = ", ".join(sorted(methods))
+                raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}")
+        raise NotFound(f"no such endpoint: {path}")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # pragma: no cover - raafd runs no lifespan
+            return
+        if scope["type"] != "http":
+            # WebSocket upgrades reach the gateway before hypercorn; one arriving here came on
+            # a reused keep-alive connection or to another path.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        request = Request(scope, receive, self._max_body())
+        structlog.contextvars.bind_contextvars(req=request.id)
+        try:
+            handler, params = self.route(request.method, request.path)
+            result = await handler(request, **params)
+        except RaafdError as err:
+            self.metrics.errors.labels(err.code).inc()
+            result = error_response(err)
+        except trio.BrokenResourceError:
+            return
+        except Exception:
+            log.exception("unhandled error in HTTP handler", path=request.path)
+            result = error_response(RaafdError("internal error"))
+        if isinstance(result, StreamingResponse):
+            await _send_streaming(request, result, send)
+        else:
+            await _send_response(request, result, send)
+        self.metrics.http_requests.labels(request.method, str(result.status)).inc()
+
+
+def _headers(content_type: str, extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    pairs = [(b"content-type", content_type.encode())]
+    pairs += [(k.encode(), v.encode()) for k, v in extra.items()]
+    return pairs
+
+
+async def _send_response(request: Request, response: Response, send: Send) -> None:
+    headers = _headers(response.content_type, response.headers)
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    body = b"" if request.method == "HEAD" else response.body
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_streaming(request: Request, response: StreamingResponse, send: Send) -> None:
+    headers = _headers(response.content_type, response.headers)
+    headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+
+    async def pump(cancel_scope: trio.CancelScope) -> None:
+        # aclosing: the body's cleanup (unsubscribing from a stream) runs now, not at GC.
+        async with contextlib.aclosing(response.body()) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump, nursery.cancel_scope)
+        await request.wait_disconnect()
+        nursery.cancel_scope.cancel()  # the client left: stop producing (detaches the stream)
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception:  # the connection is already gone
+            pass

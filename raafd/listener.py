@@ -1,0 +1,272 @@
+"""The public listener: one port for HTTP, SSE, NDJSON and WebSocket.
+
+raafd owns the accept loop and reads the head of each connection's first request itself.
+A WebSocket upgrade for ``/v1/ws`` goes to the gateway, which frames pre-encoded events straight
+onto the socket (see docs/architecture.md for why); everything else is handed, bytes already
+read included, to hypercorn's per-connection HTTP/1.1 server running the ASGI app. So one
+nursery owns every connection of either kind, the connection limit and draining apply to both,
+and the WebSocket hot path pays no ASGI cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket as stdsocket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+
+from raafd.config import ServerConfig
+from raafd.logging import get_logger
+from raafd.metrics import Metrics
+
+__all__ = ["PrefixedStream", "PublicListener", "RequestHead", "parse_request_head"]
+
+log = get_logger("raafd.listener")
+
+
+@attrs.frozen
+class RequestHead:
+    """The first request line and headers of a connection (header names lower-cased)."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        return (
+            self.method == "GET"
+            and "websocket" in self.headers.get("upgrade", "").lower()
+            and "upgrade" in self.headers.get("connection", "").lower()
+        )
+
+
+def parse_request_head(data: bytes) -> RequestHead | None:
+    """Parse a request head ending in a blank line; ``None`` when it is not one we can route
+    (hypercorn will then answer it, with a 400 if it is malformed)."""
+    try:
+        text = data.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any bytes
+        return None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            break
+        name, sep, value = line.partition(":")
+        if not sep:
+            return None
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return RequestHead(parts[0], parts[1], headers)
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A socket stream whose first reads return bytes already read from it."""
+
+    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
+        self.inner = inner
+        self.socket = inner.socket
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+WebSocketHandler = Callable[[PrefixedStream, RequestHead], Awaitable[None]]
+
+
+def _simple_response(status: int, reason: str, body: bytes, extra: str = "") -> bytes:
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
+    ).encode() + body
+
+
+_UNAVAILABLE = _simple_response(
+    503,
+    "Service Unavailable",
+    b'{"error":{"code":"unavailable","message":"too many connections; retry shortly"}}',
+    "retry-after: 1\r\n",
+)
+_DRAINING = _simple_response(
+    503,
+    "Service Unavailable",
+    b'{"error":{"code":"unavailable","message":"the server is draining; reconnect elsewhere"}}',
+    "retry-after: 1\r\n",
+)
+
+
+class PublicListener:
+    """Accepts connections and routes each to the WebSocket gateway or the HTTP app."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        asgi_app: Callable[..., Awaitable[None]],
+        metrics: Metrics,
+        websocket_handler: WebSocketHandler | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.websocket_handler = websocket_handler
+        self.open_connections = 0
+        self.draining = False
+        self._accept_scope = trio.CancelScope()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._hyper = HyperConfig()
+        self._hyper.keep_alive_timeout = config.keep_alive_timeout
+        self._hyper.h11_max_incomplete_size = config.max_header_bytes
+        self._hyper.include_server_header = False
+        self._hyper.errorlog = None
+        self._hyper.accesslog = None
+        self._context = WorkerContext(None)
+        self._app = ASGIWrapper(asgi_app)
+        self._state: dict[str, Any] = {}
+
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        if self.config.unix_socket:
+            path = Path(self.config.unix_socket)
+            sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+            if path.is_socket():
+                path.unlink()  # stale from a previous run; the admin socket guards liveness
+            await sock.bind(str(path))
+            sock.listen(self.config.backlog)
+            return [trio.SocketListener(sock)]
+        return await trio.open_tcp_listeners(
+            self.config.port, host=self.config.host, backlog=self.config.backlog
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen; ``task_status.started`` hands back ``host:port`` (or the unix path)."""
+        try:
+            listeners = await self._open_listeners()
+        except OSError as exc:
+            where = self.config.unix_socket or f"{self.config.host}:{self.config.port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"{where} is already in use by another process") from None
+            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
+        address = self._describe(listeners[0])
+        log.info("listening", address=address)
+        async with trio.open_nursery() as connections:
+            task_status.started(address)
+            with self._accept_scope:
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=connections)
+            # Accepting has stopped (drain); connections finish in their own time, or are
+            # cancelled by the daemon when the grace runs out.
+        if self.config.unix_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.unix_socket)
+
+    @staticmethod
+    def _describe(listener: trio.SocketListener) -> str:
+        name = listener.socket.getsockname()
+        if isinstance(name, tuple):
+            host, port = name[0], name[1]
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(name)
+
+    async def stop_accepting(self) -> None:
+        """Close the listening sockets and ask idle keep-alive connections to close."""
+        self._accept_scope.cancel()
+        await self._context.terminated.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is open."""
+        await self._idle.wait()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if self.open_connections >= self.config.max_connections:
+            self.metrics.connections_refused.labels("max_connections").inc()
+            with trio.move_on_after(1):
+                await _send_and_close(stream, _UNAVAILABLE)
+            return
+        self.open_connections += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            await self._route(stream)
+        finally:
+            self.open_connections -= 1
+            if self.open_connections == 0:
+                self._idle.set()
+
+    async def _route(self, stream: trio.SocketStream) -> None:
+        if stream.socket.family != stdsocket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
+        buf = bytearray()
+        with trio.move_on_after(self.config.header_timeout):
+            while b"\r\n\r\n" not in buf and len(buf) <= self.config.max_header_bytes:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    chunk = b""
+                if not chunk:
+                    break
+                buf += chunk
+        head_end = buf.find(b"\r\n\r\n")
+        head = parse_request_head(bytes(buf[: head_end + 4])) if head_end >= 0 else None
+        prefixed = PrefixedStream(stream, bytes(buf))
+        if head is not None and head.is_websocket_upgrade and self.websocket_handler is not None:
+            if head.path == "/v1/ws":
+                if self.draining:
+                    self.metrics.connections_refused.labels("draining").inc()
+                    with trio.move_on_after(1):
+                        await _send_and_close(stream, _DRAINING)
+                    return
+                await self.websocket_handler(prefixed, head)
+                return
+        if not buf:
+            with contextlib.suppress(OSError), trio.move_on_after(1):
+                await stream.aclose()
+            return
+        self.metrics.connections_total.labels("http").inc()
+        self.metrics.connections.labels("http").inc()
+        try:
+            await TCPServer(self._app, self._hyper, self._context, self._state, prefixed)
+        finally:
+            self.metrics.connections.labels("http").dec()
+
+
+async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await stream.aclose()

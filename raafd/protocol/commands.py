@@ -1,0 +1,199 @@
+"""Client commands of the WebSocket protocol, validated into attrs types (no I/O).
+
+:func:`parse_command` turns one text frame into a command object or raises
+:class:`raafd.errors.BadRequest` carrying the offending field path and the command's ``ref``
+(so the error can be matched to the request). Unknown fields are refused: a typo should be an
+error, not a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import attrs
+import cattrs
+import orjson
+from attrs import field, frozen
+
+from raafd.errors import BadRequest
+
+__all__ = [
+    "COMMANDS",
+    "Ack",
+    "Command",
+    "Hello",
+    "Ping",
+    "StreamAttach",
+    "StreamControl",
+    "StreamDetach",
+    "StreamStart",
+    "parse_command",
+]
+
+_MAX_ID = 128
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _short(_: Any, a: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not 0 < len(value) <= _MAX_ID:
+        raise _FieldError(a.name, f"must be 1 to {_MAX_ID} characters")
+
+
+def _non_negative(_: Any, a: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise _FieldError(a.name, "must be 0 or more")
+
+
+@frozen
+class Message:
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+@frozen
+class Hello:
+    token: str | None = field(default=None, repr=False)
+    client: str | None = None
+    ref: str | None = None
+
+
+@frozen
+class Ping:
+    ref: str | None = None
+
+
+@frozen
+class StreamStart:
+    agent: str | None = field(default=None, validator=_short)
+    input: str | None = None
+    messages: list[Message] | None = None
+    stream: str | None = field(default=None, validator=_short)
+    session: str | None = field(default=None, validator=_short)
+    ref: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'input' or 'messages'")
+
+    def conversation(self) -> list[dict[str, Any]]:
+        if self.messages is not None:
+            return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [{"role": "user", "content": self.input or ""}]
+
+
+@frozen
+class StreamAttach:
+    stream: str = field(validator=_short)
+    after: int = field(default=0, validator=_non_negative)
+    ref: str | None = None
+
+
+@frozen
+class StreamDetach:
+    stream: str = field(validator=_short)
+    ref: str | None = None
+
+
+@frozen
+class StreamControl:
+    """``stream.cancel``, ``stream.pause`` and ``stream.resume``."""
+
+    stream: str = field(validator=_short)
+    ref: str | None = None
+
+
+@frozen
+class Ack:
+    ids: list[str]
+    ref: str | None = None
+
+
+Command = Hello | Ping | StreamStart | StreamAttach | StreamDetach | StreamControl | Ack
+
+COMMANDS: Final[dict[str, type[Any]]] = {
+    "hello": Hello,
+    "ping": Ping,
+    "stream.start": StreamStart,
+    "stream.attach": StreamAttach,
+    "stream.detach": StreamDetach,
+    "stream.cancel": StreamControl,
+    "stream.pause": StreamControl,
+    "stream.resume": StreamControl,
+}
+
+_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+
+def _strict(value: Any, t: type) -> Any:
+    if t is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError("expected an integer")
+    if t is str and not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+_converter.register_structure_hook(int, _strict)
+_converter.register_structure_hook(str, _strict)
+
+
+def parse_command(raw: bytes | str) -> tuple[str, Any]:
+    """One frame → ``(type, command)``; raises BadRequest (with ``ref`` when known)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("frame is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("frame must be a JSON object")
+    ref = data.get("ref")
+    ref = ref if isinstance(ref, str) else None
+    kind = data.pop("type", None)
+    if not isinstance(kind, str):
+        raise _with_ref(BadRequest("missing command 'type'", field="type"), ref)
+    cls = COMMANDS.get(kind)
+    if cls is None:
+        raise _with_ref(BadRequest(f"unknown command type {kind!r}", field="type"), ref)
+    try:
+        return kind, _converter.structure(data, cls)
+    except cattrs.ForbiddenExtraKeysError as exc:
+        name = sorted(exc.extra_fields)[0]
+        raise _with_ref(BadRequest(f"unknown field {name!r} for {kind}", field=name), ref) from None
+    except Exception as exc:
+        field_path, reason = _problem(exc)
+        message = f"{kind}: {field_path + ': ' if field_path else ''}{reason}"
+        raise _with_ref(BadRequest(message, field=field_path), ref) from None
+
+
+def _problem(exc: BaseException) -> tuple[str | None, str]:
+    path: list[str] = []
+    while isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
+        with_notes, without = exc.group_exceptions()
+        if with_notes:
+            exc, note = with_notes[0]
+            path.append(str(getattr(note, "name", getattr(note, "index", "?"))))
+        elif without:
+            exc = without[0]
+        else:  # pragma: no cover
+            break
+    if isinstance(exc, _FieldError):
+        path.append(exc.field)
+    where = ".".join(path) or None
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        name = sorted(exc.extra_fields)[0]
+        return ".".join([*path, name]), "unknown field"
+    if isinstance(exc, KeyError):
+        return where, "required field missing"
+    text = str(exc)
+    if "not in literal" in text:
+        options = text.split("Literal[", 1)[-1].rstrip("]").replace("'", "")
+        return where, f"must be one of {options}"
+    return where, text or type(exc).__name__
+
+
+def _with_ref(err: BadRequest, ref: str | None) -> BadRequest:
+    err.ref = ref  # type: ignore[attr-defined]
+    return err

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real daemon on port 0 inside the test's nursery."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from raafd.config import Config, parse_config
+
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """Build a validated Config for tests: port 0, state and admin socket under tmp_path.
+    Keyword arguments are TOML-shaped sections, e.g. ``streams={"detach_grace": 1}``."""
+
+    def make(**sections: Any) -> Config:
+        data: dict[str, Any] = {
+            "server": {"port": 0, "shutdown_grace": 2.0},
+            "state": {"dir": str(tmp_path / "var")},
+            "admin": {"socket": str(tmp_path / "admin.sock")},
+        }
+        for name, values in sections.items():
+            if isinstance(values, dict) and isinstance(data.get(name), dict):
+                data[name] = {**data[name], **values}
+            else:
+                data[name] = values
+        return parse_config(data)
+
+    return make
+
+
+class RunningDaemon:
+    def __init__(self, daemon: Any, address: str, cancel_scope: trio.CancelScope) -> None:
+        self.daemon = daemon
+        self.address = address
+        self.base_url = f"http://{address}"
+        self.ws_url = f"ws://{address}/v1/ws"
+        self.cancel_scope = cancel_scope
+
+
+@pytest.fixture
+def start_daemon(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> Callable[..., Any]:
+    """``await start_daemon(**sections)`` starts a daemon in the test's nursery."""
+
+    async def start(config: Config | None = None, **sections: Any) -> RunningDaemon:
+        from raafd.daemon import Daemon
+
+        cfg = config or make_config(**sections)
+        daemon = Daemon(cfg, environ={})
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await daemon.run(task_status=task_status)
+
+        with trio.fail_after(10):
+            address = await nursery.start(run)
+        return RunningDaemon(daemon, address, scope)
+
+    return start
+
+
+@pytest.fixture
+async def running(start_daemon: Callable[..., Any]) -> AsyncIterator[RunningDaemon]:
+    """A daemon on built-in defaults (port 0, state in tmp)."""
+    rd = await start_daemon()
+    yield rd
+    rd.cancel_scope.cancel()

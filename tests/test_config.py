@@ -1,0 +1,161 @@
+"""Config: every class of mistake gets a `path: reason` line; env overrides; the sample file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+import typing
+from pathlib import Path
+
+import attrs
+import pytest
+
+from raafd.config import Config, ConfigError, apply_env, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(tomllib.loads(text))
+    return info.value.problems
+
+
+def test_defaults_match_protocol() -> None:
+    cfg = parse_config({})
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8080)
+    assert cfg.state.dir == "./var"
+    assert list(cfg.agents) == ["assistant"]
+    assert cfg.agents["assistant"].provider == "demo"
+    assert cfg.providers["demo"].type == "demo"
+
+
+def test_unknown_key_suggests_the_near_one() -> None:
+    assert problems("[server]\nprot = 1") == ["server.prot: unknown key (did you mean 'port'?)"]
+    assert problems("[sever]\nport = 1") == ["sever: unknown key (did you mean 'server'?)"]
+
+
+def test_wrong_type() -> None:
+    assert problems('[server]\nport = "80"') == [
+        "server.port: expected an integer, got the string '80'"
+    ]
+    assert problems("[streams]\nretention = true") == [
+        "streams.retention: expected a number, got true"
+    ]
+    assert problems("server = 3") == ["server: expected a table"]
+    assert problems("[auth]\ntokens = [1]") == ["auth.tokens.0: expected a string, got 1"]
+
+
+def test_out_of_range_reports_every_problem() -> None:
+    assert problems("[server]\nport = 70000\nshutdown_grace = -1") == [
+        "server.port: must be between 0 and 65535, got 70000",
+        "server.shutdown_grace: must be 0 or more, got -1.0",
+    ]
+    assert problems('[logging]\nlevel = "loud"') == [
+        "logging.level: must be one of debug, info, warning, error, critical; got 'loud'"
+    ]
+
+
+def test_cross_references() -> None:
+    found = problems('default_agent = "a"\n[agents.a]\nprovider = "demp"')
+    assert found == ["agents.a.provider: no provider named 'demp' is configured (did you mean 'demo'?)"]
+    assert problems('[providers.x]\ntype = "openai"') == [
+        "providers.x.base_url: required for a openai provider"
+    ]
+
+
+def test_public_listener_needs_auth_or_explicit_consent() -> None:
+    (line,) = problems('[server]\nhost = "0.0.0.0"')
+    assert line.startswith("server.host: '0.0.0.0' is not a loopback address")
+    parse_config(tomllib.loads('[server]\nhost = "0.0.0.0"\n[auth]\ntokens_env = "T"'))
+    parse_config(tomllib.loads('[server]\nhost = "0.0.0.0"\nallow_public_without_auth = true'))
+
+
+def test_syntax_error_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nport = = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad), {})
+    (line,) = info.value.problems
+    assert line.startswith(f"{bad}: TOML syntax error") and "line 2" in line
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(missing), {})
+    assert info.value.problems == [f"{missing}: cannot read file: No such file or directory"]
+
+
+def test_env_override_applies_and_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 9000\n")
+    cfg, _ = load_config(str(path), {"RAAFD_SERVER__PORT": "9100", "RAAFD_LOGGING__LEVEL": "debug"})
+    assert cfg.server.port == 9100 and cfg.logging.level == "debug"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), {"RAAFD_SERVER__PORT": "high"})
+    assert info.value.problems == ["server.port: expected an integer, got the string 'high'"]
+    assert apply_env({}, {"RAAFD_AGENTS__BOT__MODEL": "m", "OTHER": "x"}) == {
+        "agents": {"bot": {"model": "m"}}
+    }
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, {})[1] is None  # built-in defaults
+    (tmp_path / "raafd.toml").write_text("[server]\nport = 1111\n")
+    assert load_config(None, {})[0].server.port == 1111
+    other = tmp_path / "other.toml"
+    other.write_text("[server]\nport = 2222\n")
+    assert load_config(None, {"RAAFD_CONFIG": str(other)})[0].server.port == 2222
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text("[server]\nport = 3333\n")
+    assert load_config(str(explicit), {"RAAFD_CONFIG": str(other)})[0].server.port == 3333
+
+
+def _paths(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for a in attrs.fields(cls):
+        t = hints[a.name]
+        if isinstance(t, type) and attrs.has(t):
+            out += _paths(t, f"{prefix}{a.name}.")
+        elif typing.get_origin(t) is not dict or not attrs.has(typing.get_args(t)[1]):
+            out.append(f"{prefix}{a.name}")
+    return out
+
+
+def test_sample_config_is_the_defaults_and_lists_every_option() -> None:
+    sample = ROOT / "conf" / "raafd.toml"
+    cfg, _ = load_config(str(sample), {})
+    assert cfg == Config()
+    text = sample.read_text()
+    hints = typing.get_type_hints(Config)
+    for path in _paths(Config):
+        key = path.rsplit(".", 1)[-1]
+        assert f"\n{key} =" in text or f"\n# {key} =" in text, f"{path} is not in conf/raafd.toml"
+    for section in ("providers", "agents"):
+        value_cls = typing.get_args(hints[section])[1]
+        for a in attrs.fields(value_cls):
+            assert f"\n{a.name} =" in text or f"\n# {a.name} =" in text, f"{section}.*.{a.name}"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "raafd.cli", *args], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    ok = _cli("check-config", str(ROOT / "conf" / "raafd.toml"))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: ")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nprot = 1\nport = "x"\n[logging]\nlevel = "loud"\n')
+    out = _cli("check-config", "--config", str(bad))
+    assert out.returncode == 2
+    assert sorted(out.stderr.splitlines()) == [
+        "server.port: expected an integer, got the string 'x'",
+        "server.prot: unknown key (did you mean 'port'?)",
+    ]

@@ -1,0 +1,68 @@
+"""The daemon on port 0: health, readiness, stats, metrics, and the error bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+
+async def test_health_ready_stats_metrics(running: Any) -> None:
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=running.base_url) as client:
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+            assert (await client.get("/readyz")).json() == {"status": "ready"}
+            stats = (await client.get("/v1/stats")).json()
+            assert stats["version"] and stats["draining"] is False
+            assert stats["connections"]["open"] >= 1
+            assert stats["process"]["rss_bytes"] > 0
+            response = await client.get("/metrics")
+            assert response.headers["content-type"].startswith("text/plain")
+            families = {f.name: f for f in text_string_to_metric_families(response.text)}
+            assert "process_resident_memory_bytes" in families
+            assert "process_open_fds" in families
+            assert "raafd_open_connections" in families
+            http = families["raafd_http_requests"]
+            assert any(s.labels == {"method": "GET", "status": "200"} for s in http.samples)
+
+
+async def test_error_bodies(start_daemon: Any) -> None:
+    rd = await start_daemon(http={"max_body_bytes": 64})
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=rd.base_url) as client:
+            r = await client.get("/nope")
+            assert r.status_code == 404
+            assert r.json() == {"error": {"code": "not_found", "message": "no such endpoint: /nope"}}
+            r = await client.post("/healthz")
+            assert r.status_code == 405
+            assert r.json()["error"]["code"] == "method_not_allowed"
+            assert "GET" in r.json()["error"]["message"]
+            r = await client.post("/v1/streams", content=b"x" * 65)
+            assert r.status_code == 413
+            assert r.json()["error"]["code"] == "too_large"
+            # Chunked bodies (no content-length) are cut off at the limit too.
+
+            async def chunks() -> Any:
+                for _ in range(10):
+                    yield b"y" * 16
+
+            r = await client.post("/v1/streams", content=chunks())
+            assert r.status_code == 413
+            # The daemon is still healthy.
+            assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_readyz_turns_503_while_draining(start_daemon: Any, autojump_clock: Any) -> None:
+    rd = await start_daemon(server={"drain_delay": 5.0})
+    async with httpx.AsyncClient(base_url=rd.base_url) as client:
+        with trio.fail_after(2):
+            assert (await client.get("/readyz")).status_code == 200
+        rd.daemon.request_drain()
+        await trio.sleep(1)
+        with trio.fail_after(2):
+            r = await client.get("/readyz")
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "unavailable"
+            assert (await client.get("/healthz")).status_code == 200
