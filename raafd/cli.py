@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import trio
@@ -33,12 +33,10 @@ async def serve(config: Config, config_path: Path | None) -> int:
     daemon = Daemon(config, config_path)
     forced = False
 
-    async def handle_signals(
-        receiver: trio.abc.ReceiveChannel[int] | object, cancel_scope: trio.CancelScope
-    ) -> None:
+    async def handle_signals(receiver: AsyncIterator[int], cancel_scope: trio.CancelScope) -> None:
         nonlocal forced
         stopping = False
-        async for signum in receiver:  # type: ignore[attr-defined]
+        async for signum in receiver:
             if signum == signal.SIGHUP:
                 try:
                     daemon.reload_from_file()
@@ -116,7 +114,8 @@ def _cmd_version(args: argparse.Namespace) -> int:
 def _cmd_chat(rest: list[str]) -> int:
     from raafd.client import chat
 
-    return chat.main(rest)
+    rc: int = chat.main(rest)
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -139,7 +139,9 @@ class AuthConfig:
 
     def all_tokens(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
         env = os.environ if environ is None else environ
-        extra = [t.strip() for t in env.get(self.tokens_env, "").split(",")] if self.tokens_env else []
+        extra = (
+            [t.strip() for t in env.get(self.tokens_env, "").split(",")] if self.tokens_env else []
+        )
         return frozenset(t for t in [*self.tokens, *extra] if t)
 
 
@@ -349,8 +351,8 @@ def _flatten(exc: BaseException, path: list[str], out: list[str]) -> None:
             _flatten(sub, path, out)
         return
     if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            _flatten(sub, path, out)
+        for member in exc.exceptions:
+            _flatten(member, path, out)
         return
     where = ".".join(path) or "(top level)"
     if isinstance(exc, KeyError):
@@ -389,12 +391,12 @@ def _cross_check(cfg: Config) -> list[str]:
             loopback = ipaddress.ip_address(cfg.server.host).is_loopback
         except ValueError:
             loopback = cfg.server.host == "localhost"
-        if not loopback and not cfg.auth.tokens and not cfg.auth.tokens_env:
-            if not cfg.server.allow_public_without_auth:
-                problems.append(
-                    f"server.host: {cfg.server.host!r} is not a loopback address and [auth] has no"
-                    " tokens; configure tokens or set server.allow_public_without_auth = true"
-                )
+        has_auth = bool(cfg.auth.tokens or cfg.auth.tokens_env)
+        if not loopback and not has_auth and not cfg.server.allow_public_without_auth:
+            problems.append(
+                f"server.host: {cfg.server.host!r} is not a loopback address and [auth] has no"
+                " tokens; configure tokens or set server.allow_public_without_auth = true"
+            )
     if cfg.websocket.heartbeat_timeout <= cfg.websocket.heartbeat_interval:
         problems.append(
             "websocket.heartbeat_timeout: must be longer than websocket.heartbeat_interval"
@@ -466,7 +468,9 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError([f"{'.'.join(parts)}: {name} overrides a value that is not a table"])
+                raise ConfigError(
+                    [f"{'.'.join(parts)}: {name} overrides a value that is not a table"]
+                )
             node = child
         node[parts[-1]] = _toml_value(raw)
     return data

@@ -15,6 +15,7 @@ in-flight work gets ``shutdown_grace`` seconds, then everything left is cancelle
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,7 +66,9 @@ class Daemon:
             config.streams, config.agents, {}, self.metrics, config.default_agent
         )
         self.gateway = Gateway(
-            lambda: self.config, self.streams, self.metrics,
+            lambda: self.config,
+            self.streams,
+            self.metrics,
             lambda: self.config.auth.all_tokens(self.environ),
         )
         self.listener = PublicListener(
@@ -90,7 +93,7 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Start everything; ``started`` with the public address; return after a drain."""
-        Path(self.config.state.dir).mkdir(parents=True, exist_ok=True)
+        os.makedirs(self.config.state.dir, exist_ok=True)
         async with open_http_client() as http_client, trio.open_nursery() as nursery:
             self._http_client = http_client
             self.providers = build_providers(self.config.providers, http_client, **self._env())
@@ -131,8 +134,10 @@ class Daemon:
             await self.streams.drain(cfg.shutdown_grace)
             await self.listener.wait_idle()
         if grace.cancelled_caught:
-            log.warning("shutdown grace over; cancelling what is left",
-                        connections=self.listener.open_connections)
+            log.warning(
+                "shutdown grace over; cancelling what is left",
+                connections=self.listener.open_connections,
+            )
 
     # --- reload -------------------------------------------------------------------------------
 
@@ -148,7 +153,9 @@ class Daemon:
         self.config = new if not restart else _merge_reloadable(self.config, new)
         self.listener.config = self.config.server
         if any(p.startswith("providers") for p in applied):
-            self.providers = build_providers(self.config.providers, self._http_client, **self._env())
+            self.providers = build_providers(
+                self.config.providers, self._http_client, **self._env()
+            )
         self.streams.reload(
             config=self.config.streams,
             agents=self.config.agents,

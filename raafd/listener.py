@@ -14,8 +14,8 @@ import contextlib
 import errno
 import os
 import socket as stdsocket
+import stat
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -161,11 +161,11 @@ class PublicListener:
 
     async def _open_listeners(self) -> list[trio.SocketListener]:
         if self.config.unix_socket:
-            path = Path(self.config.unix_socket)
+            path = self.config.unix_socket
             sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-            if path.is_socket():
-                path.unlink()  # stale from a previous run; the admin socket guards liveness
-            await sock.bind(str(path))
+            if stat.S_ISSOCK(_lstat_mode(path)):
+                os.unlink(path)  # stale from a previous run; the admin socket guards liveness
+            await sock.bind(path)
             sock.listen(self.config.backlog)
             return [trio.SocketListener(sock)]
         return await trio.open_tcp_listeners(
@@ -242,15 +242,15 @@ class PublicListener:
         head_end = buf.find(b"\r\n\r\n")
         head = parse_request_head(bytes(buf[: head_end + 4])) if head_end >= 0 else None
         prefixed = PrefixedStream(stream, bytes(buf))
-        if head is not None and head.is_websocket_upgrade and self.websocket_handler is not None:
-            if head.path == "/v1/ws":
-                if self.draining:
-                    self.metrics.connections_refused.labels("draining").inc()
-                    with trio.move_on_after(1):
-                        await _send_and_close(stream, _DRAINING)
-                    return
-                await self.websocket_handler(prefixed, head)
+        websocket = head is not None and head.is_websocket_upgrade and head.path == "/v1/ws"
+        if head is not None and websocket and self.websocket_handler is not None:
+            if self.draining:
+                self.metrics.connections_refused.labels("draining").inc()
+                with trio.move_on_after(1):
+                    await _send_and_close(stream, _DRAINING)
                 return
+            await self.websocket_handler(prefixed, head)
+            return
         if not buf:
             with contextlib.suppress(OSError), trio.move_on_after(1):
                 await stream.aclose()
@@ -258,7 +258,8 @@ class PublicListener:
         self.metrics.connections_total.labels("http").inc()
         self.metrics.connections.labels("http").inc()
         try:
-            await TCPServer(self._app, self._hyper, self._context, self._state, prefixed)
+            stream_arg: Any = prefixed  # hypercorn types it as SSLStream; it duck-types any Stream
+            await TCPServer(self._app, self._hyper, self._context, self._state, stream_arg)
         finally:
             self.metrics.connections.labels("http").dec()
 
@@ -270,3 +271,10 @@ async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
         pass
     finally:
         await stream.aclose()
+
+
+def _lstat_mode(path: str) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0

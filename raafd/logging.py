@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -19,7 +20,9 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _state = {"level": 20}
 
 
-def _filter_by_level(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _filter_by_level(
+    _: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     if _LEVELS.get(method, 20) < _state["level"]:
         raise structlog.DropEvent
     return event

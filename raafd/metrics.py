@@ -17,7 +17,23 @@ from prometheus_client import (
 
 __all__ = ["Metrics"]
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 _LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -43,7 +59,9 @@ class Metrics:
         self.http_requests = Counter(
             "raafd_http_requests_total", "HTTP requests by status", ["method", "status"], registry=r
         )
-        self.streams = Gauge("raafd_active_streams", "Streams in the manager, by status", ["status"], registry=r)
+        self.streams = Gauge(
+            "raafd_active_streams", "Streams in the manager, by status", ["status"], registry=r
+        )
         self.streams_started = Counter("raafd_streams_started_total", "Streams started", registry=r)
         self.streams_ended = Counter(
             "raafd_streams_ended_total", "Streams ended, by terminal kind", ["kind"], registry=r
@@ -52,7 +70,10 @@ class Metrics:
             "raafd_stream_events_total", "Stream events appended to logs", ["event"], registry=r
         )
         self.events_sent = Counter(
-            "raafd_events_sent_total", "Stream events delivered to clients", ["transport"], registry=r
+            "raafd_events_sent_total",
+            "Stream events delivered to clients",
+            ["transport"],
+            registry=r,
         )
         self.ttft = Histogram(
             "raafd_time_to_first_token_seconds",
@@ -78,7 +99,9 @@ class Metrics:
             registry=r,
         )
         self.coalesced = Counter(
-            "raafd_coalesced_events_total", "Content events merged for lagging subscribers", registry=r
+            "raafd_coalesced_events_total",
+            "Content events merged for lagging subscribers",
+            registry=r,
         )
         self.upstream_retries = Counter(
             "raafd_upstream_retries_total", "Upstream retries", ["provider", "reason"], registry=r

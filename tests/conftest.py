@@ -12,7 +12,6 @@ import trio
 from raafd.config import Config, parse_config
 
 
-
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., Config]:
     """Build a validated Config for tests: port 0, state and admin socket under tmp_path.
@@ -44,9 +43,7 @@ class RunningDaemon:
 
 
 @pytest.fixture
-def start_daemon(
-    nursery: trio.Nursery, make_config: Callable[..., Config]
-) -> Callable[..., Any]:
+def start_daemon(nursery: trio.Nursery, make_config: Callable[..., Config]) -> Callable[..., Any]:
     """``await start_daemon(**sections)`` starts a daemon in the test's nursery."""
 
     async def start(config: Config | None = None, **sections: Any) -> RunningDaemon:

@@ -59,7 +59,9 @@ def test_out_of_range_reports_every_problem() -> None:
 
 def test_cross_references() -> None:
     found = problems('default_agent = "a"\n[agents.a]\nprovider = "demp"')
-    assert found == ["agents.a.provider: no provider named 'demp' is configured (did you mean 'demo'?)"]
+    assert found == [
+        "agents.a.provider: no provider named 'demp' is configured (did you mean 'demo'?)"
+    ]
     assert problems('[providers.x]\ntype = "openai"') == [
         "providers.x.base_url: required for a openai provider"
     ]
@@ -143,7 +145,10 @@ def test_sample_config_is_the_defaults_and_lists_every_option() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "raafd.cli", *args], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "raafd.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PATH": "/usr/bin:/bin"},
     )
 

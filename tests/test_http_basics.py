@@ -34,7 +34,9 @@ async def test_error_bodies(start_daemon: Any) -> None:
         async with httpx.AsyncClient(base_url=rd.base_url) as client:
             r = await client.get("/nope")
             assert r.status_code == 404
-            assert r.json() == {"error": {"code": "not_found", "message": "no such endpoint: /nope"}}
+            assert r.json() == {
+                "error": {"code": "not_found", "message": "no such endpoint: /nope"}
+            }
             r = await client.post("/healthz")
             assert r.status_code == 405
             assert r.json()["error"]["code"] == "method_not_allowed"

@@ -49,7 +49,7 @@ from raafd.streams import SlowConsumer
 if TYPE_CHECKING:
     from raafd.gateway.gateway import Gateway
 
-__all__ = ["Connection", "CloseCode"]
+__all__ = ["CloseCode", "Connection"]
 
 log = get_logger("raafd.gateway")
 _conn_ids = itertools.count(1)
@@ -327,8 +327,9 @@ class Connection:
 
     async def _hello(self, kind: str, cmd: Hello) -> None:
         if self.authenticated:
-            await self.send_json({"type": "welcome", "conn": self.id, "user": self.user,
-                                  "ref": cmd.ref})
+            await self.send_json(
+                {"type": "welcome", "conn": self.id, "user": self.user, "ref": cmd.ref}
+            )
             return
         if cmd.token is None or not _token_ok(cmd.token, self.gateway.tokens()):
             raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
@@ -411,16 +412,21 @@ class Connection:
                 async with self.gateway.manager.subscribe(stream_id, after) as subscription:
                     if ref is not None:
                         await self.send_json(
-                            {"type": "stream.attached", "ref": ref, "stream": stream_id,
-                             "after": after}
+                            {
+                                "type": "stream.attached",
+                                "ref": ref,
+                                "stream": stream_id,
+                                "after": after,
+                            }
                         )
                     async for batch in subscription:
                         await self._out.send(b"".join([event_frame(e.json) for e in batch]))
                         self.events_sent += len(batch)
                         sent.inc(len(batch))
         except SlowConsumer as err:
-            raise _Close(CloseCode.SLOW_CONSUMER, f"too far behind on {stream_id}; "
-                         "resume from your last seq") from err
+            raise _Close(
+                CloseCode.SLOW_CONSUMER, f"too far behind on {stream_id}; resume from your last seq"
+            ) from err
         except (Gone, NotFound) as err:
             await self.send_error(err, ref)
         finally:

@@ -155,6 +155,8 @@ def error_response(err: RaafdError) -> Response:
     headers = {}
     if err.retry_after is not None:
         headers["retry-after"] = str(max(1, round(err.retry_after)))
+    if isinstance(err, TooLarge):
+        headers["connection"] = "close"  # the unread rest of the body makes it unusable
     return JSONResponse({"error": err.to_dict()}, err.http_status, headers)
 
 
@@ -167,9 +169,7 @@ class Router:
         self._max_body = max_body
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
-        regex = re.compile(
-            "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$"
-        )
+        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
         for existing, methods in self._routes:
             if existing.pattern == regex.pattern:
                 methods[method] = handler

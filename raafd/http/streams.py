@@ -90,8 +90,9 @@ def add_stream_routes(router: Router, daemon: Daemon) -> None:
         )
         framing = _framing(request.headers.get("accept", ""), None)
         if framing is None:
-            return JSONResponse({"stream": stream.id}, 201,
-                                {"location": f"/v1/streams/{stream.id}"})
+            return JSONResponse(
+                {"stream": stream.id}, 201, {"location": f"/v1/streams/{stream.id}"}
+            )
         return event_stream(stream.id, 0, framing)
 
     async def status(request: Request, stream_id: str) -> Response:
@@ -102,7 +103,9 @@ def add_stream_routes(router: Router, daemon: Daemon) -> None:
         if not after_text.isdigit():
             raise BadRequest("after must be a non-negative integer", field="after")
         manager().get(stream_id)
-        return event_stream(stream_id, int(after_text), _framing(request.headers.get("accept", ""), SSE) or SSE)
+        return event_stream(
+            stream_id, int(after_text), _framing(request.headers.get("accept", ""), SSE) or SSE
+        )
 
     def control(action: str) -> Callable[..., Any]:
         async def handler(request: Request, stream_id: str) -> Response:

@@ -9,4 +9,11 @@ from raafd.protocol.events import (
     make_event,
 )
 
-__all__ = ["CANCEL_REASONS", "EVENT_KINDS", "TERMINAL_KINDS", "StreamEvent", "coalesce", "make_event"]
+__all__ = [
+    "CANCEL_REASONS",
+    "EVENT_KINDS",
+    "TERMINAL_KINDS",
+    "StreamEvent",
+    "coalesce",
+    "make_event",
+]

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import trio
 from attrs import field, frozen
 
+from raafd.config import ProviderConfig
 from raafd.errors import UpstreamError
 
 __all__ = [
@@ -95,6 +96,7 @@ class ProviderError(UpstreamError):
 
 class Provider(Protocol):
     name: str
+    config: ProviderConfig
 
     async def stream(
         self, request: ProviderRequest, send: trio.MemorySendChannel[ProviderEvent]

@@ -32,10 +32,39 @@ from raafd.providers.base import (
 
 __all__ = ["DemoProvider"]
 
-_WORDS = (
-    "streams tokens arrive in order with sequence numbers so a client that drops can resume "
-    "exactly where it left off while the daemon keeps every buffer bounded and every task owned"
-).split()
+_WORDS = [
+    "streams",
+    "tokens",
+    "arrive",
+    "in",
+    "order",
+    "with",
+    "sequence",
+    "numbers",
+    "so",
+    "a",
+    "client",
+    "that",
+    "drops",
+    "can",
+    "resume",
+    "exactly",
+    "where",
+    "it",
+    "left",
+    "off",
+    "while",
+    "the",
+    "daemon",
+    "keeps",
+    "every",
+    "buffer",
+    "bounded",
+    "and",
+    "every",
+    "task",
+    "owned",
+]
 _TOOL_CUE = re.compile(r"\[tool:(\w+)\s*(\{.*?\})?\]")
 _FAIL_AFTER_CUE = re.compile(r"\[fail-after:(\d+)\]")
 _WORDS_CUE = re.compile(r"\[words:(\d+)\]")
@@ -48,9 +77,7 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
-                return " ".join(
-                    str(p.get("text", "")) for p in content if isinstance(p, dict)
-                )
+                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return ""
 
 
@@ -82,15 +109,18 @@ class DemoProvider:
         if tool:
             args = tool.group(2) or "{}"
             half = len(args) // 2
-            await send.send(Delta(tool_calls=(ToolCallDelta(0, "call_demo_0", tool.group(1), args[:half]),)))
+            await send.send(
+                Delta(tool_calls=(ToolCallDelta(0, "call_demo_0", tool.group(1), args[:half]),))
+            )
             await send.send(Delta(tool_calls=(ToolCallDelta(0, arguments=args[half:]),)))
             await send.send(Delta(usage=Usage(prompt_tokens, 2), finish_reason="tool_calls"))
             return
 
         clean = _WORDS_CUE.sub("", _FAIL_AFTER_CUE.sub("", text)).strip()
-        words = [*(clean.split() if clean else []), *(
-            _WORDS[i % len(_WORDS)] for i in range(n_words)
-        )]
+        words = [
+            *(clean.split() if clean else []),
+            *(_WORDS[i % len(_WORDS)] for i in range(n_words)),
+        ]
         next_at = trio.current_time()
         for i, word in enumerate(words):
             if fail_after and i == int(fail_after.group(1)):

@@ -1,0 +1,258 @@
+"""``raafd ctl``: send one admin command to a running daemon and print the answer.
+
+For people the answer is a key/value listing (nested objects flattened to dotted keys, numbers
+right-aligned) or a table (lists of objects); ``--json`` prints the result exactly, as JSON.
+
+Exit status: 0 on success; 1 when no daemon answers or it answers an error (one line on
+stderr); 2 for bad usage or a configuration that does not load.
+
+The socket is ``--socket PATH``; else ``admin_socket_path`` of ``--config PATH``; else the
+``default_socket`` the caller passes; else that of the configuration found by the usual lookup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from raafd.admin.client import AdminPermissionDenied, DaemonNotRunning, admin_call_sync
+from raafd.config import LOG_LEVELS, ConfigError, load_config
+from raafd.errors import RaafdError
+
+__all__ = ["build_parser", "main", "render"]
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+
+_COMMANDS: Final = {
+    "stats": "the daemon's figures (connections, streams, process)",
+    "reload": "re-read the configuration file (like SIGHUP)",
+    "drain": "stop gracefully: stop accepting, let streams finish, exit",
+    "log-level": "change the log level",
+    "connections": "list open client connections",
+    "streams": "list streams",
+    "kick": "close one client connection",
+    "cancel": "cancel one stream",
+    "rooms": "list chat rooms",
+    "jobs": "list background jobs",
+}
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _add_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # The same options before and after the command; only the top level sets defaults, so
+    # ``raafd ctl --json stats`` and ``raafd ctl stats --json`` both work.
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print the result as JSON"
+    )
+    parser.add_argument(
+        "--socket", type=Path, metavar="PATH", default=default(None), help="admin socket path"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default(None),
+        help="read the admin socket path from this configuration file",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="SECONDS",
+        default=default(60.0),
+        help="give up waiting for the answer after this long (default 60)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raafd ctl", description="Talk to a running raafd daemon over its admin socket."
+    )
+    _add_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_options(common, defaults=False)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, text in _COMMANDS.items():
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        if name == "log-level":
+            p.add_argument("level", choices=LOG_LEVELS)
+        elif name == "kick":
+            p.add_argument("id", help="the connection id (see `raafd ctl connections`)")
+        elif name == "cancel":
+            p.add_argument("id", help="the stream id (see `raafd ctl streams`)")
+    return parser
+
+
+def main(argv: Sequence[str], default_socket: Path | None = None) -> int:
+    """Run ``raafd ctl`` with ``argv`` (the words after ``ctl``); return the exit status."""
+    try:
+        ns = build_parser().parse_args(list(argv))
+    except SystemExit as exc:  # argparse has printed usage or help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+    path = _socket_path(ns, default_socket)
+    if path is None:
+        return EXIT_USAGE
+    args: dict[str, Any] = {}
+    if ns.cmd == "log-level":
+        args["level"] = ns.level
+    elif ns.cmd in ("kick", "cancel"):
+        args["id"] = ns.id
+
+    try:
+        result = admin_call_sync(path, ns.cmd, args, timeout=ns.timeout)
+    except DaemonNotRunning as exc:
+        return _fail(f"no daemon is listening on {exc.path} (is raafd running?)")
+    except AdminPermissionDenied as exc:
+        return _fail(exc.message)
+    except RaafdError as exc:
+        return _fail(f"{exc.message} ({exc.code})")
+    except OSError as exc:
+        return _fail(f"cannot talk to the daemon on {path}: {exc.strerror or exc}")
+
+    if ns.json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(render(result) + "\n")
+    return EXIT_OK
+
+
+def _socket_path(ns: argparse.Namespace, default_socket: Path | None) -> Path | None:
+    if ns.socket is not None:
+        return Path(ns.socket)
+    if ns.config is None and default_socket is not None:
+        return default_socket
+    try:
+        config, _ = load_config(ns.config)
+    except ConfigError as exc:
+        where = f" in {exc.source}" if exc.source else ""
+        print(f"raafd ctl: the configuration{where} does not load:", file=sys.stderr)
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+    return config.admin_socket_path
+
+
+def _fail(message: str) -> int:
+    print(f"raafd ctl: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# --- rendering for people ---------------------------------------------------------------------
+
+
+def render(result: Any) -> str:
+    """A readable text form of an admin result (no trailing newline)."""
+    if result is None:
+        return "ok"
+    if isinstance(result, dict):
+        return _render_mapping(result)
+    if isinstance(result, list):
+        if not result:
+            return "(none)"
+        if all(isinstance(row, dict) for row in result):
+            return _table(result)
+        return "\n".join(_cell(item) for item in result)
+    return _cell(result)
+
+
+def _render_mapping(mapping: dict[str, Any]) -> str:
+    pairs: list[tuple[str, Any]] = []
+    tables: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, value in _flatten(mapping):
+        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+            tables.append((key, value))
+        else:
+            pairs.append((key, value))
+    parts = [_key_values(pairs)] if pairs else []
+    for key, rows in tables:
+        body = "\n".join("  " + line for line in _table(rows).splitlines())
+        parts.append(f"{key}:\n{body}")
+    return "\n\n".join(parts) if parts else "(empty)"
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.extend(_flatten(value, name))
+        else:
+            out.append((name, value))
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.3f}"
+    if isinstance(value, int | str):
+        return str(value)
+    if isinstance(value, list):
+        if not value:
+            return "(none)"
+        if not any(isinstance(v, dict | list) for v in value):
+            return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict) and not value:
+        return "(none)"
+    return orjson.dumps(value).decode()
+
+
+def _key_values(pairs: list[tuple[str, Any]]) -> str:
+    key_width = max(len(key) for key, _ in pairs)
+    number_width = max((len(_cell(v)) for _, v in pairs if _is_number(v)), default=0)
+    lines = []
+    for key, value in pairs:
+        text = _cell(value).rjust(number_width) if _is_number(value) else _cell(value)
+        lines.append(f"{key.ljust(key_width)}  {text}".rstrip())
+    return "\n".join(lines)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    flat = [dict(_flatten(row)) for row in rows]
+    columns: list[str] = []
+    for row in flat:
+        columns.extend(key for key in row if key not in columns)
+    numeric = {
+        col: all(_is_number(row[col]) for row in flat if row.get(col) is not None)
+        and any(row.get(col) is not None for row in flat)
+        for col in columns
+    }
+    cells = [[_cell(row.get(col)) for col in columns] for row in flat]
+    headers = [col.upper() for col in columns]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.rjust(w) if numeric[col] else v.ljust(w)
+            for v, w, col in zip(values, widths, columns, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in cells)])

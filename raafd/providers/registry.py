@@ -1,0 +1,83 @@
+"""Providers by name, built from ``[providers.NAME]`` config, and the shared upstream client.
+
+One :class:`httpx.AsyncClient` serves every network provider of the daemon, so connections to
+an upstream are pooled and their number is bounded in one place. A streamed answer holds its
+HTTP/1.1 connection until it ends, so ``max_connections`` bounds the upstream requests in flight
+across all providers: one more waits for a free connection up to its provider's
+``connect_timeout``, then fails with a retryable ``ProviderError`` (reason ``pool``), instead of
+opening sockets without end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import httpx
+
+from raafd import __version__
+from raafd.config import ConfigError, ProviderConfig
+from raafd.providers.base import Provider
+from raafd.providers.demo import DemoProvider
+from raafd.providers.openai import OpenAIProvider
+
+__all__ = ["build_providers", "open_http_client"]
+
+_NOT_YET = ("anthropic", "ollama")
+
+
+def build_providers(
+    configs: Mapping[str, ProviderConfig],
+    client: httpx.AsyncClient,
+    *,
+    environ: Mapping[str, str] = os.environ,
+) -> dict[str, Provider]:
+    """One provider per config entry. Raises :class:`ConfigError` listing every entry whose
+    ``type`` has no implementation in this build."""
+    providers: dict[str, Provider] = {}
+    problems: list[str] = []
+    for name, config in configs.items():
+        if config.type == "demo":
+            providers[name] = DemoProvider(name, config)
+        elif config.type == "openai":
+            providers[name] = OpenAIProvider(name, config, client, environ)
+        elif config.type in _NOT_YET:
+            hint = " (Ollama serves one at http://HOST:11434/v1)" if config.type == "ollama" else ""
+            problems.append(
+                f"providers.{name}.type: the {config.type} provider is not implemented yet;"
+                f' use type = "openai" with an OpenAI-compatible base_url{hint}'
+            )
+        else:
+            problems.append(f"providers.{name}.type: unknown provider type {config.type!r}")
+    if problems:
+        raise ConfigError(problems)
+    return providers
+
+
+@asynccontextmanager
+async def open_http_client(
+    *,
+    max_connections: int = 1024,
+    max_keepalive_connections: int = 128,
+    keepalive_expiry: float = 30.0,
+    trust_env: bool = True,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The daemon's shared upstream client, closed (with its pooled connections) on exit.
+
+    Per-request timeouts come from each provider's config; the client's own are a fallback.
+    Redirects are not followed (an API endpoint that redirects is misconfigured, and following
+    would resend the key elsewhere). ``trust_env`` honours ``HTTPS_PROXY``/``NO_PROXY``."""
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_keepalive_connections,
+        keepalive_expiry=keepalive_expiry,
+    )
+    async with httpx.AsyncClient(
+        limits=limits,
+        timeout=httpx.Timeout(120.0, connect=10.0),
+        follow_redirects=False,
+        trust_env=trust_env,
+        headers={"user-agent": f"raafd/{__version__}"},
+    ) as client:
+        yield client

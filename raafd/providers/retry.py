@@ -1,0 +1,110 @@
+"""Retrying a provider before its first delta, never after.
+
+The rule of this module: a retry must be invisible in the answer. Until the provider has sent
+its first :class:`Delta`, nothing of the answer has reached anyone, so a retryable failure is
+retried after a backoff, and the consumer only sees a :class:`RetryNotice` (a ``retry`` stream
+event). Once a delta went out, retrying would repeat or contradict tokens already delivered, so
+the failure is raised as it is.
+
+Backoff is exponential with full jitter, ``uniform(0, min(cap, base * 2 ** (attempt - 1)))``,
+but never shorter than the upstream's ``Retry-After``. A ``Retry-After`` longer than ``cap`` is
+not waited for: the error is raised with its ``retry_after``, so the client hears when to come
+back instead of holding a stream open for it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import cast
+
+import trio
+
+from raafd.logging import get_logger
+from raafd.metrics import Metrics
+from raafd.providers.base import (
+    Delta,
+    Provider,
+    ProviderError,
+    ProviderEvent,
+    ProviderRequest,
+    RetryNotice,
+)
+
+__all__ = ["backoff_delay", "stream_with_retry"]
+
+log = get_logger("raafd.providers")
+
+
+class _FirstDeltaWatch(trio.abc.SendChannel[ProviderEvent]):
+    """Passes events through to ``inner`` and remembers whether a :class:`Delta` went out.
+
+    It does not own ``inner``: closing it does not close the consumer's channel."""
+
+    def __init__(self, inner: trio.abc.SendChannel[ProviderEvent]) -> None:
+        self._inner = inner
+        self.delta_sent = False
+
+    async def send(self, value: ProviderEvent) -> None:
+        await self._inner.send(value)
+        if isinstance(value, Delta):
+            self.delta_sent = True
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def backoff_delay(
+    attempt: int, *, base: float, cap: float, retry_after: float | None, rng: random.Random
+) -> float:
+    """Seconds to wait before retry number ``attempt`` (from 1)."""
+    delay = rng.uniform(0.0, min(cap, base * 2.0 ** (attempt - 1)))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+async def stream_with_retry(
+    provider: Provider,
+    request: ProviderRequest,
+    send: trio.abc.SendChannel[ProviderEvent],
+    *,
+    max_retries: int,
+    base: float,
+    cap: float,
+    metrics: Metrics | None,
+    rng: random.Random | None = None,
+) -> None:
+    """Like ``provider.stream(request, send)``, retrying retryable failures that happen before
+    the first delta up to ``max_retries`` times (see the module docstring). Every failure is
+    counted in ``upstream_errors``, every retry in ``upstream_retries``, by provider and
+    reason."""
+    rng = rng if rng is not None else random.Random()
+    attempt = 0
+    while True:
+        watch = _FirstDeltaWatch(send)
+        try:
+            # Providers only ``send`` into the channel; the protocol names the memory channel
+            # type, which cannot be subclassed, so the watch stands in for it.
+            await provider.stream(request, cast("trio.MemorySendChannel[ProviderEvent]", watch))
+            return
+        except ProviderError as exc:
+            if metrics is not None:
+                metrics.upstream_errors.labels(provider.name, exc.reason).inc()
+            if watch.delta_sent or not exc.retryable or attempt >= max_retries:
+                raise
+            if exc.retry_after is not None and exc.retry_after > cap:
+                raise
+            attempt += 1
+            delay = backoff_delay(attempt, base=base, cap=cap, retry_after=exc.retry_after, rng=rng)
+            if metrics is not None:
+                metrics.upstream_retries.labels(provider.name, exc.reason).inc()
+            log.info(
+                "upstream_retry",
+                provider=provider.name,
+                attempt=attempt,
+                reason=exc.reason,
+                status=exc.status,
+                delay=round(delay, 3),
+            )
+            await send.send(RetryNotice(attempt=attempt, reason=exc.reason, retry_after=delay))
+        await trio.sleep(delay)

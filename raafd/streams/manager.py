@@ -1,0 +1,300 @@
+"""The stream manager: starts streams, owns their tasks, finds them again, and forgets them.
+
+Streams outlive the connection that started them (a client reconnects and resumes from its last
+seq), so their tasks do not live in the connection's nursery but in the manager's, opened by
+:meth:`StreamManager.run`. The same nursery holds the retention reaper.
+
+Bounds (DESIGN invariant 2):
+
+- at most ``max_streams`` streams running at once, and at most ``max_streams_per_connection``
+  per non-empty ``owner``: :meth:`StreamManager.start` refuses more with ``TooManyStreams``;
+- a finished stream stays retrievable (replay, status) for ``retention`` seconds after its
+  terminal event; at most ``max_streams`` finished streams are retained, and beyond that the
+  one that ended first is forgotten early;
+- every stream's log and subscribers are bounded by the stream itself (see ``stream.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+import trio
+
+from raafd.config import AgentConfig, StreamsConfig
+from raafd.errors import BadRequest, Conflict, NotFound, TooManyStreams, Unavailable
+from raafd.logging import get_logger
+from raafd.metrics import Metrics
+from raafd.providers.base import Provider, ProviderRequest
+from raafd.streams.runner import run_provider
+from raafd.streams.stream import STATUSES, Stream, StreamWriter, Subscription
+
+__all__ = ["StreamManager"]
+
+log = get_logger("raafd.streams")
+
+_STREAM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def _default_model(provider: Provider) -> str:
+    config = getattr(provider, "config", None)
+    model = getattr(config, "model", "")
+    return model if isinstance(model, str) and model else provider.name
+
+
+class StreamManager:
+    """See the module docstring. Run it with ``await nursery.start(manager.run)``."""
+
+    def __init__(
+        self,
+        config: StreamsConfig,
+        agents: Mapping[str, AgentConfig],
+        providers: Mapping[str, Provider],
+        metrics: Metrics,
+        default_agent: str,
+    ) -> None:
+        self._config = config
+        self._agents = agents
+        self._providers = providers
+        self._metrics = metrics
+        self._default_agent = default_agent
+        self._nursery: trio.Nursery | None = None
+        self._draining = False
+        self._streams: dict[str, Stream] = {}  # running and retained
+        self._running: dict[str, Stream] = {}
+        self._per_owner: Counter[str] = Counter()
+        self._ended: OrderedDict[str, float] = OrderedDict()  # id → trio clock at its end
+        self._ended_lot = trio.lowlevel.ParkingLot()  # the reaper and drain wait here
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own every stream's task and the retention reaper; never returns.
+
+        Cancelling it cancels every running stream (each ends with ``cancelled`` {drain});
+        call :meth:`drain` first for a graceful stop."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reap)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def reload(
+        self,
+        *,
+        config: StreamsConfig | None = None,
+        agents: Mapping[str, AgentConfig] | None = None,
+        providers: Mapping[str, Provider] | None = None,
+        default_agent: str | None = None,
+    ) -> None:
+        """Apply a reloaded configuration to streams started from now on."""
+        if config is not None:
+            self._config = config
+        if agents is not None:
+            self._agents = agents
+        if providers is not None:
+            self._providers = providers
+        if default_agent is not None:
+            self._default_agent = default_agent
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new streams, let running ones finish for up to ``grace`` seconds, then cancel
+        the rest with reason ``drain``."""
+        self._draining = True
+        with trio.move_on_after(grace):
+            while self._running:
+                await self._ended_lot.park()
+        for stream in list(self._running.values()):
+            stream.cancel("drain")
+
+    # --- starting and finding -----------------------------------------------------------------
+
+    def start(
+        self,
+        *,
+        agent: str | None,
+        messages: list[dict[str, Any]],
+        stream_id: str | None = None,
+        owner: str = "",
+        session: str | None = None,
+        detach_grace: float | None = None,
+    ) -> Stream:
+        """Start a stream and return it at once (synchronous: checks and registration happen
+        atomically). Its first event, ``start``, is already in its log; a subscriber attaching
+        with ``after=0`` sees everything.
+
+        ``agent`` None means the default agent. ``owner`` is opaque (a connection id); with a
+        non-empty owner, ``max_streams_per_connection`` applies. ``detach_grace`` overrides the
+        configured grace for this stream (``math.inf`` for a run nobody watches).
+
+        Raises ``NotFound`` (agent), ``BadRequest``/``Conflict`` (stream id),
+        ``TooManyStreams``, ``Unavailable`` (draining or not running).
+        """
+        cfg = self._config
+        if self._draining:
+            raise Unavailable("the server is draining; no new streams are started")
+        if self._nursery is None:
+            raise Unavailable("the stream manager is not running")
+        name = agent or self._default_agent
+        agent_cfg = self._agents.get(name)
+        if agent_cfg is None:
+            raise NotFound(f"no agent named {name!r}", field="agent")
+        provider = self._providers.get(agent_cfg.provider)
+        if provider is None:
+            raise Unavailable(
+                f"agent {name!r} uses provider {agent_cfg.provider!r}, which is not available",
+                field="agent",
+            )
+        if stream_id is not None:
+            if not _STREAM_ID.fullmatch(stream_id):
+                raise BadRequest(
+                    "a stream id is 1 to 128 letters, digits or _ . : -", field="stream"
+                )
+            if stream_id in self._streams:
+                raise Conflict(f"stream {stream_id!r} already exists", field="stream")
+        if len(self._running) >= cfg.max_streams:
+            raise TooManyStreams(f"{cfg.max_streams} streams are running; try again later")
+        if owner and self._per_owner[owner] >= cfg.max_streams_per_connection:
+            raise TooManyStreams(
+                f"this connection already runs {cfg.max_streams_per_connection} streams"
+            )
+
+        model = agent_cfg.model or _default_model(provider)
+        stream = Stream(
+            agent=name,
+            model=model,
+            config=cfg,
+            metrics=self._metrics,
+            stream_id=stream_id,
+            owner=owner,
+            session=session,
+            detach_grace=detach_grace,
+            on_finish=self._stream_ended,
+        )
+        request = ProviderRequest(
+            model=model,
+            messages=messages,
+            instructions=agent_cfg.instructions,
+            temperature=agent_cfg.temperature,
+            max_tokens=agent_cfg.max_tokens,
+        )
+        self._streams[stream.id] = stream
+        self._running[stream.id] = stream
+        if owner:
+            self._per_owner[owner] += 1
+        self._metrics.streams_started.inc()
+        self._nursery.start_soon(self._run_stream, stream, provider, request, name=stream.id)
+        return stream
+
+    def get(self, stream_id: str) -> Stream:
+        """The stream, running or retained; ``NotFound`` otherwise."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise NotFound(f"no stream {stream_id!r}", field="stream")
+        return stream
+
+    def subscribe(self, stream_id: str, after: int = 0) -> Subscription:
+        """An async context manager (and, inside it, async iterator) delivering the events of
+        ``stream_id`` after seq ``after``; unregistered on exit. Raises ``NotFound``, ``Gone``
+        (evicted), ``BadRequest`` (``after`` out of range)."""
+        return self.get(stream_id).subscribe(after)
+
+    def cancel(self, stream_id: str, reason: str = "client") -> bool:
+        """Cancel a stream; False when it had already ended."""
+        return self.get(stream_id).cancel(reason)
+
+    def pause(self, stream_id: str) -> bool:
+        return self.get(stream_id).pause()
+
+    def resume(self, stream_id: str) -> bool:
+        return self.get(stream_id).resume()
+
+    # --- figures ------------------------------------------------------------------------------
+
+    def running_count(self) -> int:
+        """Streams without a terminal event (running or paused)."""
+        return len(self._running)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for ``raafd ctl stats`` and ``/v1/stats``."""
+        by_status = dict.fromkeys(STATUSES, 0)
+        subscribers = 0
+        for stream in self._streams.values():
+            by_status[stream.status] += 1
+            subscribers += stream.subscribers
+        return {
+            "running": len(self._running),
+            "retained": len(self._streams) - len(self._running),
+            "by_status": by_status,
+            "subscribers": subscribers,
+            "draining": self._draining,
+            "max_streams": self._config.max_streams,
+        }
+
+    def list_streams(self) -> list[dict[str, Any]]:
+        """One summary per stream (id, agent, model, status, seq, subscribers, age, ...),
+        newest first, for the admin ``streams`` command."""
+        return [s.info() for s in reversed(self._streams.values())]
+
+    # --- internals ----------------------------------------------------------------------------
+
+    async def _run_stream(
+        self, stream: Stream, provider: Provider, request: ProviderRequest
+    ) -> None:
+        structlog.contextvars.bind_contextvars(stream=stream.id)
+        log.info("stream started", agent=stream.agent, model=stream.model, owner=stream.owner)
+        buffer = self._config.provider_buffer
+        metrics = self._metrics
+
+        async def body(out: StreamWriter) -> None:
+            await run_provider(out, provider, request, buffer=buffer, metrics=metrics)
+
+        try:
+            await stream.run(body)
+        finally:
+            log.info("stream ended", status=stream.status, seq=stream.head)
+
+    def _stream_ended(self, stream: Stream) -> None:
+        # Called synchronously from the stream's terminal append, in whatever task caused it.
+        if self._running.pop(stream.id, None) is None:
+            return
+        if stream.owner:
+            self._per_owner[stream.owner] -= 1
+            if self._per_owner[stream.owner] <= 0:
+                del self._per_owner[stream.owner]
+        self._ended[stream.id] = stream.ended_clock or trio.current_time()
+        while len(self._ended) > self._config.max_streams:
+            oldest, _ = self._ended.popitem(last=False)
+            self._forget(oldest)
+        self._ended_lot.unpark_all()
+
+    def _forget(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._metrics.streams.labels(stream.status).dec()
+
+    async def _reap(self) -> None:
+        """Forget each finished stream ``retention`` seconds after its terminal event. Ends are
+        recorded in time order, so the first one is always the next due."""
+        while True:
+            while not self._ended:
+                await self._ended_lot.park()
+            _, ended = next(iter(self._ended.items()))
+            await trio.sleep_until(ended + self._config.retention)
+            now = trio.current_time()
+            while self._ended:
+                stream_id, ended = next(iter(self._ended.items()))
+                if ended + self._config.retention > now:
+                    break
+                del self._ended[stream_id]
+                self._forget(stream_id)

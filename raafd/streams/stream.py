@@ -1,0 +1,612 @@
+"""One agent run: its event log, its subscribers, its controls and its timers.
+
+The rule of this file, which everything else in it serves:
+
+    A stream's log is seq 1, 2, 3, ... with no gap, and it ends with exactly one terminal event
+    (``complete``, ``error`` or ``cancelled``), whatever happens and in whatever order.
+
+How it is kept:
+
+- Every event enters through :meth:`Stream._append`, which is synchronous (so atomic under trio)
+  and takes ``head + 1``. A terminal event enters only through :meth:`Stream._finish`, which
+  does nothing once the log holds one: the first terminal wins, a second is never written, and
+  the log itself refuses anything after it.
+- ``_finish`` cancels the body's cancel scope *before* it appends. So cancellation reaches the
+  provider at once (DESIGN invariant 5), and the body's next checkpoint raises ``Cancelled``:
+  it cannot write after the terminal event. The body's writer checkpoints before each append.
+- ``start`` is appended when the :class:`Stream` is built, so a stream cancelled before its
+  task ever ran still reads ``start``, ``cancelled``.
+- A body that fails writes ``error`` {code: internal}; one that returns without a terminal event
+  gets one; a task cancelled from outside (the manager's nursery closing) writes ``cancelled``
+  {reason: drain} in its ``finally``, synchronously.
+
+Subscribers are cursors into the log, not copies of it: a :class:`Subscription` holds the last
+seq it delivered and reads ``log.after(cursor)``. Replay and live delivery are the same code,
+so attaching with ``after=N`` while events are appended can neither miss nor repeat one.
+Backpressure (DESIGN invariant 3):
+
+- exactly one subscriber: the producer waits while ``head - cursor >= subscriber_buffer``; the
+  provider's bounded channel then fills and the provider stops reading upstream;
+- two or more: the producer waits for nobody. A subscriber more than ``subscriber_buffer``
+  behind gets adjacent ``content`` events of its batch coalesced (lossless); one with more than
+  ``max_lag`` unread events appended since it attached is dropped with :class:`SlowConsumer`
+  and resumes from its cursor on a new subscription. A finished stream's replay is never
+  coalesced.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Final, Literal, Protocol, cast
+
+import trio
+
+from raafd.config import StreamsConfig
+from raafd.errors import BadRequest, Conflict, Gone, RaafdError
+from raafd.logging import get_logger
+from raafd.metrics import Metrics
+from raafd.protocol.events import (
+    CANCEL_REASONS,
+    TERMINAL_KINDS,
+    StreamEvent,
+    coalesce,
+    make_event,
+)
+from raafd.streams.log import EventLog
+
+__all__ = [
+    "STATUSES",
+    "Body",
+    "SlowConsumer",
+    "Status",
+    "Stream",
+    "StreamWriter",
+    "Subscription",
+    "new_stream_id",
+]
+
+log = get_logger("raafd.streams")
+
+Status = Literal["running", "paused", "complete", "error", "cancelled"]
+STATUSES: Final[tuple[Status, ...]] = ("running", "paused", "complete", "error", "cancelled")
+_TOKEN_KINDS: Final = frozenset({"content", "tool_call"})
+
+
+def new_stream_id() -> str:
+    """A fresh stream id: ``st_`` and 24 random hex digits."""
+    return "st_" + secrets.token_hex(12)
+
+
+class SlowConsumer(RaafdError):
+    """A subscriber of a shared stream fell more than ``max_lag`` events behind and was dropped.
+
+    The gateway closes with 4001; the client resumes from its last seq."""
+
+    code = "slow_consumer"
+    http_status = 409
+
+
+class StreamWriter(Protocol):
+    """What a stream's body (the provider runner, later the agent loop) writes through."""
+
+    async def emit(self, kind: str, **fields: Any) -> None:
+        """Append an event. A non-terminal one first waits while the stream is paused or its
+        single subscriber is behind (backpressure); a terminal one ends the stream."""
+        ...
+
+    async def wait_ready(self) -> None:
+        """Return once the stream takes more upstream output (not paused, subscriber keeping
+        up). Call it before reading the upstream, so that pausing stops the reads."""
+        ...
+
+    def progress(self) -> None:
+        """Upstream made progress without an event yet (a tool-call fragment): counts as a
+        token for the first-token and idle timeouts."""
+        ...
+
+
+Body = Callable[[StreamWriter], Awaitable[None]]
+
+
+class Stream:
+    """One agent run; see the module docstring. Built by :class:`StreamManager`, whose nursery
+    runs :meth:`run`."""
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        model: str,
+        config: StreamsConfig,
+        metrics: Metrics,
+        stream_id: str | None = None,
+        owner: str = "",
+        session: str | None = None,
+        detach_grace: float | None = None,
+        on_finish: Callable[[Stream], None] | None = None,
+    ) -> None:
+        self.id = stream_id or new_stream_id()
+        self.agent = agent
+        self.model = model
+        self.owner = owner
+        self.session = session
+        self.config = config
+        self.status: Status = "running"
+        self.created_at = time.time()
+        self.ended_at: float | None = None
+        self.log = EventLog(config.log_max_events, config.log_max_bytes)
+        self._metrics = metrics
+        self._detach_grace = config.detach_grace if detach_grace is None else detach_grace
+        self._on_finish = on_finish
+        self._t0 = trio.current_time()
+        self._ended_clock: float | None = None
+        # Bounded by the gateway's per-connection limits; a dict keeps attach order.
+        self._subs: dict[Subscription, None] = {}
+        self._attaches = 0  # how many subscriptions ever registered (restarts the detach grace)
+        self._grown = trio.lowlevel.ParkingLot()  # readers: the log grew or the stream ended
+        self._room = trio.lowlevel.ParkingLot()  # producer: a reader advanced or left, resume
+        self._control = trio.lowlevel.ParkingLot()  # watchers: subscribers or pause changed
+        self._scope = trio.CancelScope()  # around the body; cancelled by _finish
+        self._done = trio.Event()
+        self._ran = False
+        self._paused = False
+        self._pauses = 0
+        # The first-token/idle timer is a cancel scope whose deadline moves on each token. It
+        # is frozen (deadline inf, remaining time kept) while anything holds it: a pause, or the
+        # producer waiting for its subscriber.
+        self._holds = 0
+        self._gap: trio.CancelScope | None = None
+        self._gap_left: float | None = None
+        self._first_token_at: float | None = None
+        self._last_content_at: float | None = None
+        metrics.streams.labels("running").inc()
+        self._append("start", agent=agent, model=model)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @property
+    def head(self) -> int:
+        """The seq of the newest event."""
+        return self.log.head
+
+    @property
+    def finished(self) -> bool:
+        """True once the terminal event is in the log."""
+        return self.log.closed
+
+    @property
+    def terminal(self) -> StreamEvent | None:
+        return self.log.terminal
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
+    @property
+    def age(self) -> float:
+        """Seconds since the stream was started (trio clock)."""
+        return trio.current_time() - self._t0
+
+    @property
+    def ended_clock(self) -> float | None:
+        """The trio clock at the terminal event."""
+        return self._ended_clock
+
+    async def wait(self) -> None:
+        """Return once the stream has its terminal event."""
+        await self._done.wait()
+
+    def info(self) -> dict[str, Any]:
+        """A summary for ``streams`` listings and status replies."""
+        return {
+            "id": self.id,
+            "agent": self.agent,
+            "model": self.model,
+            "status": self.status,
+            "seq": self.log.head,
+            "subscribers": len(self._subs),
+            "age": round(self.age, 3),
+            "owner": self.owner,
+            "session": self.session,
+            "created_at": self.created_at,
+            "ended_at": self.ended_at,
+        }
+
+    def subscribe(self, after: int = 0) -> Subscription:
+        """A subscription delivering every event with seq greater than ``after``.
+
+        Use it as ``async with stream.subscribe(n) as sub: async for batch in sub: ...``; it is
+        registered on entry and unregistered on exit. Raises :class:`~raafd.errors.Gone` when
+        events after ``after`` were evicted and :class:`~raafd.errors.BadRequest` when ``after``
+        is negative or beyond the head.
+        """
+        self.log.check(after)
+        return Subscription(self, after)
+
+    # --- control ------------------------------------------------------------------------------
+
+    def cancel(self, reason: str = "client") -> bool:
+        """Cancel the body at once (closing the upstream request), then append ``cancelled``.
+        False when the stream had already ended."""
+        if reason not in CANCEL_REASONS:
+            raise BadRequest(
+                f"reason must be one of {', '.join(sorted(CANCEL_REASONS))}", field="reason"
+            )
+        return self._finish("cancelled", reason=reason)
+
+    def pause(self) -> bool:
+        """Stop taking upstream output and append ``paused``. False when already paused;
+        :class:`~raafd.errors.Conflict` once the stream has ended. A pause longer than
+        ``pause_timeout`` cancels the stream with reason ``timeout``."""
+        if self.finished:
+            raise Conflict(f"stream {self.id} has ended ({self.status})", field="stream")
+        if self._paused:
+            return False
+        self._paused = True
+        self._pauses += 1
+        self._set_status("paused")
+        self._hold()
+        self._append("paused")
+        self._control.unpark_all()
+        return True
+
+    def resume(self) -> bool:
+        """Append ``resumed`` and take upstream output again. False when not paused."""
+        if self.finished:
+            raise Conflict(f"stream {self.id} has ended ({self.status})", field="stream")
+        if not self._paused:
+            return False
+        self._paused = False
+        self._set_status("running")
+        self._append("resumed")
+        self._release()
+        self._room.unpark_all()
+        self._control.unpark_all()
+        return True
+
+    # --- running ------------------------------------------------------------------------------
+
+    async def run(self, body: Body) -> None:
+        """Run ``body`` under the stream's timers and watchers until the terminal event.
+
+        Returns once the stream has ended; never raises but ``Cancelled``."""
+        if self._ran:
+            raise RuntimeError("a stream runs once")
+        self._ran = True
+        try:
+            if self.finished:
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_detached)
+                nursery.start_soon(self._expire_paused)
+                await self._run_body(body)
+                nursery.cancel_scope.cancel()
+        finally:
+            if not self.finished:
+                self._finish("cancelled", reason="drain")
+
+    async def _run_body(self, body: Body) -> None:
+        cfg = self.config
+        try:
+            # Outermost: control (cancel, finish); then max_duration; then the first-token and
+            # idle timer, whose deadline moves on every token.
+            with (
+                self._scope,
+                trio.CancelScope(deadline=self._t0 + cfg.max_duration) as total,
+                trio.CancelScope() as gap,
+            ):
+                self._gap = gap
+                if self._holds:
+                    self._gap_left = cfg.first_token_timeout
+                else:
+                    gap.deadline = trio.current_time() + cfg.first_token_timeout
+                try:
+                    await body(_Writer(self))
+                except* Exception as group:
+                    self._crashed(group)
+        finally:
+            self._gap = None
+            self._gap_left = None
+        if self.finished:
+            return
+        if total.cancelled_caught:
+            self._timed_out(f"the stream ran longer than max_duration ({cfg.max_duration:g} s)")
+        elif gap.cancelled_caught:
+            if self._first_token_at is None:
+                what = f"no first token within first_token_timeout ({cfg.first_token_timeout:g} s)"
+            else:
+                what = f"no token within idle_timeout ({cfg.idle_timeout:g} s)"
+            self._timed_out(what)
+        else:
+            log.error("stream body returned without a terminal event")
+            self._finish("error", error={"code": "internal", "message": "internal error"})
+
+    def _timed_out(self, message: str) -> None:
+        log.info("stream timed out", reason=message)
+        self._finish("error", error={"code": "timeout", "message": message})
+
+    def _crashed(self, group: BaseExceptionGroup[Exception]) -> None:
+        if self.finished:
+            log.warning("stream body failed after the stream ended", exc_info=group)
+            return
+        log.error("stream failed", exc_info=group)
+        self._finish("error", error={"code": "internal", "message": "internal error"})
+
+    async def _expire_detached(self) -> None:
+        """Cancel with reason ``detached`` after ``detach_grace`` with no subscriber."""
+        while True:
+            while self._subs:
+                await self._control.park()
+            seen = self._attaches
+            with trio.move_on_after(self._detach_grace) as waiting:
+                while not self._subs and self._attaches == seen:
+                    await self._control.park()
+            if waiting.cancelled_caught:
+                self.cancel("detached")
+                return
+
+    async def _expire_paused(self) -> None:
+        """Cancel with reason ``timeout`` after ``pause_timeout`` in one pause."""
+        while True:
+            while not self._paused:
+                await self._control.park()
+            pause = self._pauses
+            with trio.move_on_after(self.config.pause_timeout) as waiting:
+                while self._paused and self._pauses == pause:
+                    await self._control.park()
+            if waiting.cancelled_caught:
+                self.cancel("timeout")
+                return
+
+    # --- the one way in -----------------------------------------------------------------------
+
+    def _append(self, kind: str, **fields: Any) -> StreamEvent:
+        event = make_event(self.id, self.log.head + 1, kind, **fields)
+        self.log.append(event)  # refuses anything after the terminal event
+        self._metrics.stream_events.labels(kind).inc()
+        if not event.terminal and len(self._subs) >= 2:
+            self._drop_laggards()
+        self._grown.unpark_all()
+        return event
+
+    def _finish(self, kind: str, **fields: Any) -> bool:
+        if self.finished:
+            return False
+        self._scope.cancel()  # first: the upstream request closes now
+        self._append(kind, **fields)
+        self._paused = False
+        self._set_status(cast(Status, kind))
+        self.ended_at = time.time()
+        self._ended_clock = trio.current_time()
+        self._metrics.streams_ended.labels(kind).inc()
+        self._done.set()
+        self._room.unpark_all()
+        self._control.unpark_all()
+        if self._on_finish is not None:
+            self._on_finish(self)
+        return True
+
+    def _set_status(self, status: Status) -> None:
+        self._metrics.streams.labels(self.status).dec()
+        self._metrics.streams.labels(status).inc()
+        self.status = status
+
+    # --- backpressure and timers --------------------------------------------------------------
+
+    def _must_wait(self) -> bool:
+        if self.finished:
+            return False
+        if self._paused:
+            return True
+        if len(self._subs) == 1:
+            (sub,) = self._subs
+            return self.log.head - sub.cursor >= self.config.subscriber_buffer
+        return False
+
+    async def _wait_ready(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self._must_wait():
+            return
+        self._hold()
+        try:
+            while self._must_wait():
+                await self._room.park()
+        finally:
+            self._release()
+        if self.finished:
+            # Woken by the end: the body's scope is cancelled, so this raises Cancelled.
+            await trio.lowlevel.checkpoint()
+
+    def _hold(self) -> None:
+        self._holds += 1
+        if self._holds == 1 and self._gap is not None:
+            self._gap_left = self._gap.deadline - trio.current_time()
+            self._gap.deadline = math.inf
+
+    def _release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self._gap is not None and self._gap_left is not None:
+            self._gap.deadline = trio.current_time() + self._gap_left
+            self._gap_left = None
+
+    def _progress(self, *, content: bool) -> None:
+        now = trio.current_time()
+        if self._first_token_at is None:
+            self._first_token_at = now
+            self._metrics.ttft.observe(now - self._t0)
+        if content:
+            if self._last_content_at is not None:
+                self._metrics.token_gap.observe(now - self._last_content_at)
+            self._last_content_at = now
+        if self._gap is not None:
+            if self._holds:
+                self._gap_left = self.config.idle_timeout
+            else:
+                self._gap.deadline = now + self.config.idle_timeout
+
+    # --- subscribers --------------------------------------------------------------------------
+
+    def _register(self, sub: Subscription) -> None:
+        self.log.check(sub.cursor)
+        self._subs[sub] = None
+        self._attaches += 1
+        sub._attach_head = self.log.head
+        self._room.unpark_all()
+        self._control.unpark_all()
+
+    def _unregister(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            del self._subs[sub]
+            self._room.unpark_all()
+            self._control.unpark_all()
+
+    def _drop_laggards(self) -> None:
+        max_lag = self.config.max_lag
+        for sub in [s for s in self._subs if s._lag() > max_lag]:
+            self._unregister(sub)
+            sub._drop(
+                SlowConsumer(
+                    f"more than {max_lag} events behind on stream {self.id}; resume after seq"
+                    f" {sub.cursor}"
+                )
+            )
+            self._metrics.slow_consumers.inc()
+            log.info("slow consumer dropped", cursor=sub.cursor, head=self.log.head)
+
+    def _next_batch(self, sub: Subscription) -> list[StreamEvent]:
+        cfg = self.config
+        backlog = self.log.head - sub.cursor
+        self._metrics.subscriber_lag.observe(backlog)
+        lagging = not self.finished and len(self._subs) >= 2 and backlog > cfg.subscriber_buffer
+        limit = max(cfg.max_lag, cfg.subscriber_buffer) if lagging else cfg.subscriber_buffer
+        try:
+            events = self.log.after(sub.cursor, limit)
+        except Gone:
+            sub.close()
+            raise
+        sub._cursor = events[-1].seq
+        sub._done = events[-1].terminal
+        self._room.unpark_all()
+        return self._coalesced(events) if lagging else events
+
+    def _coalesced(self, events: list[StreamEvent]) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        merged = 0
+        for event in events:
+            if event.kind == "content" and out and out[-1].kind == "content":
+                out[-1] = coalesce(out[-1], event)
+                merged += 1
+            else:
+                out.append(event)
+        if merged:
+            self._metrics.coalesced.inc(merged)
+        return out
+
+
+class Subscription:
+    """A cursor into one stream's log: an async iterator of non-empty batches of events.
+
+    Each batch is everything after the cursor, up to ``subscriber_buffer`` events (up to
+    ``max_lag`` when coalesced). Iteration ends after the batch holding the terminal event;
+    it raises :class:`SlowConsumer` once dropped for lagging and :class:`~raafd.errors.Gone`
+    when the events it needs were evicted. ``cursor`` is the last seq delivered: resume from it.
+
+    ``__anext__`` is cancel-safe: it only waits before it takes a batch, so a read cancelled by
+    a timeout (an SSE heartbeat, say) consumes nothing.
+    """
+
+    def __init__(self, stream: Stream, after: int) -> None:
+        self.stream = stream
+        self._cursor = after
+        self._attach_head = after
+        self._state: Literal["new", "open", "closed"] = "new"
+        self._error: RaafdError | None = None
+        self._done = False
+
+    @property
+    def cursor(self) -> int:
+        """The last seq delivered (``after`` before the first batch)."""
+        return self._cursor
+
+    @property
+    def dropped(self) -> bool:
+        """True once dropped as a slow consumer."""
+        return self._error is not None
+
+    def _lag(self) -> int:
+        # Live events appended since attach and not yet read. The history a subscriber found
+        # when it attached is replay, not lag: it is never dropped for reading history.
+        return self.stream.log.head - max(self._cursor, self._attach_head)
+
+    def _drop(self, error: RaafdError) -> None:
+        self._error = error
+        self._state = "closed"
+
+    async def __aenter__(self) -> Subscription:
+        await trio.lowlevel.checkpoint()
+        if self._state != "new":
+            raise RuntimeError("a subscription is entered once")
+        self.stream._register(self)
+        self._state = "open"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unregister (idempotent). The stream may hit its detach grace if it was the last."""
+        if self._state == "open":
+            self.stream._unregister(self)
+        self._state = "closed"
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> list[StreamEvent]:
+        await trio.lowlevel.checkpoint()
+        stream = self.stream
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._done or self._state == "closed":
+                raise StopAsyncIteration
+            if self._state == "new":
+                raise RuntimeError("enter the subscription (`async with`) before iterating it")
+            if stream.log.head > self._cursor:
+                return stream._next_batch(self)
+            await stream._grown.park()
+
+
+class _Writer:
+    """The :class:`StreamWriter` a stream hands its body."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+
+    async def emit(self, kind: str, **fields: Any) -> None:
+        stream = self._stream
+        if kind in TERMINAL_KINDS:
+            await trio.lowlevel.checkpoint()  # raises Cancelled once the stream has ended
+            stream._finish(kind, **fields)
+            return
+        if kind in _TOKEN_KINDS:
+            stream._progress(content=kind == "content")
+        await stream._wait_ready()
+        stream._append(kind, **fields)
+
+    async def wait_ready(self) -> None:
+        await self._stream._wait_ready()
+
+    def progress(self) -> None:
+        self._stream._progress(content=False)
