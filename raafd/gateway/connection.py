@@ -32,7 +32,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from raafd.errors import BadRequest, Conflict, Gone, NotFound, RaafdError
+from raafd.errors import BadRequest, Conflict, NotFound, RaafdError
 from raafd.gateway.frames import close_frame, ping_frame, pong_frame, text_frame
 from raafd.listener import PrefixedStream, RequestHead
 from raafd.logging import get_logger
@@ -109,6 +109,7 @@ class Connection:
         self._work: trio.Nursery | None = None
         self._writer_done = trio.Event()
         self._close: _Close | None = None
+        self._peer_closed = False
         self._message: list[str] = []
         self._message_size = 0
 
@@ -158,6 +159,25 @@ class Connection:
             await self._writer_done.wait()
         if scope.cancelled_caught:
             outer.cancel_scope.cancel()
+            return
+        if not self._peer_closed:
+            # RFC 6455 §7.1.1: after our close frame, wait (briefly) for the client's, so it
+            # can finish its side of the handshake before the TCP connection goes away.
+            with trio.move_on_after(1):
+                await self._await_peer_close()
+
+    async def _await_peer_close(self) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self._ws.receive_data(data)
+            for event in self._ws.events():
+                if isinstance(event, CloseConnection):
+                    return
 
     # --- handshake ----------------------------------------------------------------------------
 
@@ -285,6 +305,7 @@ class Connection:
                     raise _Close(CloseCode.TIMEOUT, "no frame from the client within the timeout")
                 raise _Close(CloseCode.TIMEOUT, "authentication timed out")
             if not data:
+                self._peer_closed = True
                 return
             self.last_seen = trio.current_time()
             self._ws.receive_data(data)
@@ -296,6 +317,7 @@ class Connection:
                 elif isinstance(event, Ping):
                     await self._out.send(pong_frame(event.payload))
                 elif isinstance(event, CloseConnection):
+                    self._peer_closed = True
                     raise _Close(event.code if event.code != 1005 else 1000, "")
 
     async def _on_text(self, event: TextMessage) -> None:
@@ -410,6 +432,10 @@ class Connection:
         try:
             with scope:
                 async with self.gateway.manager.subscribe(stream_id, after) as subscription:
+                    subscription.on_drop = lambda err: self.close(
+                        CloseCode.SLOW_CONSUMER,
+                        f"too far behind on {stream_id}; resume from your last seq",
+                    )
                     if ref is not None:
                         await self.send_json(
                             {
@@ -427,7 +453,7 @@ class Connection:
             raise _Close(
                 CloseCode.SLOW_CONSUMER, f"too far behind on {stream_id}; resume from your last seq"
             ) from err
-        except (Gone, NotFound) as err:
+        except RaafdError as err:  # gone, not_found, bad_request (after past the head), ...
             await self.send_error(err, ref)
         finally:
             if self.attachments.get(stream_id) is scope:

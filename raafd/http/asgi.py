@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import attrs
-import cattrs
 import orjson
 import structlog
 import trio
@@ -23,6 +22,8 @@ import trio
 from raafd.errors import BadRequest, MethodNotAllowed, NotFound, RaafdError, TooLarge
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
+from raafd.protocol.commands import describe_structure_error
+from raafd.protocol.commands import structure as structure_strict
 
 __all__ = ["JSONResponse", "Request", "Response", "Router", "StreamingResponse", "decode_body"]
 
@@ -33,7 +34,6 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_body_converter = cattrs.Converter(forbid_extra_keys=True)
 _req_ids = itertools.count(1)
 
 
@@ -97,32 +97,11 @@ def decode_body(raw: bytes, cls: type[T]) -> T:
 def structure(data: Mapping[str, Any], cls: type[T]) -> T:
     """cattrs structuring with errors turned into ``bad_request`` naming the field path."""
     try:
-        return _body_converter.structure(data, cls)
-    except cattrs.ForbiddenExtraKeysError as exc:
-        name = sorted(exc.extra_fields)[0]
-        raise BadRequest(f"unknown field {name!r}", field=name) from None
+        return structure_strict(data, cls)
     except Exception as exc:
-        field, message = _first_problem(exc, cls)
+        field, reason = describe_structure_error(exc)
+        message = f"{field}: {reason}" if field else reason
         raise BadRequest(message, field=field) from None
-
-
-def _first_problem(exc: BaseException, cls: type[Any]) -> tuple[str | None, str]:
-    path: list[str] = []
-    while isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
-        with_notes, without = exc.group_exceptions()
-        if with_notes:
-            exc, note = with_notes[0]
-            path.append(str(getattr(note, "name", getattr(note, "index", "?"))))
-        elif without:
-            exc = without[0]
-        else:  # pragma: no cover
-            break
-    field = ".".join(path) or None
-    if isinstance(exc, KeyError):
-        return field, f"missing required field {field!r}"
-    if isinstance(exc, ValueError | TypeError):
-        return field, f"invalid value for {field!r}: {exc}" if field else str(exc)
-    return field, "invalid request body"
 
 
 @attrs.define

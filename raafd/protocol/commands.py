@@ -8,7 +8,7 @@ error, not a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import attrs
 import cattrs
@@ -27,10 +27,12 @@ __all__ = [
     "StreamControl",
     "StreamDetach",
     "StreamStart",
+    "describe_structure_error",
     "parse_command",
 ]
 
 _MAX_ID = 128
+T = TypeVar("T")
 
 
 class _FieldError(ValueError):
@@ -141,6 +143,12 @@ _converter.register_structure_hook(int, _strict)
 _converter.register_structure_hook(str, _strict)
 
 
+def structure(data: Any, cls: type[T]) -> T:
+    """Structure ``data`` into ``cls`` with the protocol's strict rules (no coercion, no
+    unknown fields); raises what cattrs raises (see :func:`describe_structure_error`)."""
+    return _converter.structure(data, cls)
+
+
 def parse_command(raw: bytes | str) -> tuple[str, Any]:
     """One frame → ``(type, command)``; raises BadRequest (with ``ref`` when known)."""
     try:
@@ -163,12 +171,13 @@ def parse_command(raw: bytes | str) -> tuple[str, Any]:
         name = sorted(exc.extra_fields)[0]
         raise _with_ref(BadRequest(f"unknown field {name!r} for {kind}", field=name), ref) from None
     except Exception as exc:
-        field_path, reason = _problem(exc)
+        field_path, reason = describe_structure_error(exc)
         message = f"{kind}: {field_path + ': ' if field_path else ''}{reason}"
         raise _with_ref(BadRequest(message, field=field_path), ref) from None
 
 
-def _problem(exc: BaseException) -> tuple[str | None, str]:
+def describe_structure_error(exc: BaseException) -> tuple[str | None, str]:
+    """The field path and a sentence for a cattrs structuring failure."""
     path: list[str] = []
     while isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
         with_notes, without = exc.group_exceptions()

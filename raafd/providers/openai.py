@@ -41,7 +41,7 @@ from raafd.providers.base import (
 )
 from raafd.providers.sse import SSEError, SSEParser
 
-__all__ = ["OpenAIProvider", "parse_retry_after", "redact_secrets"]
+__all__ = ["OpenAIProvider", "open_body", "parse_retry_after", "redact_secrets"]
 
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body read for its message
 JSON_BODY_LIMIT = 8 << 20  # bytes of a non-streamed answer (a server that ignored stream: true)
@@ -259,7 +259,7 @@ class OpenAIProvider:
     async def _http_error(self, response: httpx.Response) -> ProviderError:
         status = response.status_code
         body = bytearray()
-        async with _open_body(response) as chunks:
+        async with open_body(response) as chunks:
             async for chunk in chunks:
                 body += chunk
                 if len(body) >= ERROR_BODY_LIMIT:
@@ -293,7 +293,7 @@ class OpenAIProvider:
     ) -> None:
         parser = SSEParser()
         state = _ChunkState()
-        async with _open_body(response) as chunks:
+        async with open_body(response) as chunks:
             async for chunk in chunks:
                 try:
                     events = parser.feed(chunk)
@@ -371,7 +371,7 @@ class OpenAIProvider:
     ) -> None:
         """A server that ignored ``stream: true`` answered one ``chat.completion`` object."""
         body = bytearray()
-        async with _open_body(response) as chunks:
+        async with open_body(response) as chunks:
             async for chunk in chunks:
                 body += chunk
                 if len(body) > JSON_BODY_LIMIT:
@@ -399,7 +399,7 @@ class OpenAIProvider:
 
 
 @asynccontextmanager
-async def _open_body(response: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
+async def open_body(response: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
     """The response body's chunks, with every layer of httpx's iteration finished on exit.
 
     httpx and httpcore stack several async generators to read a body, and closing the outer one

@@ -526,6 +526,9 @@ class Subscription:
         self._state: Literal["new", "open", "closed"] = "new"
         self._error: RaafdError | None = None
         self._done = False
+        # Called (synchronously, from the producer) when the subscriber is dropped for lagging,
+        # so a reader blocked on a stalled socket can be closed now rather than on its next read.
+        self.on_drop: Callable[[RaafdError], None] | None = None
 
     @property
     def cursor(self) -> int:
@@ -545,6 +548,8 @@ class Subscription:
     def _drop(self, error: RaafdError) -> None:
         self._error = error
         self._state = "closed"
+        if self.on_drop is not None:
+            self.on_drop(error)
 
     async def __aenter__(self) -> Subscription:
         await trio.lowlevel.checkpoint()

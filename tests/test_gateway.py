@@ -1,0 +1,408 @@
+"""WebSocket gateway against a real daemon: sequencing, resume, control, limits, auth, drain."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import socket
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from tests.fakes.openai_upstream import FakeOpenAI, Script
+from tests.wsclient import open_ws as open_websocket_url
+
+FAST = {"providers": {"demo": {"tokens_per_second": 2000.0, "reply_words": 60}}}
+
+
+async def recv(ws: WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(10):
+        message = json.loads(await ws.get_message())
+    assert isinstance(message, dict)
+    return message
+
+
+async def send(ws: WebSocketConnection, **message: Any) -> None:
+    await ws.send_message(json.dumps(message))
+
+
+async def start_stream(ws: WebSocketConnection, text: str = "hello there", **extra: Any) -> str:
+    await send(ws, type="stream.start", input=text, ref="s", **extra)
+    while (started := await recv(ws))["type"] == "stream.event":
+        pass  # events of streams already attached here
+    assert started["type"] == "stream.started" and started["ref"] == "s", started
+    return str(started["stream"])
+
+
+async def read_events(ws: WebSocketConnection, until_terminal: bool = True) -> list[dict[str, Any]]:
+    events = []
+    while True:
+        message = await recv(ws)
+        if message["type"] != "stream.event":
+            continue
+        events.append(message)
+        if until_terminal and message["event"] in ("complete", "error", "cancelled"):
+            return events
+
+
+def assert_contiguous(events: list[dict[str, Any]], first: int = 1) -> None:
+    assert [e["seq"] for e in events] == list(range(first, first + len(events)))
+    assert [e["event"] in ("complete", "error", "cancelled") for e in events].count(True) == 1
+    assert events[-1]["event"] in ("complete", "error", "cancelled")
+
+
+async def test_welcome_stream_and_one_terminal(start_daemon: Any) -> None:
+    rd = await start_daemon(**FAST)
+    async with open_websocket_url(rd.ws_url, subprotocols=["raafd.v1"]) as ws:
+        assert ws.subprotocol == "raafd.v1"
+        welcome = await recv(ws)
+        assert welcome["type"] == "welcome" and welcome["conn"] and welcome["user"] == "anonymous"
+        assert welcome["limits"]["max_frame"] == 1 << 20
+        stream = await start_stream(ws)
+        events = await read_events(ws)
+        assert_contiguous(events)
+        assert events[0]["event"] == "start" and events[0]["agent"] == "assistant"
+        assert all(e["stream"] == stream for e in events)
+        text = "".join(e["delta"] for e in events if e["event"] == "content")
+        assert text == events[-1]["final_response"] and text.startswith("hello there")
+
+
+async def test_attach_at_random_after_while_live_gets_exact_remainder(start_daemon: Any) -> None:
+    rd = await start_daemon(providers={"demo": {"tokens_per_second": 400.0, "reply_words": 80}})
+    rng = random.Random(7)
+    async with open_websocket_url(rd.ws_url) as owner:
+        await recv(owner)
+        stream = await start_stream(owner)
+        # While the owner keeps reading, other clients attach at random points.
+        async with trio.open_nursery() as nursery:
+
+            async def attach_at(fraction: float, delay: float) -> None:
+                await trio.sleep(delay)
+                after = int(rd.daemon.streams.get(stream).head * fraction)
+                async with open_websocket_url(rd.ws_url) as ws:
+                    await recv(ws)
+                    await send(ws, type="stream.attach", stream=stream, after=after, ref="a")
+                    attached = await recv(ws)
+                    assert attached["type"] == "stream.attached" and attached["after"] == after
+                    events = await read_events(ws)
+                    assert_contiguous(events, first=after + 1)
+
+            for _ in range(6):
+                nursery.start_soon(attach_at, rng.random(), rng.uniform(0, 0.15))
+            full = await read_events(owner)
+        assert_contiguous(full)
+
+
+async def test_dropped_client_resumes_with_exact_remainder(start_daemon: Any) -> None:
+    rd = await start_daemon(providers={"demo": {"tokens_per_second": 300.0, "reply_words": 60}})
+    seen: list[dict[str, Any]] = []
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        stream = await start_stream(ws)
+        while len(seen) < 10:
+            message = await recv(ws)
+            if message["type"] == "stream.event":
+                seen.append(message)
+    # The connection is gone mid-stream; the stream keeps running within its detach grace.
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        await send(ws, type="stream.attach", stream=stream, after=seen[-1]["seq"])
+        seen += await read_events(ws)
+    assert_contiguous(seen)
+
+
+async def test_cancel_closes_the_upstream_request_at_once(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    fake = FakeOpenAI(default=Script(deltas=500, interval=0.02))
+    port = await nursery.start(fake.run)
+    rd = await start_daemon(
+        providers={"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
+        agents={"assistant": {"provider": "up"}},
+    )
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        stream = await start_stream(ws)
+        events = []
+        while len(events) < 5:
+            message = await recv(ws)
+            if message["type"] == "stream.event":
+                events.append(message)
+        await send(ws, type="stream.cancel", stream=stream, ref="c")
+        cancelled_at = trio.current_time()
+        request = fake.requests[-1]
+        with trio.fail_after(2):
+            await request.closed.wait()
+        assert request.closed_by_client and not request.completed
+        assert request.closed_at is not None and request.closed_at - cancelled_at < 0.1
+        rest = await read_events(ws)
+        assert rest[-1]["event"] == "cancelled" and rest[-1]["reason"] == "client"
+        assert_contiguous(events + rest)
+
+
+async def test_detach_grace_expiry_cancels_and_closes_upstream(
+    start_daemon: Any, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    autojump_clock.autojump_threshold = 0.02  # let loopback I/O land before time jumps
+    fake = FakeOpenAI(default=Script(deltas=100_000, interval=0.5))
+    port = await nursery.start(fake.run)
+    rd = await start_daemon(
+        providers={"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
+        agents={"assistant": {"provider": "up"}},
+        streams={"detach_grace": 30.0, "idle_timeout": 3600.0, "max_duration": 3600.0},
+    )
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        stream = await start_stream(ws)
+        await send(ws, type="stream.detach", stream=stream, ref="d")
+        while (await recv(ws))["type"] != "stream.detached":
+            pass
+    request = fake.requests[-1]
+    with trio.fail_after(120):
+        await request.closed.wait()
+    assert request.closed_by_client
+    info = rd.daemon.streams.get(stream).info()
+    assert info["status"] == "cancelled"
+    terminal = rd.daemon.streams.get(stream).terminal
+    assert terminal.fields == {"reason": "detached"}
+
+
+async def test_malformed_commands_get_errors_and_the_connection_goes_on(
+    start_daemon: Any,
+) -> None:
+    rd = await start_daemon(**FAST)
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        cases: list[tuple[str, str, str | None]] = [
+            ("not json", "bad_request", None),
+            ("[1, 2]", "bad_request", None),
+            ('{"ref": "r1"}', "bad_request", "type"),
+            ('{"type": "nope", "ref": "r2"}', "bad_request", "type"),
+            ('{"type": "stream.attach", "ref": "r3"}', "bad_request", "stream"),
+            (
+                '{"type": "stream.attach", "stream": "x", "after": "1", "ref": "r4"}',
+                "bad_request",
+                "after",
+            ),
+            (
+                '{"type": "stream.attach", "stream": "x", "after": -1, "ref": "r5"}',
+                "bad_request",
+                "after",
+            ),
+            (
+                '{"type": "stream.start", "input": "x", "colour": 1, "ref": "r6"}',
+                "bad_request",
+                "colour",
+            ),
+            ('{"type": "stream.start", "ref": "r7"}', "bad_request", None),
+            (
+                '{"type": "stream.start", "input": "x", "agent": "ghost", "ref": "r8"}',
+                "not_found",
+                "agent",
+            ),
+            ('{"type": "stream.attach", "stream": "st_none", "ref": "r9"}', "not_found", "stream"),
+            ('{"type": "stream.cancel", "stream": "st_none", "ref": "r10"}', "not_found", "stream"),
+        ]
+        for raw, code, field in cases:
+            await ws.send_message(raw)
+            reply = await recv(ws)
+            assert reply["type"] == "error", (raw, reply)
+            assert reply["code"] == code, (raw, reply)
+            assert reply.get("field") == field, (raw, reply)
+            ref = json.loads(raw).get("ref") if raw.startswith("{") else None
+            assert reply.get("ref") == ref
+        await ws.send_message(b"binary")
+        assert (await recv(ws))["code"] == "bad_request"
+        await send(ws, type="ping", ref="p")
+        assert await recv(ws) == {"type": "pong", "ref": "p"}
+        await start_stream(ws)
+        assert_contiguous(await read_events(ws))
+
+
+async def test_oversize_frame_closes_1009(start_daemon: Any) -> None:
+    rd = await start_daemon(websocket={"max_frame": 1024})
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        await send(ws, type="stream.start", input="x" * 2000)
+        with pytest.raises(ConnectionClosed) as info:
+            await recv(ws)
+        assert info.value.reason.code == 1009
+
+
+async def test_auth_bad_token_4401_hello_and_timeout_4408(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    autojump_clock.autojump_threshold = 0.02
+    rd = await start_daemon(auth={"tokens": ["s3cret"]}, websocket={"auth_timeout": 5.0})
+    async with open_websocket_url(
+        rd.ws_url, extra_headers=[("Authorization", "Bearer wrong")]
+    ) as ws:
+        with pytest.raises(ConnectionClosed) as info:
+            await recv(ws)
+        assert info.value.reason.code == 4401
+    async with open_websocket_url(rd.ws_url + "?token=s3cret") as ws:
+        assert (await recv(ws))["type"] == "welcome"
+    async with open_websocket_url(rd.ws_url) as ws:  # browsers: a hello frame
+        await send(ws, type="ping", ref="early")
+        with pytest.raises(ConnectionClosed) as info:
+            await recv(ws)
+        assert info.value.reason.code == 4401
+    async with open_websocket_url(rd.ws_url) as ws:
+        await send(ws, type="hello", token="s3cret")
+        welcome = await recv(ws)
+        assert welcome["type"] == "welcome" and welcome["user"].startswith("token-")
+        assert "s3cret" not in json.dumps(welcome)
+    async with open_websocket_url(rd.ws_url) as ws:
+        with pytest.raises(ConnectionClosed) as info:
+            await recv(ws)  # says nothing for longer than auth_timeout
+        assert info.value.reason.code == 4408
+
+
+async def test_silent_client_is_closed_4408(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    autojump_clock.autojump_threshold = 0.02
+    rd = await start_daemon(websocket={"heartbeat_interval": 5.0, "heartbeat_timeout": 15.0})
+    # A raw client that completes the handshake and then never answers pings.
+    sock = trio.socket.socket()
+    host, port = rd.address.rsplit(":", 1)
+    await sock.connect((host, int(port)))
+    stream = trio.SocketStream(sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    await stream.send_all(
+        (
+            f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    received = b""
+    with trio.fail_after(60):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            received += chunk
+    await stream.aclose()
+    assert received.startswith(b"HTTP/1.1 101")
+    assert b"\x89\x02hb" in received  # pings were sent
+    close = received[received.rindex(b"\x88") :]
+    assert int.from_bytes(close[2:4], "big") == 4408
+
+
+async def test_drain_sends_shutdown_then_closes_1001(start_daemon: Any) -> None:
+    rd = await start_daemon(providers={"demo": {"tokens_per_second": 200.0, "reply_words": 40}})
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        await start_stream(ws)
+        rd.daemon.request_drain()
+        events: list[dict[str, Any]] = []
+        shutdown = None
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                message = await recv(ws)
+                if message["type"] == "shutdown":
+                    shutdown = message
+                elif message["type"] == "stream.event":
+                    events.append(message)
+        assert shutdown == {"type": "shutdown", "reason": "drain", "reconnect_after": 1.0}
+        assert info.value.reason.code == 1001
+        assert_contiguous(events)  # the running stream finished within the grace
+        assert events[-1]["event"] == "complete"
+
+
+async def test_too_many_streams_per_connection(start_daemon: Any) -> None:
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 5.0, "reply_words": 100}},
+        streams={"max_streams_per_connection": 2},
+    )
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        await start_stream(ws)
+        await start_stream(ws)
+        await send(ws, type="stream.start", input="third", ref="t")
+        while (reply := await recv(ws))["type"] != "error":
+            pass
+        assert reply["code"] == "too_many_streams" and reply["ref"] == "t"
+
+
+async def _raw_ws(address: str, rcvbuf: int) -> trio.SocketStream:
+    """A WebSocket client with a tiny receive buffer that will never read (a stalled reader)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    host, port = address.rsplit(":", 1)
+    await sock.connect((host, int(port)))
+    stream = trio.SocketStream(sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    await stream.send_all(
+        (
+            f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    with trio.fail_after(5):
+        head = await stream.receive_some(4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    return stream
+
+
+async def read_slowly(stream: trio.SocketStream, into: bytearray) -> None:
+    with trio.fail_after(20):
+        while chunk := await stream.receive_some(1024):
+            into += chunk
+            await trio.sleep(0.05)  # ~20 KB/s against a stream of ~100 KB/s
+
+
+def _masked_text(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert len(payload) < 126
+    return bytes((0x81, 0x80 | len(payload))) + mask + body
+
+
+async def test_stalled_subscriber_is_coalesced_then_closed_4001_others_keep_pace(
+    start_daemon: Any,
+) -> None:
+    word = "w" * 400
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 250.0, "reply_words": 0}},
+        websocket={"send_queue": 4},
+        streams={"subscriber_buffer": 8, "max_lag": 150},
+    )
+    async with open_websocket_url(rd.ws_url) as owner, open_websocket_url(rd.ws_url) as other:
+        await recv(owner)
+        await recv(other)
+        stream = await start_stream(owner, " ".join([word] * 1500))
+        stalled = await _raw_ws(rd.address, 4096)
+        attach = json.dumps({"type": "stream.attach", "stream": stream, "after": 0}).encode()
+        await stalled.send_all(_masked_text(attach))
+        await send(other, type="stream.attach", stream=stream, after=0)
+        results: dict[str, list[dict[str, Any]]] = {}
+        received = bytearray()
+
+        async def read_into(name: str, ws: WebSocketConnection) -> None:
+            results[name] = await read_events(ws)
+
+        async with trio.open_nursery() as readers:
+            readers.start_soon(read_into, "owner", owner)
+            readers.start_soon(read_into, "other", other)
+            # The slow reader drains a little now and then: it gets coalesced batches, falls
+            # further behind, and is closed with 4001 (resume from your last seq).
+            readers.start_soon(read_slowly, stalled, received)
+        await stalled.aclose()
+        # The two readers that kept up got every event, uncoalesced.
+        assert_contiguous(results["owner"])
+        assert_contiguous(results["other"])
+        metrics = rd.daemon.metrics.snapshot()
+        assert metrics["raafd_slow_consumer_disconnects_total"] == 1
+        assert metrics["raafd_coalesced_events_total"] > 0
+        assert bytes(received).startswith(b"HTTP/1.1 101") is False  # head was read before
+        close_at = bytes(received).rfind(b"\x88")
+        assert close_at >= 0
+        length = received[close_at + 1]
+        code = int.from_bytes(received[close_at + 2 : close_at + 4], "big")
+        assert length >= 2 and code == 4001
