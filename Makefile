@@ -18,8 +18,8 @@ run: $(VENV)/.installed
 	$(BIN)/raafd serve
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check raafd tests bench
-	$(BIN)/ruff format --check raafd tests bench
+	$(BIN)/ruff check raafd tests $(wildcard bench)
+	$(BIN)/ruff format --check raafd tests $(wildcard bench)
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
