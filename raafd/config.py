@@ -87,6 +87,7 @@ def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute[Any], str], None]:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+NOT_YET_IMPLEMENTED = ("anthropic", "ollama")
 
 
 # --- the tree ---------------------------------------------------------------------------------
@@ -378,7 +379,13 @@ def _cross_check(cfg: Config) -> list[str]:
     if cfg.default_agent not in cfg.agents:
         problems.append(f"default_agent: no agent named {cfg.default_agent!r} is configured")
     for name, prov in cfg.providers.items():
-        if prov.type in ("openai", "anthropic", "ollama") and not prov.base_url:
+        if prov.type in NOT_YET_IMPLEMENTED:
+            hint = " (Ollama serves one at http://HOST:11434/v1)" if prov.type == "ollama" else ""
+            problems.append(
+                f"providers.{name}.type: the {prov.type} provider is not implemented yet;"
+                f' use type = "openai" with an OpenAI-compatible base_url{hint}'
+            )
+        elif prov.type in ("openai", "anthropic", "ollama") and not prov.base_url:
             problems.append(f"providers.{name}.base_url: required for a {prov.type} provider")
         for hname in prov.headers:
             if hname.lower() == "authorization":

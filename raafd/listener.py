@@ -264,10 +264,17 @@ class PublicListener:
             self.metrics.connections.labels("http").dec()
 
 
-async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
+async def _send_and_close(stream: trio.SocketStream, data: bytes) -> None:
+    """Answer and close without a reset: half-close, then drain what the client already sent
+    (closing with unread input makes the kernel send RST, which can destroy the answer)."""
     try:
         await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_eof()
+        with trio.move_on_after(0.5):
+            drained = 0
+            while drained < 65536 and (chunk := await stream.receive_some(16384)):
+                drained += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
         await stream.aclose()

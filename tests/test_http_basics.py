@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -68,3 +69,35 @@ async def test_readyz_turns_503_while_draining(start_daemon: Any, autojump_clock
             assert r.status_code == 503
             assert r.json()["error"]["code"] == "unavailable"
             assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_unix_socket_listener(start_daemon: Any, tmp_path: Any) -> None:
+    path = str(tmp_path / "raafd.sock")
+    rd = await start_daemon(server={"unix_socket": path})
+    assert rd.address == path
+    transport = httpx.AsyncHTTPTransport(uds=path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://raafd") as client:
+        with trio.fail_after(10):
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+            created = await client.post("/v1/streams", json={"input": "over a unix socket"})
+            assert created.status_code == 201
+
+
+async def test_max_connections_refuses_with_503_before_upgrade(start_daemon: Any) -> None:
+    rd = await start_daemon(server={"max_connections": 2})
+    host, port = rd.address.rsplit(":", 1)
+    with trio.fail_after(10):
+        held = [await trio.open_tcp_stream(host, int(port)) for _ in range(2)]
+        await trio.testing.wait_all_tasks_blocked()
+        extra = await trio.open_tcp_stream(host, int(port))
+        await extra.send_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+        answer = b""
+        while chunk := await extra.receive_some(4096):
+            answer += chunk
+        await extra.aclose()
+        for stream in held:
+            await stream.aclose()
+    assert answer.startswith(b"HTTP/1.1 503")
+    assert b'"code":"unavailable"' in answer
+    refused = rd.daemon.metrics.snapshot()
+    assert refused["raafd_connections_refused_total{reason=max_connections}"] == 1

@@ -15,7 +15,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from raafd.config import ConfigError, ProviderConfig
+from raafd.config import ConfigError, ProviderConfig, parse_config
 from raafd.metrics import Metrics
 from raafd.providers.base import (
     Delta,
@@ -666,16 +666,19 @@ async def test_registry_builds_providers_and_rejects_unimplemented_types() -> No
         assert isinstance(providers["demo"], DemoProvider)
         assert isinstance(providers["gpt"], OpenAIProvider)
         assert providers["gpt"].name == "gpt"
-        with pytest.raises(ConfigError) as info:
-            build_providers(
-                {
-                    "claude": ProviderConfig(type="anthropic", base_url="https://x"),
-                    "llama": ProviderConfig(type="ollama", base_url="http://x"),
-                },
-                client,
-            )
-        assert [p.split(":")[0] for p in info.value.problems] == [
-            "providers.claude.type",
-            "providers.llama.type",
-        ]
     assert client.is_closed
+    # Types without an implementation are refused where every config is validated, so
+    # check-config and serve agree.
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {
+                "providers": {
+                    "claude": {"type": "anthropic", "base_url": "https://x"},
+                    "llama": {"type": "ollama", "base_url": "http://x"},
+                }
+            }
+        )
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "providers.claude.type",
+        "providers.llama.type",
+    ]
