@@ -220,6 +220,9 @@ class PublicListener:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
             await self._route(stream)
+        except Exception:
+            # Contain a failure to its own connection; the accept loop and the others go on.
+            log.exception("connection handler failed")
         finally:
             self.open_connections -= 1
             if self.open_connections == 0:

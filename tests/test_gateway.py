@@ -406,3 +406,25 @@ async def test_stalled_subscriber_is_coalesced_then_closed_4001_others_keep_pace
         length = received[close_at + 1]
         code = int.from_bytes(received[close_at + 2 : close_at + 4], "big")
         assert length >= 2 and code == 4001
+
+
+async def test_a_bug_in_one_connection_costs_only_that_connection(
+    start_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raafd.gateway.connection import Connection
+
+    async def broken_handler(self: Connection, kind: str, cmd: Any) -> None:
+        raise RuntimeError("a bug")
+
+    rd = await start_daemon(**FAST)
+    monkeypatch.setitem(Connection._handlers, "ping", broken_handler)
+    async with open_websocket_url(rd.ws_url) as other, open_websocket_url(rd.ws_url) as victim:
+        await recv(other)
+        await recv(victim)
+        await send(victim, type="ping")
+        with pytest.raises(ConnectionClosed) as info:
+            await recv(victim)
+        assert info.value.reason.code == 1011
+        await start_stream(other)
+        assert_contiguous(await read_events(other))
+    assert len(rd.daemon.gateway.connections) == 0

@@ -97,7 +97,7 @@ async def chat(
         async with open_client(url, token=token, agent=agent) as client:
             status = await _Chat(client, stdin, stdout, interrupts).run()
     except ClientError as err:  # the first connection failed
-        print(f"raafd chat: {url}: {err}", file=sys.stderr)
+        print(f"raafd chat: {err}", file=sys.stderr)
         return EXIT_ERROR
     return status
 
@@ -167,6 +167,7 @@ class _Chat:
         while True:
             self._write("> ")
             line = await self._read_line()
+            self._line_start = True  # the terminal echoed the line and its newline
             if line is None:
                 self._write("\n")
                 return EXIT_INTERRUPTED

@@ -228,7 +228,9 @@ class _Connection:
         self.id = str(welcome.get("conn", ""))
         self.user = str(welcome.get("user", ""))
         heartbeat = welcome.get("heartbeat")
-        self.heartbeat = float(heartbeat) if isinstance(heartbeat, int | float) else 20.0
+        self.heartbeat = 20.0
+        if isinstance(heartbeat, int | float) and heartbeat > 0:
+            self.heartbeat = float(heartbeat)
         self.pending: dict[str, _Pending] = {}
         self.outbox, self._outbox_recv = trio.open_memory_channel[str](_OUTBOX)
         self.closed = False
@@ -518,7 +520,11 @@ class RaafdClient:
                 try:
                     return await self._call(conn, message, on_reply=on_reply)
                 except ClientError as err:
-                    if not (retry and err.code == "connection_lost" and self._fatal is None):
+                    if err.code != "connection_lost":
+                        raise
+                    if self._fatal is not None:  # why the client stopped says more
+                        raise self._fatal.copy() from None
+                    if not retry:
                         raise
 
     async def _connection(self) -> _Connection:

@@ -134,6 +134,10 @@ class Connection:
                     self._close = group.exceptions[0]  # type: ignore[assignment]
                 except* (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
+                except* Exception as group:
+                    # A bug must cost this connection, never the daemon or other clients.
+                    log.error("connection failed", exc_info=group)
+                    self._close = _Close(CloseCode.INTERNAL, "internal error")
                 await self._finish(outer)
         finally:
             with trio.move_on_after(1, shield=True):
