@@ -31,13 +31,16 @@ __all__ = [
     "AdminConfig",
     "AgentConfig",
     "AuthConfig",
+    "BreakerConfig",
     "Config",
     "ConfigError",
     "HttpConfig",
     "LoggingConfig",
     "ProviderConfig",
     "ServerConfig",
+    "SessionsConfig",
     "StreamsConfig",
+    "ToolConfig",
     "WebSocketConfig",
     "find_config_file",
     "load_config",
@@ -190,13 +193,57 @@ class ProviderConfig:
 
 @frozen
 class AgentConfig:
-    """``[agents.NAME]``: an agent, run on a provider."""
+    """``[agents.NAME]``: an agent, run on a provider, with tools and handoffs."""
 
     provider: str = "demo"
     model: str = ""
     instructions: str = "You are a helpful assistant."
     temperature: float | None = None
     max_tokens: int | None = field(default=None, validator=_positive)
+    tools: list[str] = field(factory=list)  # names of [tools.NAME] or built-ins
+    handoffs: list[str] = field(factory=list)  # agents this one may hand the conversation to
+    max_turns: int = field(default=10, validator=_between(1, 1000))
+    fallback: list[str] = field(factory=list)  # providers tried in order before the first token
+    tool_timeout: float = field(default=30.0, validator=_positive)
+
+
+TOOL_TYPES = ("http", "mcp", "clock", "calculator")
+BUILTIN_TOOLS = ("clock", "calculator")
+
+
+@frozen
+class ToolConfig:
+    """``[tools.NAME]``: a tool agents can call. ``type`` picks the implementation."""
+
+    type: str = field(default="http", validator=_one_of(*TOOL_TYPES))
+    description: str = ""
+    # http: POST the arguments as JSON to url
+    url: str = ""
+    headers: dict[str, str] = field(factory=dict)  # no secrets: use headers_env
+    headers_env: dict[str, str] = field(factory=dict)  # header name -> environment variable
+    timeout: float = field(default=10.0, validator=_positive)
+    max_response_bytes: int = field(default=65536, validator=_positive)
+    parameters: dict[str, Any] = field(factory=dict)  # JSON Schema of the arguments
+    # mcp: a server over stdio (command) or streamable HTTP (url)
+    command: list[str] = field(factory=list)
+    env: dict[str, str] = field(factory=dict)
+
+
+@frozen
+class BreakerConfig:
+    """``[breaker]``: the circuit breaker kept per provider."""
+
+    failure_threshold: int = field(default=5, validator=_between(1, 1000))
+    cooldown: float = field(default=30.0, validator=_positive)
+
+
+@frozen
+class SessionsConfig:
+    """``[sessions]``: conversations kept across streams (``session`` ids), in the state dir."""
+
+    max_messages: int = field(default=100, validator=_between(2, 100_000))
+    max_tokens: int = field(default=8000, validator=_positive)  # approximate: 4 chars a token
+    max_sessions: int = field(default=100_000, validator=_positive)
 
 
 @frozen
@@ -242,6 +289,9 @@ class Config:
     providers: dict[str, ProviderConfig] = field(factory=_default_providers)
     agents: dict[str, AgentConfig] = field(factory=_default_agents)
     default_agent: str = "assistant"
+    tools: dict[str, ToolConfig] = field(factory=dict)
+    breaker: BreakerConfig = field(factory=BreakerConfig)
+    sessions: SessionsConfig = field(factory=SessionsConfig)
     logging: LoggingConfig = field(factory=LoggingConfig)
     admin: AdminConfig = field(factory=AdminConfig)
     state: StateConfig = field(factory=StateConfig)
@@ -267,6 +317,9 @@ RELOADABLE = (
     "providers",
     "agents",
     "default_agent",
+    "tools",
+    "breaker",
+    "sessions",
 )
 
 
@@ -367,6 +420,11 @@ def _flatten(exc: BaseException, path: list[str], out: list[str]) -> None:
         out.append(f"{where}: {exc}")
 
 
+def _near(word: str, known: Any) -> str:
+    near = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def _cross_check(cfg: Config) -> list[str]:
     problems: list[str] = []
     for name, agent in cfg.agents.items():
@@ -376,8 +434,42 @@ def _cross_check(cfg: Config) -> list[str]:
             problems.append(
                 f"agents.{name}.provider: no provider named {agent.provider!r} is configured{hint}"
             )
+        for i, fallback in enumerate(agent.fallback):
+            if fallback not in cfg.providers:
+                problems.append(
+                    f"agents.{name}.fallback.{i}: no provider named {fallback!r} is configured"
+                    + _near(fallback, cfg.providers)
+                )
+        tools = {*cfg.tools, *BUILTIN_TOOLS}
+        for i, tool in enumerate(agent.tools):
+            if tool not in tools:
+                problems.append(
+                    f"agents.{name}.tools.{i}: no tool named {tool!r} is configured"
+                    + _near(tool, tools)
+                )
+        for i, target in enumerate(agent.handoffs):
+            if target not in cfg.agents:
+                problems.append(
+                    f"agents.{name}.handoffs.{i}: no agent named {target!r} is configured"
+                    + _near(target, cfg.agents)
+                )
+            elif target == name:
+                problems.append(f"agents.{name}.handoffs.{i}: an agent cannot hand off to itself")
     if cfg.default_agent not in cfg.agents:
         problems.append(f"default_agent: no agent named {cfg.default_agent!r} is configured")
+    for name, tool_cfg in cfg.tools.items():
+        if tool_cfg.type == "http" and not tool_cfg.url:
+            problems.append(f"tools.{name}.url: required for an http tool")
+        if tool_cfg.type == "mcp" and bool(tool_cfg.command) == bool(tool_cfg.url):
+            problems.append(
+                f"tools.{name}: an mcp tool needs exactly one of command (stdio) or url (HTTP)"
+            )
+        for header in tool_cfg.headers:
+            if header.lower() == "authorization":
+                problems.append(
+                    f"tools.{name}.headers.{header}: put secrets in the environment and name"
+                    " the variable in headers_env"
+                )
     for name, prov in cfg.providers.items():
         if prov.type in NOT_YET_IMPLEMENTED:
             hint = " (Ollama serves one at http://HOST:11434/v1)" if prov.type == "ollama" else ""

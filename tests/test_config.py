@@ -137,7 +137,7 @@ def test_sample_config_is_the_defaults_and_lists_every_option() -> None:
     for path in _paths(Config):
         key = path.rsplit(".", 1)[-1]
         assert f"\n{key} =" in text or f"\n# {key} =" in text, f"{path} is not in conf/raafd.toml"
-    for section in ("providers", "agents"):
+    for section in ("providers", "agents", "tools"):
         value_cls = typing.get_args(hints[section])[1]
         for a in attrs.fields(value_cls):
             assert f"\n{a.name} =" in text or f"\n# {a.name} =" in text, f"{section}.*.{a.name}"

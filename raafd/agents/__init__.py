@@ -1,1 +1,1 @@
-"""agents."""
+"""Agents: the run loop, tools, handoffs."""
