@@ -109,3 +109,10 @@ class Gone(RaafdError):
 
     code = "gone"
     http_status = 410
+
+
+class MaxTurns(RaafdError):
+    """An agent run used ``max_turns`` model turns without a final answer."""
+
+    code = "max_turns"
+    http_status = 500

@@ -7,11 +7,16 @@ the caller's cancel scope (``agents.NAME.tool_timeout``), never a parameter.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import frozen
 
-__all__ = ["SessionStore", "Tool", "ToolError", "ToolSpec"]
+from raafd.providers.base import Usage
+
+if TYPE_CHECKING:
+    from raafd.streams.stream import StreamWriter
+
+__all__ = ["AgentResult", "AgentRunner", "SessionStore", "Tool", "ToolError", "ToolSpec"]
 
 
 class ToolError(Exception):
@@ -62,3 +67,31 @@ class SessionStore(Protocol):
     async def delete(self, session: str) -> bool:
         """Forget a session; ``False`` if there was none."""
         ...
+
+
+@frozen
+class AgentResult:
+    """The outcome of one agent run (all its turns, tools and handoffs)."""
+
+    agent: str  # the agent that gave the final answer (after any handoffs)
+    text: str  # the final answer
+    messages: list[dict[str, Any]]  # the conversation including this run's messages
+    usage: Usage  # summed over every model turn
+    finish_reason: str
+
+
+class AgentRunner(Protocol):
+    """Runs an agent into a stream writer. Emits ``content``, ``tool_call``, ``tool_result``,
+    ``handoff`` and ``retry`` events, but never a terminal event: the caller (a stream body, a
+    workflow) decides how the stream ends. Failures raise a ``RaafdError`` whose ``code`` is the
+    stream error code (``upstream_error``, ``max_turns``, ``timeout``, ...). With ``tag=True``
+    every event carries ``agent`` (the agent that produced it), for multi-agent workflows."""
+
+    async def run(
+        self,
+        out: StreamWriter,
+        agent: str,
+        messages: list[dict[str, Any]],
+        *,
+        tag: bool = False,
+    ) -> AgentResult: ...
