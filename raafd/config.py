@@ -90,7 +90,6 @@ def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute[Any], str], None]:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-NOT_YET_IMPLEMENTED = ("anthropic", "ollama")
 
 
 # --- the tree ---------------------------------------------------------------------------------
@@ -471,13 +470,7 @@ def _cross_check(cfg: Config) -> list[str]:
                     " the variable in headers_env"
                 )
     for name, prov in cfg.providers.items():
-        if prov.type in NOT_YET_IMPLEMENTED:
-            hint = " (Ollama serves one at http://HOST:11434/v1)" if prov.type == "ollama" else ""
-            problems.append(
-                f"providers.{name}.type: the {prov.type} provider is not implemented yet;"
-                f' use type = "openai" with an OpenAI-compatible base_url{hint}'
-            )
-        elif prov.type in ("openai", "anthropic", "ollama") and not prov.base_url:
+        if prov.type in ("openai", "anthropic", "ollama") and not prov.base_url:
             problems.append(f"providers.{name}.base_url: required for a {prov.type} provider")
         for hname in prov.headers:
             if hname.lower() == "authorization":

@@ -654,7 +654,7 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("soon") is None
 
 
-async def test_registry_builds_providers_and_rejects_unimplemented_types() -> None:
+async def test_registry_builds_providers_and_config_accepts_every_type() -> None:
     async with open_http_client() as client:
         providers = build_providers(
             {
@@ -667,18 +667,20 @@ async def test_registry_builds_providers_and_rejects_unimplemented_types() -> No
         assert isinstance(providers["gpt"], OpenAIProvider)
         assert providers["gpt"].name == "gpt"
     assert client.is_closed
-    # Types without an implementation are refused where every config is validated, so
-    # check-config and serve agree.
-    with pytest.raises(ConfigError) as info:
-        parse_config(
-            {
-                "providers": {
-                    "claude": {"type": "anthropic", "base_url": "https://x"},
-                    "llama": {"type": "ollama", "base_url": "http://x"},
-                }
+    # Every provider type is implemented now: config validation (check-config and serve
+    # alike) accepts them, and still wants a base_url for the network ones.
+    config = parse_config(
+        {
+            "providers": {
+                "claude": {"type": "anthropic", "base_url": "https://x"},
+                "llama": {"type": "ollama", "base_url": "http://x"},
             }
-        )
+        }
+    )
+    assert [config.providers[n].type for n in ("claude", "llama")] == ["anthropic", "ollama"]
+    with pytest.raises(ConfigError) as info:
+        parse_config({"providers": {"claude": {"type": "anthropic"}, "llama": {"type": "ollama"}}})
     assert [p.split(":")[0] for p in info.value.problems] == [
-        "providers.claude.type",
-        "providers.llama.type",
+        "providers.claude.base_url",
+        "providers.llama.base_url",
     ]

@@ -18,8 +18,10 @@ import httpx
 
 from raafd import __version__
 from raafd.config import ProviderConfig
+from raafd.providers.anthropic import AnthropicProvider
 from raafd.providers.base import Provider
 from raafd.providers.demo import DemoProvider
+from raafd.providers.ollama import OllamaProvider
 from raafd.providers.openai import OpenAIProvider
 
 __all__ = ["build_providers", "open_http_client"]
@@ -27,6 +29,8 @@ __all__ = ["build_providers", "open_http_client"]
 _BUILDERS: dict[str, Callable[..., Provider]] = {
     "demo": lambda name, config, client, environ: DemoProvider(name, config),
     "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
+    "ollama": OllamaProvider,
 }
 
 
