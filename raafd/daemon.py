@@ -25,6 +25,8 @@ import trio
 
 from raafd import __version__
 from raafd.admin.server import AdminServer
+from raafd.agents.runner import AgentLoop
+from raafd.agents.tools import ToolRegistry
 from raafd.config import Config, ConfigError, diff_configs, is_reloadable, load_config
 from raafd.errors import BadRequest, NotFound
 from raafd.gateway.gateway import Gateway
@@ -33,8 +35,10 @@ from raafd.listener import PublicListener
 from raafd.logging import get_level, get_logger, set_level
 from raafd.metrics import Metrics
 from raafd.providers.base import Provider
+from raafd.providers.breaker import Breakers
 from raafd.providers.registry import build_providers, open_http_client
 from raafd.sdnotify import SdNotifier
+from raafd.store.sqlite import SqliteSessionStore, database_path, open_session_store
 from raafd.streams import StreamManager
 
 __all__ = ["Daemon"]
@@ -62,8 +66,19 @@ class Daemon:
         self._drain_requested = trio.Event()
         self.address: str | None = None
         self.providers: dict[str, Provider] = {}
+        self.tools: ToolRegistry | None = None  # built in run(): it needs the HTTP client
+        self.sessions: SqliteSessionStore | None = None  # opened in run()
+        self.breakers = Breakers(config.breaker)
+        self.agents = AgentLoop(
+            config.agents, {}, self.breakers, None, self.metrics, config.streams
+        )
         self.streams = StreamManager(
-            config.streams, config.agents, {}, self.metrics, config.default_agent
+            config.streams,
+            config.agents,
+            {},
+            self.metrics,
+            config.default_agent,
+            runner=self.agents,
         )
         self.gateway = Gateway(
             lambda: self.config,
@@ -94,12 +109,22 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Start everything; ``started`` with the public address; return after a drain."""
         os.makedirs(self.config.state.dir, exist_ok=True)
-        async with open_http_client() as http_client, trio.open_nursery() as nursery:
+        async with (
+            open_http_client() as http_client,
+            open_session_store(database_path(self.config.state), self.config.sessions) as store,
+            trio.open_nursery() as nursery,
+        ):
             self._http_client = http_client
+            self.sessions = store
             self.providers = build_providers(self.config.providers, http_client, **self._env())
-            self.streams.reload(providers=self.providers)
+            self.tools = ToolRegistry(
+                self.config.tools, http_client, metrics=self.metrics, **self._env()
+            )
+            self.agents.reload(providers=self.providers, tools=self.tools)
+            self.streams.reload(providers=self.providers, sessions=store)
             if self.config.admin.enabled:
                 await nursery.start(self.admin.run)
+            await nursery.start(self.tools.run)  # MCP servers live in the registry's nursery
             if self.notifier.watchdog_interval() is not None:
                 await nursery.start(self.notifier.run_watchdog)
             await nursery.start(self.streams.run)
@@ -195,6 +220,8 @@ class Daemon:
                 "websocket": len(self.gateway.connections),
             },
             "streams": self.streams.stats(),
+            "breakers": self.breakers.snapshot(),
+            "tools": self.tools.snapshot() if self.tools is not None else {},
             "process": {
                 "rss_bytes": snap.get("process_resident_memory_bytes"),
                 "open_fds": snap.get("process_open_fds"),

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from raafd.config import Config, parse_config
 
@@ -48,6 +49,13 @@ def start_daemon(nursery: trio.Nursery, make_config: Callable[..., Config]) -> C
 
     async def start(config: Config | None = None, **sections: Any) -> RunningDaemon:
         from raafd.daemon import Daemon
+
+        clock = trio.lowlevel.current_clock()
+        if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold < 0.02:
+            # A real daemon does work outside trio's view (SQLite in worker threads, bytes in
+            # flight on loopback); an autojump clock must let it land before jumping past a
+            # deadline. Time still jumps: minutes of timeouts take milliseconds.
+            clock.autojump_threshold = 0.02
 
         cfg = config or make_config(**sections)
         daemon = Daemon(cfg, environ={})

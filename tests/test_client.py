@@ -505,8 +505,11 @@ async def test_chat_ctrl_c_at_the_prompt_leaves(start_daemon: Any, idle_stdin: T
 
 
 async def test_chat_shows_tool_calls_and_errors(start_daemon: Any) -> None:
-    rd = await start_daemon(providers={"demo": {"tokens_per_second": 1000, "max_retries": 0}})
-    stdin = io.StringIO('[tool:lookup {"q": "x"}]\n[fail-after:2] oops\n')
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 1000, "max_retries": 0}},
+        agents={"assistant": {"tools": ["calculator"]}},
+    )
+    stdin = io.StringIO('[tool:calculator {"expression": "2+3"}]\n[fail-after:2] oops\n')
     stdout = io.StringIO()
     _, interrupts = trio.open_memory_channel[None](1)
     with trio.fail_after(10):
@@ -515,7 +518,8 @@ async def test_chat_shows_tool_calls_and_errors(start_daemon: Any) -> None:
         )
     out = stdout.getvalue()
     assert status == 0
-    assert '[tool call lookup {"q": "x"}]' in out
+    assert '[tool call calculator {"expression": "2+3"}]' in out
+    assert "The tool said: 5" in out  # the daemon ran the tool and the model read its result
     assert "[error upstream_error:" in out or "[error internal:" in out
 
 

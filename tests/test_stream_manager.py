@@ -16,7 +16,9 @@ import pytest
 import trio
 import trio.testing
 
-from raafd.config import AgentConfig, ProviderConfig, StreamsConfig
+from raafd.agents.base import Tool, ToolSpec
+from raafd.agents.runner import AgentLoop
+from raafd.config import AgentConfig, BreakerConfig, ProviderConfig, StreamsConfig
 from raafd.errors import BadRequest, Conflict, Gone, NotFound, TooManyStreams, Unavailable
 from raafd.metrics import Metrics
 from raafd.protocol.events import StreamEvent
@@ -29,6 +31,7 @@ from raafd.providers.base import (
     ToolCallDelta,
     Usage,
 )
+from raafd.providers.breaker import Breakers
 from raafd.providers.demo import DemoProvider
 from raafd.streams import SlowConsumer, Stream, StreamManager
 
@@ -91,24 +94,57 @@ class TickProvider:
 
 
 class ScriptProvider:
-    """Sends the given items at once, then raises ``fail`` if given."""
+    """Sends the given items at once, then raises ``fail`` if given. Later requests (the agent
+    loop's next turns, after tool calls) get ``then`` when given."""
 
     config = ProviderConfig(max_retries=0)  # retries are tested with the real providers
 
     def __init__(
-        self, name: str, items: list[ProviderEvent], fail: Exception | None = None
+        self,
+        name: str,
+        items: list[ProviderEvent],
+        fail: Exception | None = None,
+        then: list[ProviderEvent] | None = None,
     ) -> None:
         self.name = name
         self.items = items
         self.fail = fail
+        self.then = then
+        self.calls = 0
 
     async def stream(
         self, request: ProviderRequest, send: trio.MemorySendChannel[ProviderEvent]
     ) -> None:
+        self.calls += 1
+        if self.calls > 1 and self.then is not None:
+            for item in self.then:
+                await send.send(item)
+            return
         for item in self.items:
             await send.send(item)
         if self.fail is not None:
             raise self.fail
+
+
+class EchoTool:
+    """A tool that answers with its arguments."""
+
+    def __init__(self, name: str) -> None:
+        self.spec = ToolSpec(name, f"echo for {name}", {"type": "object"})
+
+    async def call(self, arguments: dict[str, Any]) -> str:
+        await trio.lowlevel.checkpoint()
+        return f"{self.spec.name} got {sorted(arguments)}"
+
+
+class Tools:
+    """The ``tools_for`` of a tool registry, over a fixed list."""
+
+    def __init__(self, tools: list[Tool]) -> None:
+        self.tools = {t.spec.name: t for t in tools}
+
+    def tools_for(self, names: Any) -> list[Tool]:
+        return [self.tools[n] for n in names if n in self.tools]
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -120,8 +156,9 @@ StartManager = Callable[..., Awaitable[StreamManager]]
 def start_manager(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> StartManager:
     """``await start_manager(providers={...}, tps=10, words=20, **streams_config)``: a running
     manager in the test's nursery. Agent ``assistant`` runs the demo provider; every extra
-    provider gets an agent of its own name. (Tests take ``autojump_clock`` themselves too:
-    pytest-trio hands ``trio.run`` the clock only from the test's own arguments.)"""
+    provider gets an agent of its own name; ``tools`` are offered to every agent. (Tests
+    take ``autojump_clock`` themselves too: pytest-trio hands ``trio.run`` the clock only from
+    the test's own arguments.)"""
 
     async def start(
         *,
@@ -129,6 +166,7 @@ def start_manager(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock)
         tps: float = 10.0,
         words: int = 20,
         first_token_delay: float = 0.0,
+        tools: list[Tool] | None = None,
         **streams: Any,
     ) -> StreamManager:
         demo = DemoProvider(
@@ -138,11 +176,19 @@ def start_manager(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock)
             ),
         )
         all_providers: dict[str, Provider] = {"demo": demo, **(providers or {})}
-        agents = {"assistant": AgentConfig(provider="demo")}
-        agents.update({name: AgentConfig(provider=name) for name in providers or {}})
-        manager = StreamManager(
-            StreamsConfig(**streams), agents, all_providers, Metrics(), "assistant"
+        names = [t.spec.name for t in tools or []]
+        agents = {"assistant": AgentConfig(provider="demo", tools=names)}
+        agents.update({name: AgentConfig(provider=name, tools=names) for name in providers or {}})
+        config, metrics = StreamsConfig(**streams), Metrics()
+        # The manager's own loop offers no tools; with tools, give it a loop that has them.
+        runner = (
+            AgentLoop(
+                agents, all_providers, Breakers(BreakerConfig()), Tools(tools), metrics, config
+            )
+            if tools
+            else None
         )
+        manager = StreamManager(config, agents, all_providers, metrics, "assistant", runner=runner)
         await nursery.start(manager.run)
         return manager
 
@@ -785,18 +831,26 @@ async def test_upstream_failure_mid_stream(
 async def test_tool_call_is_merged_from_fragments(
     autojump_clock: trio.testing.MockClock, start_manager: StartManager
 ) -> None:
-    manager = await start_manager()
+    manager = await start_manager(tools=[EchoTool("calc")])
     stream = manager.start(agent=None, messages=user('[tool:calc {"a": 1, "b": [2, 3]}]'))
     events = await read_all(manager, stream.id)
     end = assert_whole(events)
-    assert [e.kind for e in events] == ["start", "tool_call", "complete"]
+    # The agent loop runs the call, then the model answers from its result.
+    kinds = [e.kind for e in events]
+    assert kinds[:3] == ["start", "tool_call", "tool_result"]
+    assert set(kinds[3:-1]) == {"content"} and kinds[-1] == "complete"
     assert events[1].fields == {
-        "tool_id": "call_demo_0",
+        "tool_id": "call_demo_0_0",
         "tool_name": "calc",
         "arguments": {"a": 1, "b": [2, 3]},
     }
-    assert end.fields["finish_reason"] == "tool_calls"
-    assert end.fields["final_response"] == ""
+    assert events[2].fields == {
+        "tool_id": "call_demo_0_0",
+        "result": "calc got ['a', 'b']",
+        "is_error": False,
+    }
+    assert end.fields["finish_reason"] == "stop"
+    assert end.fields["final_response"] == "The tool said: calc got ['a', 'b']"
 
 
 async def test_invalid_tool_arguments_retry_notice_and_usage(
@@ -813,8 +867,9 @@ async def test_invalid_tool_arguments_retry_notice_and_usage(
             Delta(tool_calls=(ToolCallDelta(1, arguments='"x"}'),)),
             Delta(usage=Usage(4, 2), finish_reason="tool_calls"),
         ],
+        then=[Delta(text="Done"), Delta(usage=Usage(6, 1), finish_reason="stop")],
     )
-    manager = await start_manager(providers={"script": script})
+    manager = await start_manager(providers={"script": script}, tools=[EchoTool("lookup")])
     stream = manager.start(agent="script", messages=user())
     events = await read_all(manager, stream.id)
     end = assert_whole(events)
@@ -823,11 +878,15 @@ async def test_invalid_tool_arguments_retry_notice_and_usage(
         ("content", {"delta": "Hi"}),
         ("tool_call", {"tool_id": "c0", "tool_name": "broken", "arguments": {"_raw": "{oops"}}),
         ("tool_call", {"tool_id": "c1", "tool_name": "lookup", "arguments": {"q": "x"}}),
+        # Answered at once (unknown tool), then the real tool's result.
+        ("tool_result", {"tool_id": "c0", "result": "unknown tool 'broken'", "is_error": True}),
+        ("tool_result", {"tool_id": "c1", "result": "lookup got ['q']", "is_error": False}),
+        ("content", {"delta": "Done"}),
     ]
     assert end.fields == {
-        "final_response": "Hi",
-        "usage": {"prompt_tokens": 4, "completion_tokens": 2},
-        "finish_reason": "tool_calls",
+        "final_response": "Done",
+        "usage": {"prompt_tokens": 4 + 6, "completion_tokens": 2 + 1},  # summed over turns
+        "finish_reason": "stop",
     }
     # A notice the provider sends itself is passed on; retries are counted where they are
     # decided (the retry wrapper), see test_retries_before_first_token_are_counted_once.

@@ -32,6 +32,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from raafd.agents.workflows import start_workflow
 from raafd.errors import BadRequest, Conflict, NotFound, RaafdError
 from raafd.gateway.frames import close_frame, ping_frame, pong_frame, text_frame
 from raafd.listener import PrefixedStream, RequestHead
@@ -42,6 +43,7 @@ from raafd.protocol.commands import (
     StreamControl,
     StreamDetach,
     StreamStart,
+    WorkflowStart,
     parse_command,
 )
 from raafd.streams import SlowConsumer
@@ -381,6 +383,17 @@ class Connection:
         await self.send_json({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
         self._attach(stream.id, 0)
 
+    async def _workflow_start(self, kind: str, cmd: WorkflowStart) -> None:
+        if self.draining:
+            from raafd.errors import Unavailable
+
+            raise Unavailable("the server is draining; start the workflow elsewhere")
+        stream = start_workflow(
+            self.gateway.manager, cmd, self.gateway.config().agents, owner=self.id
+        )
+        await self.send_json({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
+        self._attach(stream.id, 0)
+
     async def _stream_attach(self, kind: str, cmd: StreamAttach) -> None:
         self.gateway.manager.get(cmd.stream)  # not_found before we answer
         self._attach(cmd.stream, cmd.after, cmd.ref)
@@ -411,6 +424,7 @@ class Connection:
         "stream.cancel": _stream_control,
         "stream.pause": _stream_control,
         "stream.resume": _stream_control,
+        "workflow.start": _workflow_start,
     }
 
     # --- stream delivery ----------------------------------------------------------------------

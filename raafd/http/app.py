@@ -8,7 +8,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from raafd.errors import Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router
+from raafd.http.openai_compat import add_openai_routes
+from raafd.http.sessions import add_session_routes
 from raafd.http.streams import add_stream_routes
+from raafd.http.workflows import add_workflow_routes
 
 if TYPE_CHECKING:
     from raafd.daemon import Daemon
@@ -38,4 +41,7 @@ def build_app(daemon: Daemon) -> Router:
     router.add("GET", "/metrics", metrics)
     router.add("GET", "/v1/stats", stats)
     add_stream_routes(router, daemon)
+    add_openai_routes(router, daemon)
+    add_session_routes(router, daemon)
+    add_workflow_routes(router, daemon)
     return router

@@ -27,11 +27,13 @@ __all__ = [
     "StreamControl",
     "StreamDetach",
     "StreamStart",
+    "WorkflowStart",
     "describe_structure_error",
     "parse_command",
 ]
 
 _MAX_ID = 128
+MAX_WORKFLOW_AGENTS: Final = 16
 T = TypeVar("T")
 
 
@@ -109,13 +111,51 @@ class StreamControl:
     ref: str | None = None
 
 
+def _workflow_agents(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
+    if not 1 <= len(value) <= MAX_WORKFLOW_AGENTS:
+        raise _FieldError(a.name, f"must list 1 to {MAX_WORKFLOW_AGENTS} agents")
+    for i, name in enumerate(value):
+        if not 0 < len(name) <= _MAX_ID:
+            raise _FieldError(f"{a.name}.{i}", f"must be 1 to {_MAX_ID} characters")
+
+
+@frozen
+class WorkflowStart:
+    """``workflow.start`` (and the body of ``POST /v1/workflows``): several agents, one stream.
+
+    ``mode`` ``sequential`` runs ``agents`` one after the other, each on the previous one's
+    answer; ``parallel`` runs them concurrently on ``input``, then ``synthesizer`` (required)
+    over their answers. See :mod:`raafd.agents.workflows`. (``mode``, not ``type``: a frame's
+    ``type`` is its command.)"""
+
+    mode: Literal["sequential", "parallel"]
+    agents: list[str] = field(validator=_workflow_agents)
+    input: str
+    synthesizer: str | None = field(default=None, validator=_short)
+    stream: str | None = field(default=None, validator=_short)
+    ref: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.mode == "parallel":
+            if self.synthesizer is None:
+                raise _FieldError("synthesizer", "required for a parallel workflow")
+            seen: set[str] = set()
+            for i, name in enumerate(self.agents):
+                if name in seen:
+                    # Every event carries `agent`: twice the same name could not be told apart.
+                    raise _FieldError(f"agents.{i}", f"{name!r} is listed twice")
+                seen.add(name)
+
+
 @frozen
 class Ack:
     ids: list[str]
     ref: str | None = None
 
 
-Command = Hello | Ping | StreamStart | StreamAttach | StreamDetach | StreamControl | Ack
+Command = (
+    Hello | Ping | StreamStart | StreamAttach | StreamDetach | StreamControl | WorkflowStart | Ack
+)
 
 COMMANDS: Final[dict[str, type[Any]]] = {
     "hello": Hello,
@@ -126,6 +166,7 @@ COMMANDS: Final[dict[str, type[Any]]] = {
     "stream.cancel": StreamControl,
     "stream.pause": StreamControl,
     "stream.resume": StreamControl,
+    "workflow.start": WorkflowStart,
 }
 
 _converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)

@@ -12,6 +12,15 @@ Bounds (DESIGN invariant 2):
   terminal event; at most ``max_streams`` finished streams are retained, and beyond that the
   one that ended first is forgotten early;
 - every stream's log and subscribers are bounded by the stream itself (see ``stream.py``).
+
+A normal stream's body runs the agent loop (:class:`~raafd.agents.runner.AgentLoop`, or the
+runner given) and ends the stream with ``complete`` or ``error``. With a ``session`` and a
+session store, the body loads the session's history before the run and appends the run's
+messages (the new input, then the assistant and tool messages) *before* ``complete`` is
+emitted: a client told "complete" finds the session saved. A run that fails saves nothing. One
+session has at most one such stream running at a time (another start is a ``Conflict``), so two
+runs never interleave one conversation. Other code (workflows) starts streams with a body of its
+own through ``start(body=...)``.
 """
 
 from __future__ import annotations
@@ -24,13 +33,16 @@ from typing import Any
 import structlog
 import trio
 
-from raafd.config import AgentConfig, StreamsConfig
-from raafd.errors import BadRequest, Conflict, NotFound, TooManyStreams, Unavailable
+from raafd.agents.base import AgentRunner, SessionStore
+from raafd.agents.runner import AgentLoop
+from raafd.config import AgentConfig, BreakerConfig, StreamsConfig
+from raafd.errors import BadRequest, Conflict, NotFound, RaafdError, TooManyStreams, Unavailable
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
-from raafd.providers.base import Provider, ProviderRequest
-from raafd.streams.runner import run_provider
-from raafd.streams.stream import STATUSES, Stream, StreamWriter, Subscription
+from raafd.providers.base import Provider
+from raafd.providers.breaker import Breakers
+from raafd.providers.fallback import default_model
+from raafd.streams.stream import STATUSES, Body, Stream, StreamWriter, Subscription
 
 __all__ = ["StreamManager"]
 
@@ -39,14 +51,13 @@ log = get_logger("raafd.streams")
 _STREAM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
-def _default_model(provider: Provider) -> str:
-    config = getattr(provider, "config", None)
-    model = getattr(config, "model", "")
-    return model if isinstance(model, str) and model else provider.name
-
-
 class StreamManager:
-    """See the module docstring. Run it with ``await nursery.start(manager.run)``."""
+    """See the module docstring. Run it with ``await nursery.start(manager.run)``.
+
+    ``runner`` runs the agents of normal streams; without one the manager builds an
+    :class:`~raafd.agents.runner.AgentLoop` of its own (no tools, default breakers) and keeps
+    it in step on :meth:`reload`. A runner given is the caller's to reload. ``sessions`` keeps
+    conversations across streams; without one, ``session`` ids are only labels."""
 
     def __init__(
         self,
@@ -55,12 +66,23 @@ class StreamManager:
         providers: Mapping[str, Provider],
         metrics: Metrics,
         default_agent: str,
+        *,
+        runner: AgentRunner | None = None,
+        sessions: SessionStore | None = None,
     ) -> None:
         self._config = config
         self._agents = agents
         self._providers = providers
         self._metrics = metrics
         self._default_agent = default_agent
+        self._own_loop: AgentLoop | None = None
+        if runner is None:
+            runner = self._own_loop = AgentLoop(
+                agents, providers, Breakers(BreakerConfig()), None, metrics, config
+            )
+        self._runner: AgentRunner = runner
+        self._sessions = sessions
+        self._session_streams: dict[str, str] = {}  # session → its running stream (bounded)
         self._nursery: trio.Nursery | None = None
         self._draining = False
         self._streams: dict[str, Stream] = {}  # running and retained
@@ -92,8 +114,12 @@ class StreamManager:
         agents: Mapping[str, AgentConfig] | None = None,
         providers: Mapping[str, Provider] | None = None,
         default_agent: str | None = None,
+        sessions: SessionStore | None = None,
     ) -> None:
-        """Apply a reloaded configuration to streams started from now on."""
+        """Apply a reloaded configuration (or a session store opened after construction) to
+        streams started from now on."""
+        if sessions is not None:
+            self._sessions = sessions
         if config is not None:
             self._config = config
         if agents is not None:
@@ -102,6 +128,13 @@ class StreamManager:
             self._providers = providers
         if default_agent is not None:
             self._default_agent = default_agent
+        if self._own_loop is not None:
+            self._own_loop.reload(agents=agents, providers=providers, streams=config)
+
+    @property
+    def runner(self) -> AgentRunner:
+        """The agent runner of normal streams (workflows may run agents with it too)."""
+        return self._runner
 
     @property
     def draining(self) -> bool:
@@ -123,11 +156,13 @@ class StreamManager:
         self,
         *,
         agent: str | None,
-        messages: list[dict[str, Any]],
+        messages: list[dict[str, Any]] | None = None,
         stream_id: str | None = None,
         owner: str = "",
         session: str | None = None,
         detach_grace: float | None = None,
+        body: Body | None = None,
+        model: str | None = None,
     ) -> Stream:
         """Start a stream and return it at once (synchronous: checks and registration happen
         atomically). Its first event, ``start``, is already in its log; a subscriber attaching
@@ -137,8 +172,15 @@ class StreamManager:
         non-empty owner, ``max_streams_per_connection`` applies. ``detach_grace`` overrides the
         configured grace for this stream (``math.inf`` for a run nobody watches).
 
+        Without ``body`` the stream runs ``agent`` on ``messages`` (see the module docstring).
+        With ``body`` the stream runs that instead, and ``messages`` is not used: the body
+        writes its events and its terminal event itself (a body that returns without one ends
+        the stream with ``error`` {internal}). ``agent`` and ``model`` then only label the
+        ``start`` event (``model`` defaults to the agent's model when ``agent`` is configured).
+
         Raises ``NotFound`` (agent), ``BadRequest``/``Conflict`` (stream id),
-        ``TooManyStreams``, ``Unavailable`` (draining or not running).
+        ``Conflict`` (the session has a running stream), ``TooManyStreams``, ``Unavailable``
+        (draining or not running).
         """
         cfg = self._config
         if self._draining:
@@ -147,13 +189,20 @@ class StreamManager:
             raise Unavailable("the stream manager is not running")
         name = agent or self._default_agent
         agent_cfg = self._agents.get(name)
-        if agent_cfg is None:
-            raise NotFound(f"no agent named {name!r}", field="agent")
-        provider = self._providers.get(agent_cfg.provider)
-        if provider is None:
-            raise Unavailable(
-                f"agent {name!r} uses provider {agent_cfg.provider!r}, which is not available",
-                field="agent",
+        if body is None:
+            if agent_cfg is None:
+                raise NotFound(f"no agent named {name!r}", field="agent")
+            provider = self._providers.get(agent_cfg.provider)
+            if provider is None:
+                raise Unavailable(
+                    f"agent {name!r} uses provider {agent_cfg.provider!r}, which is not available",
+                    field="agent",
+                )
+            model = model or agent_cfg.model or default_model(provider)
+        elif model is None:
+            provider = self._providers.get(agent_cfg.provider) if agent_cfg else None
+            model = (agent_cfg.model if agent_cfg else "") or (
+                default_model(provider) if provider else ""
             )
         if stream_id is not None:
             if not _STREAM_ID.fullmatch(stream_id):
@@ -162,6 +211,14 @@ class StreamManager:
                 )
             if stream_id in self._streams:
                 raise Conflict(f"stream {stream_id!r} already exists", field="stream")
+        # The session whose conversation this stream loads and saves (normal streams only).
+        kept = session if body is None and self._sessions is not None else None
+        if kept is not None and kept in self._session_streams:
+            raise Conflict(
+                f"session {kept!r} already has a running stream"
+                f" ({self._session_streams[kept]}); wait for it to end",
+                field="session",
+            )
         if len(self._running) >= cfg.max_streams:
             raise TooManyStreams(f"{cfg.max_streams} streams are running; try again later")
         if owner and self._per_owner[owner] >= cfg.max_streams_per_connection:
@@ -169,7 +226,6 @@ class StreamManager:
                 f"this connection already runs {cfg.max_streams_per_connection} streams"
             )
 
-        model = agent_cfg.model or _default_model(provider)
         stream = Stream(
             agent=name,
             model=model,
@@ -181,19 +237,16 @@ class StreamManager:
             detach_grace=detach_grace,
             on_finish=self._stream_ended,
         )
-        request = ProviderRequest(
-            model=model,
-            messages=messages,
-            instructions=agent_cfg.instructions,
-            temperature=agent_cfg.temperature,
-            max_tokens=agent_cfg.max_tokens,
-        )
+        if body is None:
+            body = self._agent_body(name, list(messages or []), kept)
         self._streams[stream.id] = stream
         self._running[stream.id] = stream
         if owner:
             self._per_owner[owner] += 1
+        if kept is not None:
+            self._session_streams[kept] = stream.id
         self._metrics.streams_started.inc()
-        self._nursery.start_soon(self._run_stream, stream, provider, request, name=stream.id)
+        self._nursery.start_soon(self._run_stream, stream, body, name=stream.id)
         return stream
 
     def get(self, stream_id: str) -> Stream:
@@ -248,17 +301,45 @@ class StreamManager:
 
     # --- internals ----------------------------------------------------------------------------
 
-    async def _run_stream(
-        self, stream: Stream, provider: Provider, request: ProviderRequest
-    ) -> None:
-        structlog.contextvars.bind_contextvars(stream=stream.id)
-        log.info("stream started", agent=stream.agent, model=stream.model, owner=stream.owner)
-        buffer = self._config.provider_buffer
-        metrics = self._metrics
+    def _agent_body(self, agent: str, messages: list[dict[str, Any]], session: str | None) -> Body:
+        """The body of a normal stream: history, the agent run, the session saved, the end."""
+        runner = self._runner
+        store = self._sessions if session is not None else None
 
         async def body(out: StreamWriter) -> None:
-            await run_provider(out, provider, request, buffer=buffer, metrics=metrics)
+            try:
+                history = (
+                    await store.load(session) if store is not None and session is not None else []
+                )
+                result = await runner.run(out, agent, [*history, *messages])
+                if store is not None and session is not None:
+                    # Durable before `complete`: a client told "complete" finds it saved.
+                    await store.append(session, result.messages[len(history) :])
+            except RaafdError as exc:
+                log.info("stream failed", code=exc.code, reason=exc.message)
+                extra: dict[str, Any] = {}
+                if exc.retry_after is not None:
+                    extra["retry_after"] = exc.retry_after
+                await out.emit("error", error={"code": exc.code, "message": exc.message}, **extra)
+                return
+            # Anything else propagates: the stream logs it with its traceback and ends with
+            # `error` {internal}, revealing nothing.
+            usage = result.usage
+            await out.emit(
+                "complete",
+                final_response=result.text,
+                usage={
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                },
+                finish_reason=result.finish_reason,
+            )
 
+        return body
+
+    async def _run_stream(self, stream: Stream, body: Body) -> None:
+        structlog.contextvars.bind_contextvars(stream=stream.id)
+        log.info("stream started", agent=stream.agent, model=stream.model, owner=stream.owner)
         try:
             await stream.run(body)
         finally:
@@ -268,6 +349,8 @@ class StreamManager:
         # Called synchronously from the stream's terminal append, in whatever task caused it.
         if self._running.pop(stream.id, None) is None:
             return
+        if stream.session is not None and self._session_streams.get(stream.session) == stream.id:
+            del self._session_streams[stream.session]
         if stream.owner:
             self._per_owner[stream.owner] -= 1
             if self._per_owner[stream.owner] <= 0:

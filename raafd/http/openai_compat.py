@@ -1,0 +1,569 @@
+"""The OpenAI-compatible API: ``POST /v1/chat/completions``, ``GET /v1/models``.
+
+``model`` names an agent. A completion is an ordinary raafd stream (owner ``openai:<req>``,
+visible to ``raafd ctl streams``, cancellable), read from seq 1 by this handler and translated:
+
+- not streaming: the handler waits for the terminal event and answers one ``chat.completion``;
+- streaming: SSE ``data:`` lines of ``chat.completion.chunk`` objects (a first chunk with
+  ``delta.role``, one per ``content`` event, a last one with ``finish_reason``, a usage chunk
+  with ``choices: []`` when ``stream_options.include_usage``), then ``data: [DONE]``. A
+  ``: heartbeat`` comment goes out while nothing else does, as on ``/v1/streams``.
+
+Tool calls the agent runs itself (a ``tool_call`` answered by a ``tool_result``) stay inside
+raafd; only calls left unanswered when the answer finishes with ``tool_calls`` reach the client
+(``message.tool_calls`` / ``delta.tool_calls``), as OpenAI would send them.
+
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so the
+official SDKs raise their usual exceptions: an unknown model is 404 ``model_not_found``; a stream
+that ends in ``error`` is 502 (``upstream_error``), 504 (``timeout``) or 500; when streaming, an
+``{"error": …}`` chunk and the end of the response instead.
+
+**A client that disconnects cancels its completion** (reason ``client``), unlike
+``/v1/streams``, which only detaches: nobody can re-attach to an OpenAI API call, so every token
+generated after the disconnect would be paid for and never read.
+
+Request fields the official SDK can send but raafd has no use for (``top_p``, ``tools``,
+``seed``, ``user``, … see :data:`IGNORED_FIELDS`) are accepted and ignored; the agent's own
+configuration (instructions, tools, sampling) applies. ``temperature``, ``max_tokens`` and
+``max_completion_tokens`` are validated but not applied either (streams take no per-request
+sampling overrides yet); ``n`` must be 1. Any other unknown field is a 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import cattrs
+import orjson
+import trio
+from attrs import frozen
+
+from raafd.errors import BadRequest, NotFound, RaafdError, TooLarge, Unavailable
+from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
+from raafd.protocol.commands import describe_structure_error
+from raafd.protocol.events import StreamEvent
+
+if TYPE_CHECKING:
+    from raafd.daemon import Daemon
+    from raafd.streams.stream import Stream, Subscription
+
+__all__ = [
+    "IGNORED_FIELDS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "add_openai_routes",
+    "openai_error",
+]
+
+# Parameters of the official SDK's `chat.completions.create` that raafd accepts and ignores.
+IGNORED_FIELDS: Final = frozenset(
+    {
+        "audio",
+        "frequency_penalty",
+        "function_call",
+        "functions",
+        "logit_bias",
+        "logprobs",
+        "metadata",
+        "modalities",
+        "moderation",
+        "parallel_tool_calls",
+        "prediction",
+        "presence_penalty",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "reasoning_effort",
+        "response_format",
+        "safety_identifier",
+        "seed",
+        "service_tier",
+        "stop",
+        "store",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "user",
+        "verbosity",
+        "web_search_options",
+    }
+)
+_FINISH_REASONS: Final = frozenset({"stop", "length", "tool_calls", "content_filter"})
+_SSE_HEARTBEAT: Final = b": heartbeat\n\n"
+_DONE: Final = b"data: [DONE]\n\n"
+
+
+# --- the request ------------------------------------------------------------------------------
+
+
+@frozen
+class FunctionCall:
+    name: str
+    arguments: str
+
+
+@frozen
+class ToolCallParam:
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+@frozen
+class ChatMessage:
+    """One message as the SDK sends it. ``content`` is text or a list of text parts (checked
+    after structuring, so the error can name the part)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    # Sent back by clients that replay an SDK response message; ignored.
+    refusal: Any = None
+    audio: Any = None
+    function_call: Any = None
+
+
+@frozen
+class StreamOptions:
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # ignored
+
+
+@frozen
+class ChatCompletionRequest:
+    model: str
+    messages: list[ChatMessage]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+
+def _strict(value: Any, t: type) -> Any:
+    # No coercion: "true" is not a boolean, 1 is not a string.
+    if t is bool and not isinstance(value, bool):
+        raise TypeError("expected true or false")
+    if t is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError("expected an integer")
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError("expected a number")
+        return float(value)
+    if t is str and not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+for _t in (bool, int, float, str):
+    _converter.register_structure_hook(_t, _strict)
+
+
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    """The body → a validated request; :class:`BadRequest` naming the field otherwise."""
+    if not raw:
+        raise BadRequest("a JSON body is required")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    for name in IGNORED_FIELDS.intersection(data):
+        del data[name]
+    try:
+        req = _converter.structure(data, ChatCompletionRequest)
+    except Exception as exc:
+        where, reason = describe_structure_error(exc)
+        raise BadRequest(f"{where}: {reason}" if where else reason, field=where) from None
+    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+        raise BadRequest("temperature must be between 0 and 2", field="temperature")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, name)
+        if value is not None and value <= 0:
+            raise BadRequest(f"{name} must be greater than 0", field=name)
+    if req.n is not None and req.n != 1:
+        raise BadRequest("only n = 1 is supported", field="n")
+    if not req.messages:
+        raise BadRequest("at least one message is required", field="messages")
+    return req
+
+
+def _content_text(content: Any, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for i, part in enumerate(content):
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                raise BadRequest(
+                    "only text content parts ({type: text, text}) are supported",
+                    field=f"{where}.{i}",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BadRequest("must be a string or a list of text parts", field=where)
+
+
+def conversation(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The request's messages as the agent loop takes them (OpenAI shape, text content)."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(req.messages):
+        where = f"messages.{i}"
+        content = _content_text(m.content, f"{where}.content")
+        role = "system" if m.role == "developer" else m.role
+        message: dict[str, Any] = {"role": role, "content": content}
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise BadRequest("a tool message needs tool_call_id", field=f"{where}.tool_call_id")
+            message["tool_call_id"] = m.tool_call_id
+        elif m.tool_call_id is not None:
+            raise BadRequest("only a tool message has tool_call_id", field=f"{where}.tool_call_id")
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise BadRequest(
+                    "only an assistant message has tool_calls", field=f"{where}.tool_calls"
+                )
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in m.tool_calls
+            ]
+        elif content is None and m.role != "assistant":
+            raise BadRequest("content is required", field=f"{where}.content")
+        if m.name is not None:
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+_TYPES: Final = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error(status: int, message: str, code: str | None, param: str | None = None) -> Response:
+    """An OpenAI-shaped error response."""
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status)
+
+
+def _from_raafd(err: RaafdError) -> Response:
+    response = openai_error(err.http_status, err.message, err.code, err.field)
+    if err.retry_after is not None:
+        response.headers["retry-after"] = str(max(1, round(err.retry_after)))
+    if isinstance(err, TooLarge):
+        response.headers["connection"] = "close"
+    return response
+
+
+def _model_not_found(model: str) -> Response:
+    return openai_error(
+        404,
+        f"The model {model!r} does not exist: it must name a configured agent.",
+        "model_not_found",
+        "model",
+    )
+
+
+_STREAM_ERROR_STATUS: Final = {"upstream_error": 502, "timeout": 504, "unavailable": 503}
+_CANCEL_STATUS: Final = {"timeout": 504, "drain": 503, "admin": 503}
+
+
+def _terminal_failure(event: StreamEvent) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and the OpenAI error object for an ``error``/``cancelled`` terminal."""
+    if event.kind == "error":
+        error = event.fields.get("error", {})
+        code = str(error.get("code", "internal"))
+        message = str(error.get("message", "internal error"))
+        status = _STREAM_ERROR_STATUS.get(code, 500)
+    else:
+        reason = str(event.fields.get("reason", ""))
+        code = "cancelled"
+        message = f"the completion was cancelled ({reason})"
+        status = _CANCEL_STATUS.get(reason, 500)
+    kind = "server_error"
+    return status, {"message": message, "type": kind, "param": None, "code": code}
+
+
+# --- reading the stream -----------------------------------------------------------------------
+
+
+class _Reader:
+    """Folds a stream's events into what an OpenAI answer needs."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, dict[str, Any]] = {}  # tool calls nobody answered (yet)
+        self.terminal: StreamEvent | None = None
+
+    def take(self, event: StreamEvent) -> None:
+        if event.kind == "tool_call":
+            tool_id = str(event.fields.get("tool_id", ""))
+            self.pending[tool_id] = {
+                "id": tool_id,
+                "type": "function",
+                "function": {
+                    "name": event.fields.get("tool_name", ""),
+                    "arguments": _arguments_text(event.fields.get("arguments")),
+                },
+            }
+        elif event.kind == "tool_result":
+            self.pending.pop(str(event.fields.get("tool_id", "")), None)  # raafd ran it
+        elif event.terminal:
+            self.terminal = event
+
+    def finish_reason(self) -> str:
+        assert self.terminal is not None
+        reason = str(self.terminal.fields.get("finish_reason") or "stop")
+        if reason == "tool_calls" and not self.pending:
+            return "stop"
+        return reason if reason in _FINISH_REASONS else "stop"
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return list(self.pending.values()) if self.finish_reason() == "tool_calls" else []
+
+    def usage(self) -> dict[str, int]:
+        assert self.terminal is not None
+        usage = self.terminal.fields.get("usage") or {}
+        prompt = int(usage.get("prompt_tokens", 0))
+        completion = int(usage.get("completion_tokens", 0))
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+
+def _arguments_text(arguments: Any) -> str:
+    if isinstance(arguments, dict) and set(arguments) == {"_raw"}:
+        return str(arguments["_raw"])
+    return orjson.dumps(arguments if arguments is not None else {}).decode()
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+
+def add_openai_routes(router: Router, daemon: Daemon) -> None:
+    def model_object(name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(daemon.started_at),
+            "owned_by": "raafd",
+        }
+
+    async def models(request: Request) -> Response:
+        data = [model_object(name) for name in daemon.config.agents]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def model(request: Request, model: str) -> Response:
+        if model not in daemon.config.agents:
+            return _model_not_found(model)
+        return JSONResponse(model_object(model))
+
+    async def completions(request: Request) -> Response | StreamingResponse:
+        try:
+            return await _completions(request)
+        except RaafdError as err:
+            daemon.metrics.errors.labels(err.code).inc()
+            return _from_raafd(err)
+
+    async def _completions(request: Request) -> Response | StreamingResponse:
+        req = parse_request(await request.body())
+        messages = conversation(req)
+        if req.model not in daemon.config.agents:
+            daemon.metrics.errors.labels("not_found").inc()
+            return _model_not_found(req.model)
+        if daemon.draining:
+            raise Unavailable("the server is draining", retry_after=1)
+        try:
+            stream = daemon.streams.start(
+                agent=req.model, messages=messages, owner=f"openai:{request.id}"
+            )
+        except NotFound as err:
+            if err.field == "agent":  # removed by a reload since the check above
+                return _model_not_found(req.model)
+            raise
+        completion_id = f"chatcmpl-{stream.id}"
+        created = int(stream.created_at)
+        headers = {"x-raafd-stream": stream.id}
+        if req.stream:
+            # Subscribe now, before the response starts, as /v1/streams does.
+            subscription = daemon.streams.subscribe(stream.id, 0)
+            return StreamingResponse(
+                lambda: _chunks(stream, subscription, req, completion_id, created),
+                "text/event-stream",
+                headers=headers,
+            )
+        return await _whole(request, stream, req, completion_id, created, headers)
+
+    async def _whole(
+        request: Request,
+        stream: Stream,
+        req: ChatCompletionRequest,
+        completion_id: str,
+        created: int,
+        headers: dict[str, str],
+    ) -> Response:
+        reader = _Reader()
+        left = False
+        failure: RaafdError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal left
+                await request.wait_disconnect()
+                left = True
+                stream.cancel("client")  # nobody can read the answer any more
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                # Subscribed (not just waiting), so the detach grace never cancels the run.
+                async with daemon.streams.subscribe(stream.id, 0) as subscription:
+                    async for batch in subscription:
+                        for event in batch:
+                            reader.take(event)
+            except RaafdError as err:  # raised outside the nursery: no exception group
+                failure = err
+            nursery.cancel_scope.cancel()
+        if left:
+            raise trio.BrokenResourceError("client went away")
+        if failure is not None:
+            raise failure
+        terminal = reader.terminal
+        assert terminal is not None
+        if terminal.kind != "complete":
+            status, error = _terminal_failure(terminal)
+            daemon.metrics.errors.labels(error["code"]).inc()
+            return JSONResponse({"error": error}, status, headers)
+        tool_calls = reader.tool_calls()
+        text = str(terminal.fields.get("final_response", ""))
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text if text or not tool_calls else None,
+            "refusal": None,
+        }
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        body = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": reader.finish_reason(),
+                }
+            ],
+            "usage": reader.usage(),
+        }
+        return JSONResponse(body, 200, headers)
+
+    async def _chunks(
+        stream: Stream,
+        subscription_cm: Subscription,
+        req: ChatCompletionRequest,
+        completion_id: str,
+        created: int,
+    ) -> AsyncIterator[bytes]:
+        usage_field = {"usage": None} if req.include_usage else {}
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            obj = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                ],
+                **usage_field,
+            }
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        reader = _Reader()
+        try:
+            interval = daemon.config.http.heartbeat_interval
+            async with subscription_cm as subscription:
+                yield chunk({"role": "assistant", "content": ""})
+                iterator = subscription.__aiter__()
+                while reader.terminal is None:
+                    batch = None
+                    with trio.move_on_after(interval):
+                        try:
+                            batch = await iterator.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    if batch is None:
+                        yield _SSE_HEARTBEAT
+                        continue
+                    out: list[bytes] = []
+                    for event in batch:
+                        reader.take(event)
+                        if event.kind == "content" and event.fields.get("delta"):
+                            out.append(chunk({"content": event.fields["delta"]}))
+                    if out:
+                        yield b"".join(out)
+            terminal = reader.terminal
+            if terminal is None or terminal.kind != "complete":
+                if terminal is None:
+                    error = {"message": "the stream ended", "type": "server_error"}
+                else:
+                    _, error = _terminal_failure(terminal)
+                yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+                return
+            tail: list[bytes] = []
+            tool_calls = reader.tool_calls()
+            if tool_calls:
+                tail.append(
+                    chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]})
+                )
+            tail.append(chunk({}, reader.finish_reason()))
+            if req.include_usage:
+                usage_chunk = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": req.model,
+                    "choices": [],
+                    "usage": reader.usage(),
+                }
+                tail.append(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+            tail.append(_DONE)
+            yield b"".join(tail)
+        finally:
+            # Synchronous, so it runs even when the client's disconnect cancelled us.
+            if not stream.finished:
+                stream.cancel("client")
+
+    router.add("POST", "/v1/chat/completions", completions)
+    router.add("GET", "/v1/models", models)
+    router.add("GET", "/v1/models/{model}", model)

@@ -1,0 +1,55 @@
+"""``POST /v1/workflows``: start a multi-agent workflow (see :mod:`raafd.agents.workflows`).
+
+The body is the ``workflow.start`` command without ``type``: ``mode`` (``sequential`` or
+``parallel``; ``type`` is accepted as its synonym here, where no frame type takes the name),
+``agents``, ``input``, optional ``synthesizer`` and ``stream``. Like ``POST /v1/streams``:
+``Accept: text/event-stream`` or ``application/x-ndjson`` streams the workflow's events from
+seq 1 (served by the very handler of ``GET /v1/streams/{id}/events``: same framing, heartbeats
+and detach rule), anything else answers ``201`` {``stream``} with ``location``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from raafd.agents.workflows import start_workflow
+from raafd.errors import BadRequest, Unavailable
+from raafd.http.asgi import (
+    JSONResponse,
+    Request,
+    Response,
+    Router,
+    StreamingResponse,
+    decode_body,
+    structure,
+)
+from raafd.http.streams import NDJSON, SSE
+from raafd.protocol.commands import WorkflowStart
+
+if TYPE_CHECKING:
+    from raafd.daemon import Daemon
+
+__all__ = ["add_workflow_routes"]
+
+
+def add_workflow_routes(router: Router, daemon: Daemon) -> None:
+    async def start(request: Request) -> Response | StreamingResponse:
+        if daemon.draining:
+            raise Unavailable("the server is draining", retry_after=1)
+        data: dict[str, Any] = decode_body(await request.body(), dict)
+        if "type" in data:
+            if "mode" in data:
+                raise BadRequest("give mode or its synonym type, not both", field="type")
+            data["mode"] = data.pop("type")
+        cmd = structure(data, WorkflowStart)
+        stream = start_workflow(
+            daemon.streams, cmd, daemon.config.agents, owner=f"http:{request.id}"
+        )
+        accept = request.headers.get("accept", "")
+        if SSE in accept or NDJSON in accept:
+            handler, params = router.route("GET", f"/v1/streams/{stream.id}/events")
+            result: Response | StreamingResponse = await handler(request, **params)
+            return result
+        return JSONResponse({"stream": stream.id}, 201, {"location": f"/v1/streams/{stream.id}"})
+
+    router.add("POST", "/v1/workflows", start)
