@@ -208,7 +208,14 @@ class Daemon:
 
     # --- introspection ------------------------------------------------------------------------
 
+    def refresh_gauges(self) -> None:
+        """Set the gauges that mirror component state (read at scrape time)."""
+        levels = {"closed": 0, "half_open": 1, "open": 2}
+        for provider, breaker in self.breakers.snapshot().items():
+            self.metrics.breaker_state.labels(provider).set(levels.get(breaker["state"], 2))
+
     def stats(self) -> dict[str, Any]:
+        self.refresh_gauges()
         snap = self.metrics.snapshot()
         return {
             "version": __version__,

@@ -112,6 +112,12 @@ class Metrics:
         self.errors = Counter(
             "raafd_client_errors_total", "Error replies sent to clients", ["code"], registry=r
         )
+        self.breaker_state = Gauge(
+            "raafd_breaker_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open",
+            ["provider"],
+            registry=r,
+        )
         self.admin_requests = Counter(
             "raafd_admin_requests_total", "Admin commands", ["cmd", "ok"], registry=r
         )

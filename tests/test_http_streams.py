@@ -10,23 +10,9 @@ import trio
 import trio.testing
 
 from raafd.providers.openai import open_body
-from raafd.providers.sse import SSEParser
+from tests.sse import sse_events
 
 SLOW = {"providers": {"demo": {"tokens_per_second": 200.0, "reply_words": 40}}}
-
-
-async def sse_events(response: httpx.Response, limit: int | None = None) -> list[Any]:
-    parser = SSEParser()
-    events: list[Any] = []
-    async with open_body(response) as chunks:
-        async for chunk in chunks:
-            for event in parser.feed(chunk):
-                events.append(event)
-                if limit is not None and len(events) >= limit:
-                    return events
-                if event.event in ("complete", "error", "cancelled"):
-                    return events
-    return events
 
 
 def check_sse(events: list[Any], first: int = 1) -> list[dict[str, Any]]:

@@ -31,7 +31,25 @@ def build_app(daemon: Daemon) -> Router:
         return JSONResponse({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
+        daemon.refresh_gauges()
         return Response(200, daemon.metrics.render(), CONTENT_TYPE_LATEST)
+
+    async def agents(request: Request) -> Response:
+        cfg = daemon.config
+        listing = [
+            {
+                "name": name,
+                "provider": agent.provider,
+                "model": agent.model or cfg.providers[agent.provider].model or agent.provider,
+                "tools": agent.tools,
+                "handoffs": agent.handoffs,
+                "fallback": agent.fallback,
+                "max_turns": agent.max_turns,
+                "default": name == cfg.default_agent,
+            }
+            for name, agent in cfg.agents.items()
+        ]
+        return JSONResponse({"agents": listing})
 
     async def stats(request: Request) -> Response:
         return JSONResponse(daemon.stats())
@@ -40,6 +58,7 @@ def build_app(daemon: Daemon) -> Router:
     router.add("GET", "/readyz", readyz)
     router.add("GET", "/metrics", metrics)
     router.add("GET", "/v1/stats", stats)
+    router.add("GET", "/v1/agents", agents)
     add_stream_routes(router, daemon)
     add_openai_routes(router, daemon)
     add_session_routes(router, daemon)
