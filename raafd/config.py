@@ -536,6 +536,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if problems:
         raise ConfigError(problems)
     problems = _cross_check(cfg)
+    # Tool checks live with the tools (schemas, function names, the mcp extra); imported here
+    # because the tools module imports this one.
+    from raafd.agents.tools import check_tool_configs
+
+    problems += check_tool_configs(cfg.tools)
     if problems:
         raise ConfigError(problems)
     return cfg

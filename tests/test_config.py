@@ -164,3 +164,16 @@ def test_check_config_cli(tmp_path: Path) -> None:
         "server.port: expected an integer, got the string 'x'",
         "server.prot: unknown key (did you mean 'port'?)",
     ]
+
+
+def test_tool_and_handoff_references() -> None:
+    assert problems('[agents.assistant]\ntools = ["clok"]') == [
+        "agents.assistant.tools.0: no tool named 'clok' is configured (did you mean 'clock'?)"
+    ]
+    (line,) = problems('[tools."bad name"]\ntype = "clock"')
+    assert line.startswith("tools.bad name: a tool name must be")
+    (line,) = problems('[tools.w]\nurl = "http://x"\nparameters = { type = "nonsense" }')
+    assert line.startswith("tools.w.parameters") and "JSON Schema" in line
+    assert problems('[agents.assistant]\nhandoffs = ["nobody"]') == [
+        "agents.assistant.handoffs.0: no agent named 'nobody' is configured"
+    ]
