@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from raafd.providers.openai import open_body
+from raafd.providers.http import open_body
 from raafd.providers.sse import ServerSentEvent, SSEParser
 
 TERMINAL = ("complete", "error", "cancelled")

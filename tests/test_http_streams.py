@@ -9,7 +9,7 @@ import httpx
 import trio
 import trio.testing
 
-from raafd.providers.openai import open_body
+from raafd.providers.http import open_body
 from tests.sse import sse_events
 
 SLOW = {"providers": {"demo": {"tokens_per_second": 200.0, "reply_words": 40}}}

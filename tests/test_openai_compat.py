@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 
 from raafd.http.openai_compat import _Reader
 from raafd.protocol.events import make_event
-from raafd.providers.openai import open_body
+from raafd.providers.http import open_body
 
 # The SDK stops reading its chain of SSE async generators at `[DONE]` and leaves them to the
 # garbage collector (it finalizes them only under asyncio); under trio each one is a

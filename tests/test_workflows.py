@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from raafd.providers.openai import open_body
+from raafd.providers.http import open_body
 from raafd.providers.sse import SSEParser
 from tests.wsclient import open_ws
 

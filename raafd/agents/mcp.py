@@ -37,7 +37,7 @@ from raafd import __version__
 from raafd.agents.base import ToolError, ToolSpec
 from raafd.config import ToolConfig
 from raafd.logging import get_logger
-from raafd.providers.openai import redact_secrets
+from raafd.providers.http import redact_secrets
 
 if TYPE_CHECKING:
     from mcp import Client

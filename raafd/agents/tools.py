@@ -31,7 +31,7 @@ from raafd.agents.calculator import MAX_LENGTH, CalculatorError, evaluate, forma
 from raafd.agents.mcp import EMPTY_RESULT, MISSING_EXTRA, McpServer, mcp_installed
 from raafd.config import BUILTIN_TOOLS, ConfigError, ToolConfig
 from raafd.logging import get_logger
-from raafd.providers.openai import open_body, redact_secrets
+from raafd.providers.http import open_body, redact_secrets
 
 if TYPE_CHECKING:
     from prometheus_client import Counter

@@ -43,15 +43,12 @@ only while no delta has been sent. A stream that ends before ``message_stop`` is
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 import httpx
 import orjson
 import trio
 
-from raafd.config import ProviderConfig
 from raafd.providers.base import (
     Delta,
     ProviderError,
@@ -60,16 +57,13 @@ from raafd.providers.base import (
     ToolCallDelta,
     Usage,
 )
-from raafd.providers.openai import open_body, parse_retry_after, redact_secrets
+from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, open_body
 from raafd.providers.sse import SSEError, SSEParser
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "anthropic_payload"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096  # sent when the request sets none: Anthropic requires max_tokens
-ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body read for its message
-DRAIN_AFTER_STOP = 0.25  # seconds to read the body's end after message_stop (connection reuse)
-_MESSAGE_LIMIT = 500  # characters of an upstream message kept in an error
 MAX_OPEN_BLOCKS = 256  # content blocks open at once; more is a protocol error
 
 _STOP_REASONS = {
@@ -210,40 +204,11 @@ def _tool(spec: dict[str, Any]) -> dict[str, Any]:
 # --- the provider -----------------------------------------------------------------------------
 
 
-class AnthropicProvider:
-    """An Anthropic Messages API upstream. ``client`` is the daemon's shared httpx client
-    (see :func:`raafd.providers.registry.open_http_client`)."""
+class AnthropicProvider(HttpProvider):
+    """An Anthropic Messages API upstream."""
 
-    def __init__(
-        self,
-        name: str,
-        config: ProviderConfig,
-        client: httpx.AsyncClient,
-        environ: Mapping[str, str] = os.environ,
-    ) -> None:
-        self.name = name
-        self.config = config
-        self._client = client
-        self._environ = environ
-        root = config.base_url.rstrip("/")
-        self._url = root + ("/messages" if root.endswith("/v1") else "/v1/messages")
-        self._timeout = httpx.Timeout(
-            connect=config.connect_timeout,
-            read=config.read_timeout,
-            write=config.read_timeout,
-            pool=config.connect_timeout,
-        )
-
-    def __repr__(self) -> str:
-        return f"<AnthropicProvider {self.name!r} {self._url}>"
-
-    def _secrets(self) -> tuple[str, ...]:
-        key = self._environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
-        return (key, *(v for v in self.config.headers.values() if len(v) >= 4))
-
-    def _error(self, message: str, **kwargs: Any) -> ProviderError:
-        text = redact_secrets(f"{self.name}: {message}", self._secrets())
-        return ProviderError(text, **kwargs)
+    def _endpoint(self, root: str) -> str:
+        return root + ("/messages" if root.endswith("/v1") else "/v1/messages")
 
     def _headers(self) -> dict[str, str]:
         headers = {
@@ -251,18 +216,28 @@ class AnthropicProvider:
             "accept": "text/event-stream",
             "accept-encoding": "identity",  # a compressing proxy would hold tokens back
             "anthropic-version": ANTHROPIC_VERSION,
+            **self.config.headers,
         }
-        headers.update(self.config.headers)
-        if self.config.api_key_env:
-            key = self._environ.get(self.config.api_key_env, "")
-            if not key:
-                raise self._error(
-                    f"the environment variable {self.config.api_key_env} that api_key_env"
-                    " names is not set",
-                    reason="config",
-                )
+        if key := self._api_key():
             headers["x-api-key"] = key
         return headers
+
+    def _error_body(self, body: bytes) -> tuple[str, str]:
+        return _error_of(body)
+
+    def _error_text(self, response: httpx.Response, body: bytes) -> str:
+        text = super()._error_text(response, body)
+        request_id = response.headers.get("request-id")
+        return f"{text} (request-id {request_id[:100]})" if request_id else text
+
+    def _classify(self, response: httpx.Response) -> tuple[str, bool, float | None]:
+        # 529 (overloaded) is a 5xx; x-should-retry overrides the status, as in Anthropic's
+        # SDKs; and the retry hint is kept whatever the verdict.
+        reason, retryable, _ = super()._classify(response)
+        should_retry = response.headers.get("x-should-retry", "").strip().lower()
+        if should_retry in ("true", "false"):
+            retryable = should_retry == "true"
+        return reason, retryable, self._retry_after(response)
 
     # --- the stream -------------------------------------------------------------------------
 
@@ -272,78 +247,8 @@ class AnthropicProvider:
         """Run one message and send its deltas into ``send``; see the module docstring."""
         headers = self._headers()
         body = orjson.dumps(anthropic_payload(request, model=self.config.model))
-        try:
-            async with self._client.stream(
-                "POST", self._url, content=body, headers=headers, timeout=self._timeout
-            ) as response:
-                if not response.is_success:
-                    raise await self._http_error(response)
-                await self._read_events(response, send)
-        except (httpx.TransportError, httpx.DecodingError, httpx.InvalidURL) as exc:
-            raise self._transport_error(exc) from None
-
-    def _transport_error(self, exc: Exception) -> ProviderError:
-        detail = str(exc) or type(exc).__name__
-        if isinstance(exc, httpx.ConnectTimeout):
-            return self._error(
-                "timed out connecting to the upstream", retryable=True, reason="connect"
-            )
-        if isinstance(exc, httpx.PoolTimeout):
-            return self._error(
-                f"no free upstream connection within {self.config.connect_timeout:g} s"
-                " (the shared connection pool is full)",
-                retryable=True,
-                reason="pool",
-            )
-        if isinstance(exc, httpx.ConnectError):
-            return self._error(
-                f"cannot connect to the upstream: {detail}", retryable=True, reason="connect"
-            )
-        if isinstance(exc, httpx.TimeoutException):
-            return self._error(
-                f"the upstream sent nothing for {self.config.read_timeout:g} s",
-                retryable=True,
-                reason="timeout",
-            )
-        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-            return self._error(f"bad upstream URL: {detail}", reason="config")
-        if isinstance(exc, httpx.DecodingError):
-            return self._error(f"cannot decode the upstream's answer: {detail}", reason="protocol")
-        return self._error(
-            f"the upstream connection failed: {detail}", retryable=True, reason="disconnect"
-        )
-
-    async def _http_error(self, response: httpx.Response) -> ProviderError:
-        status = response.status_code
-        body = bytearray()
-        async with open_body(response) as chunks:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) >= ERROR_BODY_LIMIT:
-                    del body[ERROR_BODY_LIMIT:]
-                    break
-        kind, message = _error_of(bytes(body))
-        message = message or response.reason_phrase or "no message"
-        if len(message) > _MESSAGE_LIMIT:
-            message = message[:_MESSAGE_LIMIT] + "…"
-        text = f"the upstream answered HTTP {status}"
-        text += f" ({kind}): {message}" if kind else f": {message}"
-        request_id = response.headers.get("request-id")
-        if request_id:
-            text += f" (request-id {request_id[:100]})"
-        retry_after = _retry_after_of(response)
-        if status == 429:
-            reason, retryable = "rate_limited", True
-        elif status >= 500 or status == 408:  # 529: overloaded
-            reason, retryable = "server_error", True
-        else:
-            reason, retryable = ("auth" if status in (401, 403) else "bad_request"), False
-        should_retry = response.headers.get("x-should-retry", "").strip().lower()
-        if should_retry in ("true", "false"):
-            retryable = should_retry == "true"
-        return self._error(
-            text, retryable=retryable, status=status, retry_after=retry_after, reason=reason
-        )
+        async with self._post(body, headers) as response:
+            await self._read_events(response, send)
 
     async def _read_events(
         self, response: httpx.Response, send: trio.abc.SendChannel[ProviderEvent]
@@ -366,14 +271,7 @@ class AnthropicProvider:
                 if state.stopped:
                     break
             if state.stopped:
-                # Reading the body's end (normally here already) lets httpx reuse the
-                # connection; a server that holds it open after message_stop gets it closed.
-                left = ERROR_BODY_LIMIT
-                with trio.move_on_after(DRAIN_AFTER_STOP):
-                    async for chunk in chunks:
-                        left -= len(chunk)
-                        if left <= 0:
-                            break
+                await drain(chunks)
         if not state.stopped:
             raise self._error(
                 "the upstream closed the stream before it was complete",
@@ -428,7 +326,7 @@ class AnthropicProvider:
         error = doc.get("error")
         error = error if isinstance(error, dict) else {}
         kind = str(error.get("type") or "error")
-        message = str(error.get("message") or "no message")[:_MESSAGE_LIMIT]
+        message = str(error.get("message") or "no message")[:MESSAGE_LIMIT]
         reason = _RETRYABLE_ERRORS.get(kind)
         return self._error(
             f"the upstream reported an error ({kind}): {message}",
@@ -556,13 +454,3 @@ def _error_of(body: bytes) -> tuple[str, str]:
     if isinstance(error, str):
         return "", error
     return "", body.decode("utf-8", "replace").strip()
-
-
-def _retry_after_of(response: httpx.Response) -> float | None:
-    ms = response.headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    return parse_retry_after(response.headers.get("retry-after"))

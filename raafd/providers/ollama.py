@@ -28,32 +28,19 @@ goes through :func:`redact_secrets`.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import orjson
 import trio
 
-from raafd.config import ProviderConfig
-from raafd.providers.base import (
-    Delta,
-    ProviderError,
-    ProviderEvent,
-    ProviderRequest,
-    ToolCallDelta,
-    Usage,
-)
+from raafd.providers.base import Delta, ProviderEvent, ProviderRequest, ToolCallDelta, Usage
+from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, open_body, parse_retry_after
 from raafd.providers.ndjson import NDJSONError, NDJSONSplitter
-from raafd.providers.openai import open_body, parse_retry_after, redact_secrets
 
 __all__ = ["OllamaProvider", "ollama_payload"]
 
-ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body read for its message
-DRAIN_AFTER_DONE = 0.25  # seconds to read the body's end after the done line
 MAX_LINE = 4 << 20  # bytes of one NDJSON line (a tool call's arguments arrive in one)
-_MESSAGE_LIMIT = 500  # characters of an upstream message kept in an error
 _DONE_REASONS = {"stop": "stop", "length": "length"}
 
 
@@ -131,57 +118,29 @@ def _tool_call(call: Any, names: dict[str, str]) -> dict[str, Any]:
 # --- the provider -----------------------------------------------------------------------------
 
 
-class OllamaProvider:
-    """An Ollama server's native chat API. ``client`` is the daemon's shared httpx client
-    (see :func:`raafd.providers.registry.open_http_client`)."""
+class OllamaProvider(HttpProvider):
+    """An Ollama server's native chat API."""
 
-    def __init__(
-        self,
-        name: str,
-        config: ProviderConfig,
-        client: httpx.AsyncClient,
-        environ: Mapping[str, str] = os.environ,
-    ) -> None:
-        self.name = name
-        self.config = config
-        self._client = client
-        self._environ = environ
-        self._url = config.base_url.rstrip("/") + "/api/chat"
-        self._timeout = httpx.Timeout(
-            connect=config.connect_timeout,
-            read=config.read_timeout,
-            write=config.read_timeout,
-            pool=config.connect_timeout,
-        )
-
-    def __repr__(self) -> str:
-        return f"<OllamaProvider {self.name!r} {self._url}>"
-
-    def _secrets(self) -> tuple[str, ...]:
-        key = self._environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
-        return (key, *(v for v in self.config.headers.values() if len(v) >= 4))
-
-    def _error(self, message: str, **kwargs: Any) -> ProviderError:
-        text = redact_secrets(f"{self.name}: {message}", self._secrets())
-        return ProviderError(text, **kwargs)
+    def _endpoint(self, root: str) -> str:
+        return root + "/api/chat"
 
     def _headers(self) -> dict[str, str]:
         headers = {
             "content-type": "application/json",
             "accept": "application/x-ndjson",
             "accept-encoding": "identity",  # a compressing proxy would hold tokens back
+            **self.config.headers,
         }
-        headers.update(self.config.headers)
-        if self.config.api_key_env:
-            key = self._environ.get(self.config.api_key_env, "")
-            if not key:
-                raise self._error(
-                    f"the environment variable {self.config.api_key_env} that api_key_env"
-                    " names is not set",
-                    reason="config",
-                )
+        if key := self._api_key():
             headers["authorization"] = f"Bearer {key}"
         return headers
+
+    def _error_body(self, body: bytes) -> tuple[str, str]:
+        return "", _error_message(body)
+
+    def _retry_after(self, response: httpx.Response) -> float | None:
+        # 503 "server busy" when its queue is full; Ollama sends no retry-after-ms.
+        return parse_retry_after(response.headers.get("retry-after"))
 
     # --- the stream -------------------------------------------------------------------------
 
@@ -191,71 +150,8 @@ class OllamaProvider:
         """Run one chat and send its deltas into ``send``; see the module docstring."""
         headers = self._headers()
         body = orjson.dumps(ollama_payload(request, model=self.config.model))
-        try:
-            async with self._client.stream(
-                "POST", self._url, content=body, headers=headers, timeout=self._timeout
-            ) as response:
-                if not response.is_success:
-                    raise await self._http_error(response)
-                await self._read_lines(response, send)
-        except (httpx.TransportError, httpx.DecodingError, httpx.InvalidURL) as exc:
-            raise self._transport_error(exc) from None
-
-    def _transport_error(self, exc: Exception) -> ProviderError:
-        detail = str(exc) or type(exc).__name__
-        if isinstance(exc, httpx.ConnectTimeout):
-            return self._error(
-                "timed out connecting to the upstream", retryable=True, reason="connect"
-            )
-        if isinstance(exc, httpx.PoolTimeout):
-            return self._error(
-                f"no free upstream connection within {self.config.connect_timeout:g} s"
-                " (the shared connection pool is full)",
-                retryable=True,
-                reason="pool",
-            )
-        if isinstance(exc, httpx.ConnectError):
-            return self._error(
-                f"cannot connect to the upstream: {detail}", retryable=True, reason="connect"
-            )
-        if isinstance(exc, httpx.TimeoutException):
-            return self._error(
-                f"the upstream sent nothing for {self.config.read_timeout:g} s",
-                retryable=True,
-                reason="timeout",
-            )
-        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-            return self._error(f"bad upstream URL: {detail}", reason="config")
-        if isinstance(exc, httpx.DecodingError):
-            return self._error(f"cannot decode the upstream's answer: {detail}", reason="protocol")
-        return self._error(
-            f"the upstream connection failed: {detail}", retryable=True, reason="disconnect"
-        )
-
-    async def _http_error(self, response: httpx.Response) -> ProviderError:
-        status = response.status_code
-        body = bytearray()
-        async with open_body(response) as chunks:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) >= ERROR_BODY_LIMIT:
-                    del body[ERROR_BODY_LIMIT:]
-                    break
-        message = _error_message(bytes(body)) or response.reason_phrase or "no message"
-        if len(message) > _MESSAGE_LIMIT:
-            message = message[:_MESSAGE_LIMIT] + "…"
-        text = f"the upstream answered HTTP {status}: {message}"
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
-        if status == 429:
-            return self._error(
-                text, retryable=True, status=status, retry_after=retry_after, reason="rate_limited"
-            )
-        if status >= 500 or status == 408:  # 503: "server busy" when the queue is full
-            return self._error(
-                text, retryable=True, status=status, retry_after=retry_after, reason="server_error"
-            )
-        reason = "auth" if status in (401, 403) else "bad_request"
-        return self._error(text, status=status, reason=reason)
+        async with self._post(body, headers) as response:
+            await self._read_lines(response, send)
 
     async def _read_lines(
         self, response: httpx.Response, send: trio.abc.SendChannel[ProviderEvent]
@@ -279,12 +175,7 @@ class OllamaProvider:
                 for line in splitter.close():
                     await self._line(line, state, send)
             if state.done:
-                left = ERROR_BODY_LIMIT  # read the body's end, so the connection is reused
-                with trio.move_on_after(DRAIN_AFTER_DONE):
-                    async for chunk in chunks:
-                        left -= len(chunk)
-                        if left <= 0:
-                            break
+                await drain(chunks)
         if not state.done:
             raise self._error(
                 "the upstream closed the stream before it was complete",
@@ -308,7 +199,7 @@ class OllamaProvider:
         if error:
             message = error if isinstance(error, str) else orjson.dumps(error).decode()
             raise self._error(
-                f"the upstream reported an error: {message[:_MESSAGE_LIMIT]}",
+                f"the upstream reported an error: {message[:MESSAGE_LIMIT]}",
                 retryable=not state.sent,
                 reason="upstream_error",
             )

@@ -11,89 +11,31 @@ tool-call fragments, forwarded the moment its line arrives (the channel's bound 
 backpressure: a slow consumer stops the reads), then one last ``Delta`` with ``usage`` and
 ``finish_reason`` when the upstream reported either.
 
-Secrets: the API key (and every configured header value) is sent upstream and nowhere else.
-Every message this module puts into an exception goes through :func:`redact_secrets`, because
-some upstreams echo the key they were given in their error bodies.
+The HTTP exchange, its failures and the redaction of secrets are :mod:`raafd.providers.http`'s.
 """
 
 from __future__ import annotations
 
-import email.utils
-import os
-import re
-import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import httpx
 import orjson
 import trio
 
-from raafd.config import ProviderConfig
-from raafd.providers.base import (
-    Delta,
-    ProviderError,
-    ProviderEvent,
-    ProviderRequest,
-    ToolCallDelta,
-    Usage,
+from raafd.providers.base import Delta, ProviderEvent, ProviderRequest, ToolCallDelta, Usage
+from raafd.providers.http import (
+    MESSAGE_LIMIT,
+    HttpProvider,
+    drain,
+    open_body,
+    parse_retry_after,
+    redact_secrets,
 )
 from raafd.providers.sse import SSEError, SSEParser
 
 __all__ = ["OpenAIProvider", "open_body", "parse_retry_after", "redact_secrets"]
 
-ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body read for its message
 JSON_BODY_LIMIT = 8 << 20  # bytes of a non-streamed answer (a server that ignored stream: true)
-DRAIN_AFTER_DONE = 0.25  # seconds to read the body's end after [DONE], so the connection is reused
-_CLEANUP_TIMEOUT = 1.0  # seconds, shielded, to close a response and unwind its readers
-_MESSAGE_LIMIT = 500  # characters of an upstream message kept in an error
-_REDACTED = "[redacted]"
-# Key shapes worth hiding even when they are not ours (or are masked echoes of ours).
-_KEY_PATTERN = re.compile(
-    r"\b(?:sk|pk|rk)-[A-Za-z0-9_*.\-]{4,}|(?i:bearer)\s+[A-Za-z0-9._~+/=*\-]{8,}"
-)
-
-
-def redact_secrets(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """``text`` with every secret in ``secrets`` and every key-shaped token replaced."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, _REDACTED)
-    return _KEY_PATTERN.sub(_REDACTED, text)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date; ``None`` if absent
-    or unreadable; never negative."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def _retry_after_of(response: httpx.Response) -> float | None:
-    ms = response.headers.get("retry-after-ms")  # Azure OpenAI
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    return parse_retry_after(response.headers.get("retry-after"))
-
-
-def _describe(exc: Exception) -> str:
-    return str(exc) or type(exc).__name__
 
 
 def _upstream_message(body: bytes) -> str:
@@ -128,37 +70,11 @@ def _is_retryable_error_object(error: Any) -> bool:
     return any(word in kind for word in ("server_error", "overloaded", "rate_limit", "timeout"))
 
 
-class OpenAIProvider:
-    """An OpenAI-compatible Chat Completions upstream. ``client`` is the daemon's shared httpx
-    client (see :func:`raafd.providers.registry.open_http_client`)."""
+class OpenAIProvider(HttpProvider):
+    """An OpenAI-compatible Chat Completions upstream."""
 
-    def __init__(
-        self,
-        name: str,
-        config: ProviderConfig,
-        client: httpx.AsyncClient,
-        environ: Mapping[str, str] = os.environ,
-    ) -> None:
-        self.name = name
-        self.config = config
-        self._client = client
-        self._environ = environ
-        self._url = config.base_url.rstrip("/") + "/chat/completions"
-        self._timeout = httpx.Timeout(
-            connect=config.connect_timeout,
-            read=config.read_timeout,
-            write=config.read_timeout,
-            pool=config.connect_timeout,
-        )
-
-    def __repr__(self) -> str:
-        return f"<OpenAIProvider {self.name!r} {self._url}>"
-
-    # --- the request ------------------------------------------------------------------------
-
-    def _secrets(self) -> tuple[str, ...]:
-        key = self._environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
-        return (key, *(v for v in self.config.headers.values() if len(v) >= 4))
+    def _endpoint(self, root: str) -> str:
+        return root + "/chat/completions"
 
     def _headers(self) -> dict[str, str]:
         headers = {
@@ -166,16 +82,9 @@ class OpenAIProvider:
             "accept": "text/event-stream",
             # A compressing proxy would hold tokens back to fill its blocks.
             "accept-encoding": "identity",
+            **self.config.headers,
         }
-        headers.update(self.config.headers)
-        if self.config.api_key_env:
-            key = self._environ.get(self.config.api_key_env, "")
-            if not key:
-                raise self._error(
-                    f"the environment variable {self.config.api_key_env} that api_key_env"
-                    " names is not set",
-                    reason="config",
-                )
+        if key := self._api_key():
             headers["authorization"] = f"Bearer {key}"
         return headers
 
@@ -197,9 +106,8 @@ class OpenAIProvider:
             payload["tools"] = request.tools
         return orjson.dumps(payload)
 
-    def _error(self, message: str, **kwargs: Any) -> ProviderError:
-        text = redact_secrets(f"{self.name}: {message}", self._secrets())
-        return ProviderError(text, **kwargs)
+    def _error_body(self, body: bytes) -> tuple[str, str]:
+        return "", _upstream_message(body)
 
     # --- the stream -------------------------------------------------------------------------
 
@@ -208,85 +116,12 @@ class OpenAIProvider:
     ) -> None:
         """Run one completion and send its deltas into ``send``; see the module docstring."""
         headers = self._headers()
-        body = self._payload(request)
-        try:
-            async with self._client.stream(
-                "POST", self._url, content=body, headers=headers, timeout=self._timeout
-            ) as response:
-                if not response.is_success:
-                    raise await self._http_error(response)
-                content_type = response.headers.get("content-type", "")
-                if content_type.startswith("application/json"):
-                    await self._read_whole(response, send)
-                else:
-                    await self._read_events(response, send)
-        except httpx.ConnectTimeout:
-            raise self._error(
-                "timed out connecting to the upstream", retryable=True, reason="connect"
-            ) from None
-        except httpx.PoolTimeout:
-            raise self._error(
-                f"no free upstream connection within {self.config.connect_timeout:g} s"
-                " (the shared connection pool is full)",
-                retryable=True,
-                reason="pool",
-            ) from None
-        except httpx.ConnectError as exc:
-            raise self._error(
-                f"cannot connect to the upstream: {_describe(exc)}",
-                retryable=True,
-                reason="connect",
-            ) from None
-        except httpx.TimeoutException:
-            raise self._error(
-                f"the upstream sent nothing for {self.config.read_timeout:g} s",
-                retryable=True,
-                reason="timeout",
-            ) from None
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            raise self._error(f"bad upstream URL: {_describe(exc)}", reason="config") from None
-        except httpx.DecodingError as exc:
-            raise self._error(
-                f"cannot decode the upstream's answer: {_describe(exc)}", reason="protocol"
-            ) from None
-        except httpx.TransportError as exc:
-            raise self._error(
-                f"the upstream connection failed: {_describe(exc)}",
-                retryable=True,
-                reason="disconnect",
-            ) from None
-
-    async def _http_error(self, response: httpx.Response) -> ProviderError:
-        status = response.status_code
-        body = bytearray()
-        async with open_body(response) as chunks:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) >= ERROR_BODY_LIMIT:
-                    del body[ERROR_BODY_LIMIT:]
-                    break
-        message = _upstream_message(bytes(body)) or response.reason_phrase or "no message"
-        if len(message) > _MESSAGE_LIMIT:
-            message = message[:_MESSAGE_LIMIT] + "…"
-        text = f"the upstream answered HTTP {status}: {message}"
-        if status == 429:
-            return self._error(
-                text,
-                retryable=True,
-                status=status,
-                retry_after=_retry_after_of(response),
-                reason="rate_limited",
-            )
-        if status >= 500 or status == 408:
-            return self._error(
-                text,
-                retryable=True,
-                status=status,
-                retry_after=_retry_after_of(response),
-                reason="server_error",
-            )
-        reason = "auth" if status in (401, 403) else "bad_request"
-        return self._error(text, status=status, reason=reason)
+        async with self._post(self._payload(request), headers) as response:
+            content_type = response.headers.get("content-type", "")
+            if content_type.startswith("application/json"):
+                await self._read_whole(response, send)
+            else:
+                await self._read_events(response, send)
 
     async def _read_events(
         self, response: httpx.Response, send: trio.abc.SendChannel[ProviderEvent]
@@ -309,14 +144,7 @@ class OpenAIProvider:
                 if state.done:
                     break
             if state.done:
-                # Reading the body's end (normally here already) lets httpx reuse the
-                # connection; a server that holds the body open after [DONE] gets it closed.
-                left = ERROR_BODY_LIMIT
-                with trio.move_on_after(DRAIN_AFTER_DONE):
-                    async for chunk in chunks:
-                        left -= len(chunk)
-                        if left <= 0:
-                            break
+                await drain(chunks)
         if not state.done and state.finish_reason is None:
             raise self._error(
                 "the upstream closed the stream before it was complete",
@@ -340,7 +168,7 @@ class OpenAIProvider:
         error = doc.get("error")
         if error:
             raise self._error(
-                f"the upstream reported an error: {_message_of(doc)[:_MESSAGE_LIMIT]}",
+                f"the upstream reported an error: {_message_of(doc)[:MESSAGE_LIMIT]}",
                 retryable=_is_retryable_error_object(error),
                 reason="upstream_error",
             )
@@ -396,26 +224,6 @@ class OpenAIProvider:
                 finish_reason=finish if isinstance(finish, str) else "stop",
             )
         )
-
-
-@asynccontextmanager
-async def open_body(response: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
-    """The response body's chunks, with every layer of httpx's iteration finished on exit.
-
-    httpx and httpcore stack several async generators to read a body, and closing the outer one
-    leaves the inner ones to the garbage collector (encode/httpx#3686), which Trio reports with
-    a ResourceWarning. So whatever ends the loop early (a break, an error, a cancellation), the
-    response is closed first, and then the chain is run to its end: the first read of the closed
-    connection raises inside the innermost layer and unwinds them all, in this task, now."""
-    chunks = response.aiter_bytes()
-    try:
-        yield chunks
-    finally:
-        with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-            await response.aclose()
-            with suppress(httpx.HTTPError, httpx.StreamError):
-                async for _ in chunks:
-                    pass
 
 
 class _ChunkState:

@@ -1,0 +1,264 @@
+"""What the network providers share: one streamed JSON ``POST`` over httpx and its failures.
+
+:class:`HttpProvider` holds the plumbing; a provider subclass adds only its wire format (the
+endpoint, the headers, the payload, the answer's parser, the shape of its error bodies). Every
+failure of the exchange becomes a :class:`ProviderError` with a stable ``reason``:
+
+- transport: ``connect`` (refused, or timed out connecting), ``pool`` (no free connection in the
+  shared pool), ``timeout`` (nothing read for ``read_timeout``), ``config`` (a bad URL),
+  ``protocol`` (an undecodable body), ``disconnect`` (any other broken connection);
+- HTTP: 429 is ``rate_limited``, 408 and 5xx are ``server_error``, all three retryable with the
+  upstream's ``Retry-After``; 401 and 403 are ``auth``, anything else ``bad_request``.
+
+Secrets: the API key (and every configured header value) is sent upstream and nowhere else.
+Every message put into an exception goes through :func:`redact_secrets`, because some upstreams
+echo the key they were given in their error bodies.
+"""
+
+from __future__ import annotations
+
+import abc
+import email.utils
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import httpx
+import trio
+
+from raafd.config import ProviderConfig
+from raafd.providers.base import ProviderError
+
+__all__ = [
+    "ERROR_BODY_LIMIT",
+    "MESSAGE_LIMIT",
+    "HttpProvider",
+    "drain",
+    "open_body",
+    "parse_retry_after",
+    "redact_secrets",
+]
+
+ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body read for its message
+MESSAGE_LIMIT = 500  # characters of an upstream message kept in an error
+DRAIN_TIMEOUT = 0.25  # seconds to read a body's end once the answer is complete
+_CLEANUP_TIMEOUT = 1.0  # seconds, shielded, to close a response and unwind its readers
+_REDACTED = "[redacted]"
+# Key shapes worth hiding even when they are not ours (or are masked echoes of ours).
+_KEY_PATTERN = re.compile(
+    r"\b(?:sk|pk|rk)-[A-Za-z0-9_*.\-]{4,}|(?i:bearer)\s+[A-Za-z0-9._~+/=*\-]{8,}"
+)
+
+
+def redact_secrets(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """``text`` with every secret in ``secrets`` and every key-shaped token replaced."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, _REDACTED)
+    return _KEY_PATTERN.sub(_REDACTED, text)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date; ``None`` if absent
+    or unreadable; never negative."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@asynccontextmanager
+async def open_body(response: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
+    """The response body's chunks, with every layer of httpx's iteration finished on exit.
+
+    httpx and httpcore stack several async generators to read a body, and closing the outer one
+    leaves the inner ones to the garbage collector (encode/httpx#3686), which Trio reports with
+    a ResourceWarning. So whatever ends the loop early (a break, an error, a cancellation), the
+    response is closed first, and then the chain is run to its end: the first read of the closed
+    connection raises inside the innermost layer and unwinds them all, in this task, now."""
+    chunks = response.aiter_bytes()
+    try:
+        yield chunks
+    finally:
+        with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+            await response.aclose()
+            with suppress(httpx.HTTPError, httpx.StreamError):
+                async for _ in chunks:
+                    pass
+
+
+async def drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read the end of a complete answer's body (normally here already), so that httpx can reuse
+    the connection; a server that holds the body open longer, or sends more than
+    :data:`ERROR_BODY_LIMIT` bytes of it, gets the connection closed instead."""
+    left = ERROR_BODY_LIMIT
+    with trio.move_on_after(DRAIN_TIMEOUT):
+        async for chunk in chunks:
+            left -= len(chunk)
+            if left <= 0:
+                break
+
+
+class HttpProvider(abc.ABC):
+    """An upstream reached by one streamed ``POST`` of JSON. ``client`` is the daemon's shared
+    httpx client (see :func:`raafd.providers.registry.open_http_client`)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        client: httpx.AsyncClient,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._client = client
+        self._environ = environ
+        self._url = self._endpoint(config.base_url.rstrip("/"))
+        self._timeout = httpx.Timeout(
+            connect=config.connect_timeout,
+            read=config.read_timeout,
+            write=config.read_timeout,
+            pool=config.connect_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self._url}>"
+
+    # --- what a provider says -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _endpoint(self, root: str) -> str:
+        """The URL to post to, from ``base_url`` without its trailing slash."""
+
+    @abc.abstractmethod
+    def _error_body(self, body: bytes) -> tuple[str, str]:
+        """The ``(kind, message)`` of an HTTP error body (its first bytes); either may be
+        empty."""
+
+    # --- secrets ------------------------------------------------------------------------------
+
+    def _secrets(self) -> tuple[str, ...]:
+        key = self._environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
+        return (key, *(v for v in self.config.headers.values() if len(v) >= 4))
+
+    def _error(self, message: str, **kwargs: Any) -> ProviderError:
+        text = redact_secrets(f"{self.name}: {message}", self._secrets())
+        return ProviderError(text, **kwargs)
+
+    def _api_key(self) -> str:
+        """The key from the environment variable that ``api_key_env`` names, or ``""`` when it
+        names none; a named variable that is unset or empty is a ``config`` error."""
+        if not self.config.api_key_env:
+            return ""
+        key = self._environ.get(self.config.api_key_env, "")
+        if not key:
+            raise self._error(
+                f"the environment variable {self.config.api_key_env} that api_key_env"
+                " names is not set",
+                reason="config",
+            )
+        return key
+
+    # --- the exchange -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _post(self, body: bytes, headers: Mapping[str, str]) -> AsyncIterator[httpx.Response]:
+        """The upstream's successful response to ``body``, still streaming. Any other answer,
+        and every transport failure while the block reads, is raised as a :class:`ProviderError`."""
+        try:
+            async with self._client.stream(
+                "POST", self._url, content=body, headers=headers, timeout=self._timeout
+            ) as response:
+                if not response.is_success:
+                    raise await self._http_error(response)
+                yield response
+        except (httpx.TransportError, httpx.DecodingError, httpx.InvalidURL) as exc:
+            raise self._transport_error(exc) from None
+
+    def _transport_error(self, exc: Exception) -> ProviderError:
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, httpx.ConnectTimeout):
+            return self._error(
+                "timed out connecting to the upstream", retryable=True, reason="connect"
+            )
+        if isinstance(exc, httpx.PoolTimeout):
+            return self._error(
+                f"no free upstream connection within {self.config.connect_timeout:g} s"
+                " (the shared connection pool is full)",
+                retryable=True,
+                reason="pool",
+            )
+        if isinstance(exc, httpx.ConnectError):
+            return self._error(
+                f"cannot connect to the upstream: {detail}", retryable=True, reason="connect"
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return self._error(
+                f"the upstream sent nothing for {self.config.read_timeout:g} s",
+                retryable=True,
+                reason="timeout",
+            )
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+            return self._error(f"bad upstream URL: {detail}", reason="config")
+        if isinstance(exc, httpx.DecodingError):
+            return self._error(f"cannot decode the upstream's answer: {detail}", reason="protocol")
+        return self._error(
+            f"the upstream connection failed: {detail}", retryable=True, reason="disconnect"
+        )
+
+    async def _http_error(self, response: httpx.Response) -> ProviderError:
+        body = bytearray()
+        async with open_body(response) as chunks:
+            async for chunk in chunks:
+                body += chunk
+                if len(body) >= ERROR_BODY_LIMIT:
+                    del body[ERROR_BODY_LIMIT:]
+                    break
+        reason, retryable, retry_after = self._classify(response)
+        return self._error(
+            self._error_text(response, bytes(body)),
+            retryable=retryable,
+            status=response.status_code,
+            retry_after=retry_after,
+            reason=reason,
+        )
+
+    def _error_text(self, response: httpx.Response, body: bytes) -> str:
+        kind, message = self._error_body(body)
+        message = message or response.reason_phrase or "no message"
+        if len(message) > MESSAGE_LIMIT:
+            message = message[:MESSAGE_LIMIT] + "…"
+        kind = f" ({kind})" if kind else ""
+        return f"the upstream answered HTTP {response.status_code}{kind}: {message}"
+
+    def _classify(self, response: httpx.Response) -> tuple[str, bool, float | None]:
+        """The ``(reason, retryable, retry_after)`` of an HTTP error answer."""
+        status = response.status_code
+        if status == 429:
+            return "rate_limited", True, self._retry_after(response)
+        if status >= 500 or status == 408:
+            return "server_error", True, self._retry_after(response)
+        return ("auth" if status in (401, 403) else "bad_request"), False, None
+
+    def _retry_after(self, response: httpx.Response) -> float | None:
+        ms = response.headers.get("retry-after-ms")  # Azure OpenAI, Anthropic
+        if ms is not None:
+            try:
+                return max(0.0, float(ms) / 1000.0)
+            except ValueError:
+                pass
+        return parse_retry_after(response.headers.get("retry-after"))
