@@ -936,3 +936,23 @@ async def test_stream_standalone_cancelled_before_it_runs(
         ("start", {"agent": "a", "model": "m"}),
         ("cancelled", {"reason": "admin"}),
     ]
+
+
+async def test_stream_logs_carry_the_stream_id_not_the_spawners_ids(
+    start_manager: StartManager, autojump_clock: trio.testing.MockClock
+) -> None:
+    import structlog
+
+    manager = await start_manager(words=1)
+    structlog.contextvars.bind_contextvars(req="req_1", conn="c_1")
+    try:
+        with structlog.testing.capture_logs(
+            processors=[structlog.contextvars.merge_contextvars]
+        ) as logs:
+            stream = manager.start(agent=None, messages=user())
+            await read_all(manager, stream.id)
+    finally:
+        structlog.contextvars.unbind_contextvars("req", "conn")
+    started = [entry for entry in logs if entry["event"] == "stream started"]
+    assert started and started[0]["stream"] == stream.id
+    assert "req" not in started[0] and "conn" not in started[0]

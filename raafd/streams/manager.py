@@ -338,6 +338,9 @@ class StreamManager:
         return body
 
     async def _run_stream(self, stream: Stream, body: Body) -> None:
+        # The task was spawned from a request's or connection's context, which trio copied;
+        # the stream outlives both, so it logs under its own id only (`owner` says who).
+        structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(stream=stream.id)
         log.info("stream started", agent=stream.agent, model=stream.model, owner=stream.owner)
         try:
