@@ -276,12 +276,23 @@ class Connection:
     # --- tasks --------------------------------------------------------------------------------
 
     async def _writer(self) -> None:
+        recv = self._out_recv
         try:
-            async for data in self._out_recv:
+            while True:
+                # send_all is each round's checkpoint: take what is queued without another one.
+                try:
+                    data = recv.receive_nowait()
+                except trio.WouldBlock:
+                    try:
+                        data = await recv.receive()
+                    except trio.EndOfChannel:
+                        break
+                except trio.EndOfChannel:
+                    break
                 parts = [data]
                 while len(parts) < 128:
                     try:
-                        parts.append(self._out_recv.receive_nowait())
+                        parts.append(recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
@@ -463,8 +474,13 @@ class Connection:
                                 "after": after,
                             }
                         )
-                    async for batch in subscription:
-                        await self._out.send(b"".join([event_frame(e.json) for e in batch]))
+                    out = self._out
+                    async for batch in subscription:  # a checkpoint per batch
+                        frames = b"".join([event_frame(e.json) for e in batch])
+                        try:
+                            out.send_nowait(frames)
+                        except trio.WouldBlock:
+                            await out.send(frames)  # the writer is behind: backpressure
                         self.events_sent += len(batch)
                         sent.inc(len(batch))
         except SlowConsumer as err:
