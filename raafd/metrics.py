@@ -69,9 +69,6 @@ class Metrics:
         self.stream_events = Counter(
             "raafd_stream_events_total", "Stream events appended to logs", ["event"], registry=r
         )
-        # stream_events' child per event kind, looked up once (``labels`` costs more than the
-        # ``inc``); bounded by the event kinds.
-        self._stream_event_counters: dict[str, Counter] = {}
         self.events_sent = Counter(
             "raafd_events_sent_total",
             "Stream events delivered to clients",
@@ -127,13 +124,6 @@ class Metrics:
         from raafd import __version__
 
         self.info.labels(__version__).set(1)
-
-    def stream_event(self, kind: str) -> None:
-        """Count one stream event of ``kind`` (``raafd_stream_events_total``)."""
-        counter = self._stream_event_counters.get(kind)
-        if counter is None:
-            counter = self._stream_event_counters[kind] = self.stream_events.labels(kind)
-        counter.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

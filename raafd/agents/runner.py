@@ -167,12 +167,7 @@ async def read_turn(
             while True:
                 await out.wait_ready()  # paused or behind: stop reading, the channel fills
                 try:
-                    # wait_ready was this iteration's checkpoint: take a queued item without
-                    # another one; wait (a checkpoint again) only when none is there.
-                    try:
-                        item = receive.receive_nowait()
-                    except trio.WouldBlock:
-                        item = await receive.receive()
+                    item = await receive.receive()
                 except trio.EndOfChannel:
                     break
                 if isinstance(item, RetryNotice):
@@ -326,12 +321,10 @@ class AgentLoop:
         prompt_tokens = completion_tokens = 0
         turns = 0
 
-        async def tagged(kind: str, **fields: Any) -> None:
-            fields["agent"] = current.name
+        async def emit(kind: str, **fields: Any) -> None:
+            if tag:
+                fields["agent"] = current.name
             await out.emit(kind, **fields)
-
-        # Untagged, the writer's own emit: no extra coroutine per token.
-        emit: Emit = tagged if tag else out.emit
 
         while True:
             turns += 1

@@ -276,23 +276,12 @@ class Connection:
     # --- tasks --------------------------------------------------------------------------------
 
     async def _writer(self) -> None:
-        recv = self._out_recv
         try:
-            while True:
-                # send_all is each round's checkpoint: take what is queued without another one.
-                try:
-                    data = recv.receive_nowait()
-                except trio.WouldBlock:
-                    try:
-                        data = await recv.receive()
-                    except trio.EndOfChannel:
-                        break
-                except trio.EndOfChannel:
-                    break
+            async for data in self._out_recv:
                 parts = [data]
                 while len(parts) < 128:
                     try:
-                        parts.append(recv.receive_nowait())
+                        parts.append(self._out_recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
@@ -474,13 +463,8 @@ class Connection:
                                 "after": after,
                             }
                         )
-                    out = self._out
-                    async for batch in subscription:  # a checkpoint per batch
-                        frames = b"".join([event_frame(e.json) for e in batch])
-                        try:
-                            out.send_nowait(frames)
-                        except trio.WouldBlock:
-                            await out.send(frames)  # the writer is behind: backpressure
+                    async for batch in subscription:
+                        await self._out.send(b"".join([event_frame(e.json) for e in batch]))
                         self.events_sent += len(batch)
                         sent.inc(len(batch))
         except SlowConsumer as err:

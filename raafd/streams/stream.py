@@ -13,8 +13,7 @@ How it is kept:
   the log itself refuses anything after it.
 - ``_finish`` cancels the body's cancel scope *before* it appends. So cancellation reaches the
   provider at once (DESIGN invariant 5), and the body's next checkpoint raises ``Cancelled``:
-  it cannot write after the terminal event. The body's writer passes a cancel point (a
-  checkpoint, or ``checkpoint_if_cancelled`` when it need not wait) before each append.
+  it cannot write after the terminal event. The body's writer checkpoints before each append.
 - ``start`` is appended when the :class:`Stream` is built, so a stream cancelled before its
   task ever ran still reads ``start``, ``cancelled``.
 - A body that fails writes ``error`` {code: internal}; one that returns without a terminal event
@@ -96,8 +95,7 @@ class StreamWriter(Protocol):
 
     async def emit(self, kind: str, **fields: Any) -> None:
         """Append an event. A non-terminal one first waits while the stream is paused or its
-        single subscriber is behind (backpressure); a terminal one ends the stream. Always a
-        cancel point; a non-terminal one that need not wait does not yield to other tasks."""
+        single subscriber is behind (backpressure); a terminal one ends the stream."""
         ...
 
     async def wait_ready(self) -> None:
@@ -141,7 +139,6 @@ class Stream:
         self.created_at = time.time()
         self.ended_at: float | None = None
         self.log = EventLog(config.log_max_events, config.log_max_bytes)
-        self._ended = False  # the terminal event is in the log (``finished``; kept by _append)
         self._metrics = metrics
         self._detach_grace = config.detach_grace if detach_grace is None else detach_grace
         self._on_finish = on_finish
@@ -158,17 +155,12 @@ class Stream:
         self._ran = False
         self._paused = False
         self._pauses = 0
-        # The first-token/idle timer: ``_gap_at`` is when the body's ``_gap`` scope is due to be
-        # cancelled; it moves on each token. It is frozen (``_gap_at`` inf, remaining time kept
-        # in ``_gap_left``) while anything holds it: a pause, or the producer waiting for its
-        # subscriber. Moving it costs no trio deadline: the ``_watch_gap`` task sleeps until the
-        # time it last armed (``_timer``) and, woken, either cancels ``_gap`` or sleeps again
-        # until the new ``_gap_at``. ``_timer`` is only moved when ``_gap_at`` comes earlier.
+        # The first-token/idle timer is a cancel scope whose deadline moves on each token. It
+        # is frozen (deadline inf, remaining time kept) while anything holds it: a pause, or the
+        # producer waiting for its subscriber.
         self._holds = 0
         self._gap: trio.CancelScope | None = None
         self._gap_left: float | None = None
-        self._gap_at = math.inf
-        self._timer: trio.CancelScope | None = None
         self._first_token_at: float | None = None
         self._last_content_at: float | None = None
         metrics.streams.labels("running").inc()
@@ -184,7 +176,7 @@ class Stream:
     @property
     def finished(self) -> bool:
         """True once the terminal event is in the log."""
-        return self._ended
+        return self.log.closed
 
     @property
     def terminal(self) -> StreamEvent | None:
@@ -291,7 +283,6 @@ class Stream:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expire_detached)
                 nursery.start_soon(self._expire_paused)
-                nursery.start_soon(self._watch_gap)
                 await self._run_body(body)
                 nursery.cancel_scope.cancel()
         finally:
@@ -302,7 +293,7 @@ class Stream:
         cfg = self.config
         try:
             # Outermost: control (cancel, finish); then max_duration; then the first-token and
-            # idle timer, which _watch_gap cancels once _gap_at (moved on every token) passes.
+            # idle timer, whose deadline moves on every token.
             with (
                 self._scope,
                 trio.CancelScope(deadline=self._t0 + cfg.max_duration) as total,
@@ -312,7 +303,7 @@ class Stream:
                 if self._holds:
                     self._gap_left = cfg.first_token_timeout
                 else:
-                    self._arm(trio.current_time() + cfg.first_token_timeout)
+                    gap.deadline = trio.current_time() + cfg.first_token_timeout
                 try:
                     await body(_Writer(self))
                 except* Exception as group:
@@ -320,7 +311,6 @@ class Stream:
         finally:
             self._gap = None
             self._gap_left = None
-            self._gap_at = math.inf
         if self.finished:
             return
         if total.cancelled_caught:
@@ -359,18 +349,6 @@ class Stream:
                 self.cancel("detached")
                 return
 
-    async def _watch_gap(self) -> None:
-        """Cancel the body's ``_gap`` scope once ``_gap_at`` has passed (first-token and idle
-        timeouts); see ``__init__``."""
-        while True:
-            with trio.CancelScope(deadline=self._gap_at) as timer:
-                self._timer = timer
-                await trio.sleep_forever()
-            self._timer = None
-            if self._gap is not None and self._gap_at <= trio.current_time():
-                self._gap.cancel()
-                return
-
     async def _expire_paused(self) -> None:
         """Cancel with reason ``timeout`` after ``pause_timeout`` in one pause."""
         while True:
@@ -389,13 +367,10 @@ class Stream:
     def _append(self, kind: str, **fields: Any) -> StreamEvent:
         event = make_event(self.id, self.log.head + 1, kind, **fields)
         self.log.append(event)  # refuses anything after the terminal event
-        self._metrics.stream_event(kind)
-        if kind in TERMINAL_KINDS:
-            self._ended = True
-        elif len(self._subs) >= 2:
+        self._metrics.stream_events.labels(kind).inc()
+        if not event.terminal and len(self._subs) >= 2:
             self._drop_laggards()
-        if self._grown:  # (unpark_all costs more than the test when nobody waits)
-            self._grown.unpark_all()
+        self._grown.unpark_all()
         return event
 
     def _finish(self, kind: str, **fields: Any) -> bool:
@@ -423,13 +398,13 @@ class Stream:
     # --- backpressure and timers --------------------------------------------------------------
 
     def _must_wait(self) -> bool:
-        if self._ended:
+        if self.finished:
             return False
         if self._paused:
             return True
         if len(self._subs) == 1:
-            for sub in self._subs:
-                return self.log.head - sub._cursor >= self.config.subscriber_buffer
+            (sub,) = self._subs
+            return self.log.head - sub.cursor >= self.config.subscriber_buffer
         return False
 
     async def _wait_ready(self) -> None:
@@ -446,23 +421,16 @@ class Stream:
             # Woken by the end: the body's scope is cancelled, so this raises Cancelled.
             await trio.lowlevel.checkpoint()
 
-    def _arm(self, at: float) -> None:
-        """Set the first-token/idle deadline to ``at`` (the gap is not held)."""
-        self._gap_at = at
-        timer = self._timer
-        if timer is not None and at < timer.deadline:
-            timer.deadline = at
-
     def _hold(self) -> None:
         self._holds += 1
         if self._holds == 1 and self._gap is not None:
-            self._gap_left = self._gap_at - trio.current_time()
-            self._gap_at = math.inf  # the timer, waking, finds nothing due and sleeps on
+            self._gap_left = self._gap.deadline - trio.current_time()
+            self._gap.deadline = math.inf
 
     def _release(self) -> None:
         self._holds -= 1
         if self._holds == 0 and self._gap is not None and self._gap_left is not None:
-            self._arm(trio.current_time() + self._gap_left)
+            self._gap.deadline = trio.current_time() + self._gap_left
             self._gap_left = None
 
     def _progress(self, *, content: bool) -> None:
@@ -478,11 +446,7 @@ class Stream:
             if self._holds:
                 self._gap_left = self.config.idle_timeout
             else:
-                at = now + self.config.idle_timeout
-                self._gap_at = at
-                timer = self._timer
-                if timer is not None and at < timer.deadline:
-                    timer.deadline = at  # earlier: only when idle < first-token time left
+                self._gap.deadline = now + self.config.idle_timeout
 
     # --- subscribers --------------------------------------------------------------------------
 
@@ -526,8 +490,7 @@ class Stream:
             raise
         sub._cursor = events[-1].seq
         sub._done = events[-1].terminal
-        if self._room:
-            self._room.unpark_all()
+        self._room.unpark_all()
         return self._coalesced(events) if lagging else events
 
     def _coalesced(self, events: list[StreamEvent]) -> list[StreamEvent]:
@@ -614,26 +577,18 @@ class Subscription:
         return self
 
     async def __anext__(self) -> list[StreamEvent]:
+        await trio.lowlevel.checkpoint()
         stream = self.stream
-        checkpointed = False  # every call is a checkpoint: parking is one, else take one here
         while True:
-            if self._state == "new":
-                raise RuntimeError("enter the subscription (`async with`) before iterating it")
-            if self._error is not None or self._done or self._state == "closed":
-                pass
-            elif stream.log.head <= self._cursor:
-                await stream._grown.park()
-                checkpointed = True
-                continue
-            if not checkpointed:
-                await trio.lowlevel.checkpoint()
-                checkpointed = True
-                continue  # look again: things may have changed meanwhile
             if self._error is not None:
                 raise self._error
             if self._done or self._state == "closed":
                 raise StopAsyncIteration
-            return stream._next_batch(self)
+            if self._state == "new":
+                raise RuntimeError("enter the subscription (`async with`) before iterating it")
+            if stream.log.head > self._cursor:
+                return stream._next_batch(self)
+            await stream._grown.park()
 
 
 class _Writer:
@@ -652,12 +607,7 @@ class _Writer:
             return
         if kind in _TOKEN_KINDS:
             stream._progress(content=kind == "content")
-        if stream._must_wait():
-            await stream._wait_ready()
-        else:
-            # Nothing to wait for: a cancel point, not a schedule point. The body's loop takes
-            # its schedule point in wait_ready, before each upstream read.
-            await trio.lowlevel.checkpoint_if_cancelled()
+        await stream._wait_ready()
         stream._append(kind, **fields)
 
     async def wait_ready(self) -> None:
