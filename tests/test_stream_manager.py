@@ -619,6 +619,38 @@ async def test_idle_timeout_does_not_count_paused_time(
     assert tick.closed_at == pytest.approx(13)
 
 
+async def test_idle_timeout_counts_from_the_last_token(
+    autojump_clock: trio.testing.MockClock, start_manager: StartManager
+) -> None:
+    # 30 tokens 1 s apart, each well within idle_timeout, then silence: the timer fires
+    # idle_timeout after the last token, not after the first (lazily re-armed deadline).
+    tick = TickProvider(n=30, interval=1.0, hang_after=True)
+    manager = await start_manager(providers={"tick": tick}, idle_timeout=4)
+    stream = manager.start(agent="tick", messages=user(), detach_grace=math.inf)
+    with trio.fail_after(LIMIT):
+        await stream.wait()
+    # Tokens at 0..29 s, then the provider sleeps 1 s and hangs: the last token was at 29.
+    assert trio.current_time() == pytest.approx(33)
+    end = stream.terminal
+    assert end is not None and end.kind == "error"
+    assert "idle_timeout" in end.fields["error"]["message"]
+    assert tick.closed_at == pytest.approx(33)
+
+
+async def test_idle_timeout_shorter_than_the_first_token_time_left(
+    autojump_clock: trio.testing.MockClock, start_manager: StartManager
+) -> None:
+    # The first token moves the deadline *earlier* (idle 2 s < 100 s first-token time left).
+    tick = TickProvider(n=1, hang_after=True)
+    manager = await start_manager(providers={"tick": tick}, first_token_timeout=100, idle_timeout=2)
+    stream = manager.start(agent="tick", messages=user(), detach_grace=math.inf)
+    with trio.fail_after(LIMIT):
+        await stream.wait()
+    assert trio.current_time() == pytest.approx(2)  # the token at 0, then 2 s idle
+    end = stream.terminal
+    assert end is not None and "idle_timeout" in end.fields["error"]["message"]
+
+
 async def test_max_duration(
     autojump_clock: trio.testing.MockClock, start_manager: StartManager
 ) -> None:

@@ -85,13 +85,20 @@ class SSEParser:
             self._bom_checked = True
 
         events: list[ServerSentEvent] = []
-        pos = 0
-        for match in _EOL.finditer(buf):
-            self._line(buf[pos : match.start()], events)
-            pos = match.end()
-        # A CR that ends the buffer may be the first half of a CRLF split across chunks.
-        self._skip_lf = buf.endswith(b"\r")
-        rest = buf[pos:]
+        if b"\r" not in buf:
+            # The common case, LF only: a plain split cuts the same lines as _EOL, faster.
+            lines = buf.split(b"\n")
+            rest = lines.pop()
+            for raw in lines:
+                self._line(raw, events)
+        else:
+            pos = 0
+            for match in _EOL.finditer(buf):
+                self._line(buf[pos : match.start()], events)
+                pos = match.end()
+            # A CR that ends the buffer may be the first half of a CRLF split across chunks.
+            self._skip_lf = buf.endswith(b"\r")
+            rest = buf[pos:]
         if len(rest) > self.max_line:
             raise SSEError(f"an event-stream line is longer than {self.max_line} bytes")
         self._buf = rest
@@ -103,6 +110,9 @@ class SSEParser:
             return
         if len(raw) > self.max_line:
             raise SSEError(f"an event-stream line is longer than {self.max_line} bytes")
+        if raw[:6] == b"data: ":  # the common line: ``data`` and its one space (ASCII)
+            self._append_data(raw[6:].decode("utf-8", "replace"))
+            return
         if raw[:1] == b":":
             return  # comment (heartbeats)
         line = raw.decode("utf-8", "replace")
@@ -110,10 +120,7 @@ class SSEParser:
         if colon and value[:1] == " ":
             value = value[1:]
         if name == "data":
-            self._data_size += len(value) + 1
-            if self._data_size > self.max_event:
-                raise SSEError(f"an event's data is larger than {self.max_event} characters")
-            self._data.append(value)
+            self._append_data(value)
         elif name == "event":
             self._event = value
         elif name == "id":
@@ -121,6 +128,12 @@ class SSEParser:
                 self.last_event_id = value
         elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = self.reconnection_time = int(value)
+
+    def _append_data(self, value: str) -> None:
+        self._data_size += len(value) + 1
+        if self._data_size > self.max_event:
+            raise SSEError(f"an event's data is larger than {self.max_event} characters")
+        self._data.append(value)
 
     def _dispatch(self, events: list[ServerSentEvent]) -> None:
         if self._data:
