@@ -6,11 +6,20 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from raafd.config import Config, parse_config
+from raafd.providers.registry import open_http_client
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """The daemon's own shared upstream client (proxies from the environment ignored)."""
+    async with open_http_client(trust_env=False) as upstream_client:
+        yield upstream_client
 
 
 @pytest.fixture

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -19,7 +18,6 @@ from trio.testing import MockClock
 from raafd.config import ProviderConfig
 from raafd.providers.base import (
     Delta,
-    ProviderError,
     ProviderEvent,
     ProviderRequest,
     RetryNotice,
@@ -27,9 +25,8 @@ from raafd.providers.base import (
 )
 from raafd.providers.ndjson import NDJSONError, NDJSONSplitter
 from raafd.providers.ollama import OllamaProvider
-from raafd.providers.registry import open_http_client
-from raafd.providers.retry import stream_with_retry
 from tests.fakes.ollama_upstream import FakeOllama, OllamaScript, OllamaToolCall
+from tests.providers import Send, content_deltas, merged_calls, retrying, run_stream, text_of
 
 SECRET = "ollama-SECRETKEY-0123456789abcdef"
 KEY_ENV = "RAAFD_TEST_OLLAMA_KEY"
@@ -40,7 +37,6 @@ REQUEST = ProviderRequest(
     temperature=0.2,
     max_tokens=100,
 )
-Send = trio.MemorySendChannel[ProviderEvent]
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------
@@ -52,12 +48,6 @@ async def fake(nursery: trio.Nursery) -> FakeOllama:
     with trio.fail_after(5):
         await nursery.start(fake.run)
     return fake
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with open_http_client(trust_env=False) as client:
-        yield client
 
 
 def jump(clock: MockClock) -> None:
@@ -83,63 +73,8 @@ def make_provider(
     return OllamaProvider("llama", ProviderConfig(**settings), client, environ or {})
 
 
-async def run_stream(
-    stream: Callable[[Send], Awaitable[None]], *, limit: float = 30
-) -> tuple[list[ProviderEvent], ProviderError | None]:
-    """Run a provider into a bounded channel with a consumer task; the events and the error."""
-    events: list[ProviderEvent] = []
-    error: ProviderError | None = None
-    send, recv = trio.open_memory_channel[ProviderEvent](4)
-
-    async def consume() -> None:
-        async with recv:
-            async for event in recv:
-                events.append(event)
-
-    try:
-        with trio.fail_after(limit):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(consume)
-                async with send:
-                    await stream(send)
-    except* ProviderError as group:
-        assert len(group.exceptions) == 1
-        first = group.exceptions[0]
-        assert isinstance(first, ProviderError)
-        error = first
-    return events, error
-
-
 def with_retry(provider: OllamaProvider, **kw: Any) -> Callable[[Send], Awaitable[None]]:
-    options: dict[str, Any] = {
-        "max_retries": 3,
-        "base": 0.1,
-        "cap": 10.0,
-        "metrics": None,
-        "rng": random.Random(7),
-    }
-    options.update(kw)
-    return partial(stream_with_retry, provider, REQUEST, **options)
-
-
-def content_deltas(events: list[ProviderEvent]) -> list[Delta]:
-    return [e for e in events if isinstance(e, Delta) and (e.text or e.tool_calls)]
-
-
-def text_of(events: list[ProviderEvent]) -> str:
-    return "".join(e.text for e in events if isinstance(e, Delta))
-
-
-def merged_calls(events: list[ProviderEvent]) -> dict[int, dict[str, Any]]:
-    """Tool-call fragments merged by index, as a consumer does."""
-    calls: dict[int, dict[str, Any]] = {}
-    for delta in content_deltas(events):
-        for part in delta.tool_calls:
-            call = calls.setdefault(part.index, {"id": None, "name": None, "arguments": ""})
-            call["id"] = part.id or call["id"]
-            call["name"] = part.name or call["name"]
-            call["arguments"] += part.arguments
-    return calls
+    return retrying(provider, REQUEST, **{"base": 0.1, **kw})
 
 
 # --- streaming --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import email.utils
 import json
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -30,6 +30,7 @@ from raafd.providers.openai import OpenAIProvider, parse_retry_after, redact_sec
 from raafd.providers.registry import build_providers, open_http_client
 from raafd.providers.retry import stream_with_retry
 from tests.fakes import FakeOpenAI, Script, ToolCallScript
+from tests.providers import Send, content_deltas, retrying, run_stream, text_of
 
 SECRET = "sk-test-SECRETKEY-0123456789abcdef"
 KEY_ENV = "RAAFD_TEST_OPENAI_KEY"
@@ -40,7 +41,6 @@ REQUEST = ProviderRequest(
     temperature=0.2,
     max_tokens=100,
 )
-Send = trio.MemorySendChannel[ProviderEvent]
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------
@@ -59,12 +59,6 @@ async def fake(nursery: trio.Nursery) -> FakeOpenAI:
     with trio.fail_after(5):
         await nursery.start(fake.run)
     return fake
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with open_http_client(trust_env=False) as client:
-        yield client
 
 
 def make_provider(
@@ -87,53 +81,10 @@ def make_provider(
     return OpenAIProvider("up", ProviderConfig(**settings), client, env)
 
 
-async def run_stream(
-    stream: Callable[[Send], Awaitable[None]], *, limit: float = 30
-) -> tuple[list[ProviderEvent], ProviderError | None]:
-    """Run a provider into a bounded channel with a consumer task; the events and the error."""
-    events: list[ProviderEvent] = []
-    error: ProviderError | None = None
-    send, recv = trio.open_memory_channel[ProviderEvent](4)
-
-    async def consume() -> None:
-        async with recv:
-            async for event in recv:
-                events.append(event)
-
-    try:
-        with trio.fail_after(limit):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(consume)
-                async with send:
-                    await stream(send)
-    except* ProviderError as group:
-        assert len(group.exceptions) == 1
-        first = group.exceptions[0]
-        assert isinstance(first, ProviderError)
-        error = first
-    return events, error
-
-
 def with_retry(
     provider: OpenAIProvider, metrics: Metrics | None = None, **kw: Any
 ) -> Callable[[Send], Awaitable[None]]:
-    options: dict[str, Any] = {
-        "max_retries": 3,
-        "base": 0.5,
-        "cap": 10.0,
-        "metrics": metrics,
-        "rng": random.Random(7),
-    }
-    options.update(kw)
-    return partial(stream_with_retry, provider, REQUEST, **options)
-
-
-def text_of(events: list[ProviderEvent]) -> str:
-    return "".join(e.text for e in events if isinstance(e, Delta))
-
-
-def content_deltas(events: list[ProviderEvent]) -> list[Delta]:
-    return [e for e in events if isinstance(e, Delta) and (e.text or e.tool_calls)]
+    return retrying(provider, REQUEST, metrics=metrics, **{"base": 0.5, **kw})
 
 
 def metric(metrics: Metrics, name: str, reason: str) -> float:
