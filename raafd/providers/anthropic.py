@@ -58,6 +58,7 @@ from raafd.providers.base import (
     Usage,
 )
 from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, open_body
+from raafd.providers.messages import content_text, read_tool_call
 from raafd.providers.sse import SSEError, SSEParser
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "anthropic_payload"]
@@ -112,7 +113,7 @@ def _messages(request: ProviderRequest) -> tuple[str, list[dict[str, Any]]]:
     for message in request.messages:
         role = message.get("role")
         if role == "system":
-            text = _text(message.get("content"))
+            text = content_text(message.get("content"))
             if text:
                 system.append(text)
             continue
@@ -121,7 +122,7 @@ def _messages(request: ProviderRequest) -> tuple[str, list[dict[str, Any]]]:
                 {
                     "type": "tool_result",
                     "tool_use_id": str(message.get("tool_call_id") or ""),
-                    "content": _text(message.get("content")),
+                    "content": content_text(message.get("content")),
                 }
             ]
             role = "user"
@@ -145,48 +146,15 @@ def _messages(request: ProviderRequest) -> tuple[str, list[dict[str, Any]]]:
     return "\n\n".join(system), turns
 
 
-def _text(content: Any) -> str:
-    """The text of an internal message's content: a string, or a list of ``text`` parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            str(part.get("text") or "")
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
-        )
-    return ""
-
-
 def _text_blocks(content: Any) -> list[dict[str, Any]]:
-    text = _text(content)
+    text = content_text(content)
     # Anthropic refuses empty text blocks.
     return [{"type": "text", "text": text}] if text else []
 
 
 def _tool_use(call: Any) -> dict[str, Any]:
-    call = call if isinstance(call, dict) else {}
-    function = call.get("function")
-    function = function if isinstance(function, dict) else {}
-    arguments = function.get("arguments")
-    tool_input: Any
-    if isinstance(arguments, dict):
-        tool_input = arguments
-    elif not arguments:
-        tool_input = {}
-    else:
-        try:
-            tool_input = orjson.loads(arguments)
-        except (orjson.JSONDecodeError, TypeError):
-            tool_input = None
-        if not isinstance(tool_input, dict):
-            tool_input = {"arguments": str(arguments)}
-    return {
-        "type": "tool_use",
-        "id": str(call.get("id") or ""),
-        "name": str(function.get("name") or ""),
-        "input": tool_input,
-    }
+    parsed = read_tool_call(call)
+    return {"type": "tool_use", "id": parsed.id, "name": parsed.name, "input": parsed.arguments}
 
 
 def _tool(spec: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import trio
 
 from raafd.providers.base import Delta, ProviderEvent, ProviderRequest, ToolCallDelta, Usage
 from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, open_body, parse_retry_after
+from raafd.providers.messages import content_text, read_tool_call
 from raafd.providers.ndjson import NDJSONError, NDJSONSplitter
 
 __all__ = ["OllamaProvider", "ollama_payload"]
@@ -55,7 +56,7 @@ def ollama_payload(request: ProviderRequest, *, model: str) -> dict[str, Any]:
     names: dict[str, str] = {}  # tool-call id → name, to name the tool results
     for message in request.messages:
         role = str(message.get("role") or "user")
-        out: dict[str, Any] = {"role": role, "content": _text(message.get("content"))}
+        out: dict[str, Any] = {"role": role, "content": content_text(message.get("content"))}
         if role == "assistant" and message.get("tool_calls"):
             out["tool_calls"] = [_tool_call(call, names) for call in message["tool_calls"]]
         elif role == "tool":
@@ -80,39 +81,11 @@ def ollama_payload(request: ProviderRequest, *, model: str) -> dict[str, Any]:
     return payload
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            str(part.get("text") or "")
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
-        )
-    return ""
-
-
 def _tool_call(call: Any, names: dict[str, str]) -> dict[str, Any]:
-    call = call if isinstance(call, dict) else {}
-    function = call.get("function")
-    function = function if isinstance(function, dict) else {}
-    name = str(function.get("name") or "")
-    if call.get("id"):
-        names[str(call["id"])] = name
-    arguments = function.get("arguments")
-    parsed: Any
-    if isinstance(arguments, dict):
-        parsed = arguments
-    elif not arguments:
-        parsed = {}
-    else:
-        try:
-            parsed = orjson.loads(arguments)
-        except (orjson.JSONDecodeError, TypeError):
-            parsed = None
-        if not isinstance(parsed, dict):
-            parsed = {"arguments": str(arguments)}
-    return {"function": {"name": name, "arguments": parsed}}
+    parsed = read_tool_call(call)
+    if parsed.id:
+        names[parsed.id] = parsed.name  # tool results name their tool in Ollama's format
+    return {"function": {"name": parsed.name, "arguments": parsed.arguments}}
 
 
 # --- the provider -----------------------------------------------------------------------------
