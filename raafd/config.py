@@ -19,7 +19,7 @@ import tomllib
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import cattrs
@@ -628,6 +628,3 @@ def diff_configs(old: Config, new: Config, prefix: str = "") -> list[str]:
 
 def is_reloadable(path: str) -> bool:
     return any(path == r or path.startswith(r + ".") for r in RELOADABLE)
-
-
-Format = Literal["json", "console"]

@@ -33,7 +33,7 @@ from raafd.providers.base import (
 )
 from raafd.providers.breaker import Breakers
 from raafd.providers.demo import DemoProvider
-from raafd.streams import StreamManager, StreamWriter, run_provider
+from raafd.streams import StreamManager, StreamWriter
 
 LIMIT = 1000  # clock seconds: the absolute timeout around every wait
 
@@ -1040,40 +1040,6 @@ async def test_start_with_a_body_of_its_own(
     ]
     labelled = h.manager.start(agent=None, body=body)  # the default agent's label and model
     assert (await h.events(labelled.id))[0].fields == {"agent": "assistant", "model": "demo"}
-
-
-async def test_run_provider_is_one_plain_turn(
-    autojump_clock: trio.testing.MockClock, harness: StartHarness
-) -> None:
-    h = await harness()
-    script = Scripted(
-        "script",
-        [text("Hi"), call("lookup", '{"q": 1}', id="c1"), done("tool_calls", Usage(3, 2))],
-    )
-    failing = Scripted("failing", [down("nope")])
-    request = ProviderRequest(model="m", messages=[{"role": "user", "content": "x"}])
-
-    def body(provider: Provider) -> Callable[[StreamWriter], Awaitable[None]]:
-        async def run(out: StreamWriter) -> None:
-            await run_provider(out, provider, request, buffer=4, metrics=h.metrics)
-
-        return run
-
-    events = await h.events(h.manager.start(agent=None, body=body(script)).id)
-    assert [(e.kind, e.fields) for e in events[1:]] == [
-        ("content", {"delta": "Hi"}),
-        ("tool_call", {"tool_id": "c1", "tool_name": "lookup", "arguments": {"q": 1}}),
-        (
-            "complete",
-            {
-                "final_response": "Hi",
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2},
-                "finish_reason": "tool_calls",
-            },
-        ),
-    ]
-    events = await h.events(h.manager.start(agent=None, body=body(failing)).id)
-    assert events[-1].fields == {"error": {"code": "upstream_error", "message": "nope"}}
 
 
 async def test_the_managers_own_loop_follows_reload(

@@ -156,3 +156,23 @@ async def test_closing_an_http_stream_detaches_it(
             await manager.get(stream).wait()
     terminal = manager.get(stream).terminal
     assert terminal is not None and terminal.fields == {"reason": "detached"}
+
+
+async def test_replay_past_the_log_is_refused_before_the_stream_starts(start_daemon: Any) -> None:
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 1000.0, "reply_words": 30}},
+        streams={"log_max_events": 8},
+    )
+    async with httpx.AsyncClient(base_url=rd.base_url) as client:
+        with trio.fail_after(20):
+            stream = (await client.post("/v1/streams", json={"input": "x"})).json()["stream"]
+            await rd.daemon.streams.get(stream).wait()
+            for accept in ("text/event-stream", "application/x-ndjson"):
+                r = await client.get(
+                    f"/v1/streams/{stream}/events?after=1", headers={"accept": accept}
+                )
+                assert r.status_code == 410, r.text
+                error = r.json()["error"]
+                assert error["code"] == "gone" and "oldest" in error["message"]
+            r = await client.get(f"/v1/streams/{stream}/events?after=999")
+            assert r.status_code == 400 and r.json()["error"]["field"] == "after"

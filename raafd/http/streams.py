@@ -22,7 +22,7 @@ from raafd.protocol.events import StreamEvent
 if TYPE_CHECKING:
     from raafd.daemon import Daemon
 
-__all__ = ["add_stream_routes", "sse_frame"]
+__all__ = ["add_stream_routes", "event_stream", "framing_for", "sse_frame"]
 
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
@@ -38,7 +38,8 @@ def ndjson_line(event: StreamEvent) -> bytes:
     return event.json + b"\n"
 
 
-def _framing(accept: str, default: str | None) -> str | None:
+def framing_for(accept: str, default: str | None) -> str | None:
+    """SSE or NDJSON by the ``Accept`` header, else ``default``."""
     if SSE in accept:
         return SSE
     if NDJSON in accept:
@@ -46,36 +47,37 @@ def _framing(accept: str, default: str | None) -> str | None:
     return default
 
 
+def event_stream(daemon: Daemon, stream_id: str, after: int, framing: str) -> StreamingResponse:
+    """Replay and follow a stream as SSE or NDJSON from ``after``. A missing stream or an
+    ``after`` the log no longer holds is refused here, before any header is sent."""
+    daemon.streams.get(stream_id).log.check(after)
+    frame = sse_frame if framing == SSE else ndjson_line
+    heartbeat = _SSE_HEARTBEAT if framing == SSE else _NDJSON_HEARTBEAT
+    sent = daemon.metrics.events_sent.labels("sse" if framing == SSE else "ndjson")
+
+    async def body() -> AsyncIterator[bytes]:
+        interval = daemon.config.http.heartbeat_interval
+        async with daemon.streams.subscribe(stream_id, after) as subscription:
+            iterator = subscription.__aiter__()
+            while True:
+                batch = None
+                with trio.move_on_after(interval):
+                    try:
+                        batch = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        return
+                if batch is None:
+                    yield heartbeat
+                    continue
+                sent.inc(len(batch))
+                yield b"".join([frame(e) for e in batch])
+
+    return StreamingResponse(body, framing, headers={"x-raafd-stream": stream_id})
+
+
 def add_stream_routes(router: Router, daemon: Daemon) -> None:
     def manager() -> Any:
         return daemon.streams
-
-    def event_stream(stream_id: str, after: int, framing: str) -> StreamingResponse:
-        frame = sse_frame if framing == SSE else ndjson_line
-        heartbeat = _SSE_HEARTBEAT if framing == SSE else _NDJSON_HEARTBEAT
-        sent = daemon.metrics.events_sent.labels("sse" if framing == SSE else "ndjson")
-        # Subscribe now, so a missing stream or an evicted `after` is an HTTP error, not a
-        # broken stream.
-        subscription_cm = manager().subscribe(stream_id, after)
-
-        async def body() -> AsyncIterator[bytes]:
-            interval = daemon.config.http.heartbeat_interval
-            async with subscription_cm as subscription:
-                iterator = subscription.__aiter__()
-                while True:
-                    batch = None
-                    with trio.move_on_after(interval):
-                        try:
-                            batch = await iterator.__anext__()
-                        except StopAsyncIteration:
-                            return
-                    if batch is None:
-                        yield heartbeat
-                        continue
-                    sent.inc(len(batch))
-                    yield b"".join([frame(e) for e in batch])
-
-        return StreamingResponse(body, framing, headers={"x-raafd-stream": stream_id})
 
     async def start(request: Request) -> Response | StreamingResponse:
         if daemon.draining:
@@ -88,12 +90,12 @@ def add_stream_routes(router: Router, daemon: Daemon) -> None:
             owner=f"http:{request.id}",
             session=cmd.session,
         )
-        framing = _framing(request.headers.get("accept", ""), None)
+        framing = framing_for(request.headers.get("accept", ""), None)
         if framing is None:
             return JSONResponse(
                 {"stream": stream.id}, 201, {"location": f"/v1/streams/{stream.id}"}
             )
-        return event_stream(stream.id, 0, framing)
+        return event_stream(daemon, stream.id, 0, framing)
 
     async def status(request: Request, stream_id: str) -> Response:
         return JSONResponse(manager().get(stream_id).info())
@@ -102,10 +104,8 @@ def add_stream_routes(router: Router, daemon: Daemon) -> None:
         after_text = request.headers.get("last-event-id") or request.query.get("after", "0")
         if not after_text.isdigit():
             raise BadRequest("after must be a non-negative integer", field="after")
-        manager().get(stream_id)
-        return event_stream(
-            stream_id, int(after_text), _framing(request.headers.get("accept", ""), SSE) or SSE
-        )
+        framing = framing_for(request.headers.get("accept", ""), SSE) or SSE
+        return event_stream(daemon, stream_id, int(after_text), framing)
 
     def control(action: str) -> Callable[..., Any]:
         async def handler(request: Request, stream_id: str) -> Response:

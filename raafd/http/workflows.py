@@ -23,7 +23,7 @@ from raafd.http.asgi import (
     decode_body,
     structure,
 )
-from raafd.http.streams import NDJSON, SSE
+from raafd.http.streams import event_stream, framing_for
 from raafd.protocol.commands import WorkflowStart
 
 if TYPE_CHECKING:
@@ -45,11 +45,9 @@ def add_workflow_routes(router: Router, daemon: Daemon) -> None:
         stream = start_workflow(
             daemon.streams, cmd, daemon.config.agents, owner=f"http:{request.id}"
         )
-        accept = request.headers.get("accept", "")
-        if SSE in accept or NDJSON in accept:
-            handler, params = router.route("GET", f"/v1/streams/{stream.id}/events")
-            result: Response | StreamingResponse = await handler(request, **params)
-            return result
+        framing = framing_for(request.headers.get("accept", ""), None)
+        if framing is not None:
+            return event_stream(daemon, stream.id, 0, framing)
         return JSONResponse({"stream": stream.id}, 201, {"location": f"/v1/streams/{stream.id}"})
 
     router.add("POST", "/v1/workflows", start)

@@ -4,13 +4,11 @@ their tasks, and the runner that turns a provider's output into stream events.
 - ``log``: :class:`EventLog`, the bounded, pure log of one stream;
 - ``stream``: :class:`Stream` (one run, its controls and timers) and :class:`Subscription`
   (a cursor into the log with backpressure, coalescing and :class:`SlowConsumer`);
-- ``runner``: :func:`run_provider`, a stream's body for a plain provider request;
 - ``manager``: :class:`StreamManager`, limits, lookup, retention, drain.
 """
 
 from raafd.streams.log import EventLog
 from raafd.streams.manager import StreamManager
-from raafd.streams.runner import run_provider
 from raafd.streams.stream import (
     STATUSES,
     Body,
@@ -33,5 +31,4 @@ __all__ = [
     "StreamWriter",
     "Subscription",
     "new_stream_id",
-    "run_provider",
 ]
