@@ -626,5 +626,19 @@ def diff_configs(old: Config, new: Config, prefix: str = "") -> list[str]:
     return changed
 
 
+def merge_reloadable(running: Any, new: Any, prefix: str = "") -> Any:
+    """``running`` with every reloadable setting (see :data:`RELOADABLE`) taken from ``new``;
+    the others keep their running value until a restart."""
+    updates: dict[str, Any] = {}
+    for a in attrs.fields(type(running)):
+        path = f"{prefix}{a.name}"
+        before, after = getattr(running, a.name), getattr(new, a.name)
+        if is_reloadable(path):
+            updates[a.name] = after
+        elif attrs.has(type(before)):
+            updates[a.name] = merge_reloadable(before, after, path + ".")
+    return attrs.evolve(running, **updates)
+
+
 def is_reloadable(path: str) -> bool:
     return any(path == r or path.startswith(r + ".") for r in RELOADABLE)

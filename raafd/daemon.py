@@ -27,7 +27,14 @@ from raafd import __version__
 from raafd.admin.server import AdminServer
 from raafd.agents.runner import AgentLoop
 from raafd.agents.tools import ToolRegistry
-from raafd.config import Config, ConfigError, diff_configs, is_reloadable, load_config
+from raafd.config import (
+    Config,
+    ConfigError,
+    diff_configs,
+    is_reloadable,
+    load_config,
+    merge_reloadable,
+)
 from raafd.errors import BadRequest, NotFound
 from raafd.gateway.gateway import Gateway
 from raafd.http.app import build_app
@@ -175,18 +182,25 @@ class Daemon:
             set_level(new.logging.level)
         # Components read their section through the daemon's config on each use, so replacing
         # the reloadable sections is enough; the rest keeps its running value until restart.
-        self.config = new if not restart else _merge_reloadable(self.config, new)
-        self.listener.config = self.config.server
+        self.config = merge_reloadable(self.config, new)
+        cfg = self.config
+        self.listener.config = cfg.server
         if any(p.startswith("providers") for p in applied):
-            self.providers = build_providers(
-                self.config.providers, self._http_client, **self._env()
-            )
+            self.providers = build_providers(cfg.providers, self._http_client, **self._env())
+        tools = [p for p in applied if p.startswith("tools")]
+        if tools:
+            # The registry owns MCP processes and connections; it is rebuilt at start only.
+            log.warning("tool changes apply after a restart", changed=tools)
+        self.breakers.reload(cfg.breaker, providers=self.providers)
+        self.agents.reload(agents=cfg.agents, providers=self.providers, streams=cfg.streams)
         self.streams.reload(
-            config=self.config.streams,
-            agents=self.config.agents,
+            config=cfg.streams,
+            agents=cfg.agents,
             providers=self.providers,
-            default_agent=self.config.default_agent,
+            default_agent=cfg.default_agent,
         )
+        if self.sessions is not None:
+            self.sessions.reload(cfg.sessions)
         log.info("configuration reloaded", applied=applied, needs_restart=restart)
         return {"applied": applied, "needs_restart": restart}
 
@@ -282,25 +296,3 @@ class Daemon:
             raise BadRequest(str(err), field="level") from None
         log.info("log level changed", level=level)
         return {"level": level}
-
-
-def _merge_reloadable(old: Config, new: Config) -> Config:
-    """``old`` with every reloadable setting taken from ``new``."""
-    import attrs
-
-    updates: dict[str, Any] = {}
-    for a in attrs.fields(Config):
-        if is_reloadable(a.name):
-            updates[a.name] = getattr(new, a.name)
-    server_updates = {
-        name.split(".", 1)[1]: getattr(new.server, name.split(".", 1)[1])
-        for name in ("server.shutdown_grace", "server.drain_delay", "server.max_connections")
-    }
-    ws_updates = {
-        f.name: getattr(new.websocket, f.name)
-        for f in attrs.fields(type(new.websocket))
-        if is_reloadable(f"websocket.{f.name}")
-    }
-    updates["server"] = attrs.evolve(old.server, **server_updates)
-    updates["websocket"] = attrs.evolve(old.websocket, **ws_updates)
-    return attrs.evolve(old, **updates)

@@ -100,3 +100,24 @@ async def test_breaker_opens_and_shows_in_stats_and_metrics(start_daemon: Any) -
         s for s in families["raafd_breaker_state"].samples if s.labels["provider"] == "down"
     ]
     assert sample.value == 2
+
+
+async def test_reload_reaches_the_agent_loop_breakers_and_sessions(
+    start_daemon: Any, make_config: Any
+) -> None:
+    rd = await start_daemon()
+    new = make_config(
+        agents={"poet": {"provider": "demo", "instructions": "Rhyme."}},
+        breaker={"failure_threshold": 2},
+        sessions={"max_messages": 10},
+    )
+    report = rd.daemon.reload(new)
+    assert "agents.poet" in report["applied"] or "agents" in report["applied"]
+    assert rd.daemon.breakers.config.failure_threshold == 2
+    async with httpx.AsyncClient(base_url=rd.base_url) as client:
+        with trio.fail_after(20):
+            created = await client.post("/v1/streams", json={"input": "hi", "agent": "poet"})
+            assert created.status_code == 201
+            events = await stream_to_end(client, created.json()["stream"])
+    assert events[0]["agent"] == "poet"
+    assert events[-1]["event"] == "complete", events[-1]

@@ -177,3 +177,21 @@ def test_tool_and_handoff_references() -> None:
     assert problems('[agents.assistant]\nhandoffs = ["nobody"]') == [
         "agents.assistant.handoffs.0: no agent named 'nobody' is configured"
     ]
+
+
+def test_merge_reloadable_takes_reloadable_keys_and_keeps_the_rest() -> None:
+    from raafd.config import merge_reloadable
+
+    running = parse_config({"server": {"port": 8080}})
+    new = parse_config(
+        {
+            "server": {"port": 9090, "shutdown_grace": 3.0},
+            "websocket": {"max_frame": 4096, "send_queue": 8},
+            "logging": {"level": "debug"},
+            "breaker": {"failure_threshold": 2},
+        }
+    )
+    merged = merge_reloadable(running, new)
+    assert merged.server.port == 8080 and merged.server.shutdown_grace == 3.0
+    assert merged.websocket.max_frame == 4096 and merged.websocket.send_queue == 256
+    assert merged.logging.level == "debug" and merged.breaker.failure_threshold == 2
