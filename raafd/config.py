@@ -163,7 +163,6 @@ class StreamsConfig:
     idle_timeout: float = field(default=60.0, validator=_positive)
     max_duration: float = field(default=900.0, validator=_positive)
     subscriber_buffer: int = field(default=64, validator=_positive)
-    provider_buffer: int = field(default=16, validator=_positive)
     max_lag: int = field(default=1024, validator=_positive)
 
 

@@ -43,7 +43,7 @@ from raafd.logging import get_level, get_logger, set_level
 from raafd.metrics import Metrics
 from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
-from raafd.providers.registry import build_providers, open_http_client
+from raafd.providers.registry import build_providers, open_http_client, open_upstream_client
 from raafd.sdnotify import SdNotifier
 from raafd.store.sqlite import SqliteSessionStore, database_path, open_session_store
 from raafd.streams import StreamManager
@@ -117,13 +117,14 @@ class Daemon:
         """Start everything; ``started`` with the public address; return after a drain."""
         os.makedirs(self.config.state.dir, exist_ok=True)
         async with (
+            open_upstream_client() as upstream_client,
             open_http_client() as http_client,
             open_session_store(database_path(self.config.state), self.config.sessions) as store,
             trio.open_nursery() as nursery,
         ):
-            self._http_client = http_client
+            self._upstream_client = upstream_client
             self.sessions = store
-            self.providers = build_providers(self.config.providers, http_client, **self._env())
+            self.providers = build_providers(self.config.providers, upstream_client, **self._env())
             self.tools = ToolRegistry(
                 self.config.tools, http_client, metrics=self.metrics, **self._env()
             )
@@ -186,7 +187,7 @@ class Daemon:
         cfg = self.config
         self.listener.config = cfg.server
         if any(p.startswith("providers") for p in applied):
-            self.providers = build_providers(cfg.providers, self._http_client, **self._env())
+            self.providers = build_providers(cfg.providers, self._upstream_client, **self._env())
         tools = [p for p in applied if p.startswith("tools")]
         if tools:
             # The registry owns MCP processes and connections; it is rebuilt at start only.

@@ -107,7 +107,9 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         await self.inner.aclose()
 
 
-WebSocketHandler = Callable[[PrefixedStream, RequestHead], Awaitable[None]]
+# The connection's socket stream, the bytes already read from it (the request head, perhaps
+# more), and the parsed head.
+WebSocketHandler = Callable[[trio.SocketStream, bytes, RequestHead], Awaitable[None]]
 
 
 def _simple_response(status: int, reason: str, body: bytes, extra: str = "") -> bytes:
@@ -252,7 +254,7 @@ class PublicListener:
                 with trio.move_on_after(1):
                     await _send_and_close(stream, _DRAINING)
                 return
-            await self.websocket_handler(prefixed, head)
+            await self.websocket_handler(stream, bytes(buf), head)
             return
         if not buf:
             with contextlib.suppress(OSError), trio.move_on_after(1):

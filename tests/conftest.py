@@ -12,13 +12,23 @@ import trio
 import trio.testing
 
 from raafd.config import Config, parse_config
-from raafd.providers.registry import open_http_client
+from raafd.providers.registry import open_http_client, open_upstream_client
+from raafd.providers.upstream import UpstreamClient
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    """The daemon's own shared upstream client (proxies from the environment ignored)."""
-    async with open_http_client(trust_env=False) as upstream_client:
+    """The daemon's own shared httpx client, as the tools use it (proxies from the environment
+    ignored)."""
+    async with open_http_client(trust_env=False) as http_client:
+        yield http_client
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[UpstreamClient]:
+    """The daemon's own shared upstream client, as the providers use it (proxies from the
+    environment ignored)."""
+    async with open_upstream_client(trust_env=False) as upstream_client:
         yield upstream_client
 
 

@@ -345,7 +345,10 @@ async def test_gives_up_after_max_attempts(
         async with open_client(rd.ws_url, max_attempts=3, backoff_base=1.0) as client:
             handle = await client.start("slow")
             await handle.__anext__()
-            rd.cancel_scope.cancel()  # the daemon is gone: connections refused from now on
+            # The daemon stops answering: no new connection is accepted and the live one is
+            # dropped, with the stream still running, so every reconnection is refused.
+            await rd.daemon.listener.stop_accepting()
+            kick_all(rd)
             with pytest.raises(ClientError) as caught:
                 await collect(handle)
             assert caught.value.code == "unavailable"

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-import httpx
 import pytest
 import trio
 from trio.testing import MockClock
@@ -24,7 +23,8 @@ from raafd.providers.base import (
     Usage,
 )
 from raafd.providers.ollama import OllamaProvider
-from raafd.providers.registry import build_providers, open_http_client
+from raafd.providers.registry import build_providers, open_upstream_client
+from raafd.providers.upstream import UpstreamClient
 from tests.fakes.anthropic_upstream import AnthropicScript, FakeAnthropic, ToolUse, output_tokens
 from tests.providers import Send, content_deltas, merged_calls, retrying, run_stream, text_of
 
@@ -58,7 +58,7 @@ def jump(clock: MockClock) -> None:
 
 def make_provider(
     fake: FakeAnthropic,
-    client: httpx.AsyncClient,
+    upstream: UpstreamClient,
     environ: dict[str, str] | None = None,
     **overrides: Any,
 ) -> AnthropicProvider:
@@ -73,7 +73,7 @@ def make_provider(
     }
     settings.update(overrides)
     env = {KEY_ENV: SECRET} if environ is None else environ
-    return AnthropicProvider("claude", ProviderConfig(**settings), client, env)
+    return AnthropicProvider("claude", ProviderConfig(**settings), upstream, env)
 
 
 def with_retry(
@@ -86,11 +86,11 @@ def with_retry(
 
 
 async def test_text_streams_in_order_pings_ignored_usage_and_finish(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     script = AnthropicScript(deltas=24, ping_every=1)  # a ping after every delta
     fake.push(script)
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert [d.text for d in content_deltas(events)] == list(script.text_pieces)
     assert len(events) == 24 + 1  # nothing for the pings, the block starts and stops
@@ -115,10 +115,10 @@ async def test_text_streams_in_order_pings_ignored_usage_and_finish(
 
 
 async def test_max_tokens_defaults_and_the_request_model_wins(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     request = ProviderRequest(model="claude-other", messages=[{"role": "user", "content": "x"}])
-    _, error = await run_stream(partial(make_provider(fake, client).stream, request))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, request))
     assert error is None
     body = fake.requests[-1].json
     assert body["model"] == "claude-other"
@@ -127,19 +127,19 @@ async def test_max_tokens_defaults_and_the_request_model_wins(
 
 
 async def test_a_base_url_ending_in_v1_is_not_doubled(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
-    provider = make_provider(fake, client, base_url=fake.base_url + "/v1/")
+    provider = make_provider(fake, upstream, base_url=fake.base_url + "/v1/")
     _, error = await run_stream(partial(provider.stream, REQUEST))
     assert error is None
     assert fake.requests[-1].path == "/v1/messages"
 
 
 async def test_each_delta_is_forwarded_the_moment_its_event_arrives(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     fake.push(AnthropicScript(deltas=10, hang_after=3))
-    provider = make_provider(fake, client)
+    provider = make_provider(fake, upstream)
     send, recv = trio.open_memory_channel[ProviderEvent](16)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -150,7 +150,7 @@ async def test_each_delta_is_forwarded_the_moment_its_event_arrives(
 
 
 async def test_tool_input_across_many_fragments_merges_into_whole_calls(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     weather = json.dumps({"city": "Zürich", "unit": "celsius", "days": [1, 2, 3]})
     lookup = json.dumps({"query": 'a "quoted" string, with {braces} and commas'})
@@ -164,7 +164,7 @@ async def test_tool_input_across_many_fragments_merges_into_whole_calls(
         ping_every=3,
     )
     fake.push(script)
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert text_of(events) == "I will check."  # the thinking block is not forwarded
     calls = merged_calls(events)
@@ -180,23 +180,23 @@ async def test_tool_input_across_many_fragments_merges_into_whole_calls(
 
 
 async def test_a_tool_call_without_parameters_gets_an_empty_object(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     fake.push(AnthropicScript(pieces=(), tool_uses=(ToolUse("now", "", id="toolu_n"),)))
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert merged_calls(events) == {0: {"id": "toolu_n", "name": "now", "arguments": "{}"}}
     assert events[-1].finish_reason == "tool_calls"  # type: ignore[union-attr]
 
 
 async def test_output_usage_is_cumulative_so_the_last_value_is_kept(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     # message_start says output_tokens 1, then four message_delta events say 2, 5, 7, 10:
     # each is the total so far, so the answer used 10, not 25.
     script = AnthropicScript(deltas=10, usage_steps=4, cache_read_tokens=5)
     fake.push(script)
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert events[-1] == Delta(usage=Usage(11 + 5, 10), finish_reason="stop")
 
@@ -213,18 +213,18 @@ async def test_output_usage_is_cumulative_so_the_last_value_is_kept(
     ],
 )
 async def test_stop_reasons_are_normalised(
-    fake: FakeAnthropic, client: httpx.AsyncClient, stop_reason: str, finish_reason: str
+    fake: FakeAnthropic, upstream: UpstreamClient, stop_reason: str, finish_reason: str
 ) -> None:
     fake.push(AnthropicScript(deltas=2, stop_reason=stop_reason))
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert events[-1] == Delta(usage=Usage(11, 2), finish_reason=finish_reason)
 
 
 async def test_the_connection_is_reused_after_message_stop(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
-    provider = make_provider(fake, client)
+    provider = make_provider(fake, upstream)
     for _ in range(3):
         _, error = await run_stream(partial(provider.stream, REQUEST))
         assert error is None
@@ -237,7 +237,7 @@ async def test_the_connection_is_reused_after_message_stop(
 
 
 async def test_system_tools_tool_calls_and_tool_results_are_translated(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     weather_schema = {
         "type": "object",
@@ -294,7 +294,7 @@ async def test_system_tools_tool_calls_and_tool_results_are_translated(
             {"type": "function", "function": {"name": "now"}},
         ],
     )
-    _, error = await run_stream(partial(make_provider(fake, client).stream, request))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, request))
     assert error is None  # the fake refuses a system role or a missing max_tokens
     body = fake.requests[-1].json
     assert body["system"] == "You are terse.\n\nAnswer in French."
@@ -350,10 +350,10 @@ async def test_system_tools_tool_calls_and_tool_results_are_translated(
 
 
 async def test_a_missing_key_fails_before_any_request(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     events, error = await run_stream(
-        partial(make_provider(fake, client, environ={}).stream, REQUEST)
+        partial(make_provider(fake, upstream, environ={}).stream, REQUEST)
     )
     assert error is not None
     assert not error.retryable and error.reason == "config"
@@ -371,11 +371,11 @@ async def test_a_missing_key_fails_before_any_request(
     ],
 )
 async def test_client_errors_are_final_with_the_message_and_no_key(
-    fake: FakeAnthropic, client: httpx.AsyncClient, status: int, kind: str, reason: str
+    fake: FakeAnthropic, upstream: UpstreamClient, status: int, kind: str, reason: str
 ) -> None:
     fake.push(AnthropicScript(status=status, error_type=kind, error_message="Nope.", echo_key=True))
     metrics = Metrics()
-    events, error = await run_stream(with_retry(make_provider(fake, client), metrics=metrics))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream), metrics=metrics))
     assert error is not None
     assert not error.retryable
     assert (error.status, error.reason) == (status, reason)
@@ -390,10 +390,10 @@ async def test_client_errors_are_final_with_the_message_and_no_key(
 
 
 async def test_without_api_key_env_no_key_is_sent(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     _, error = await run_stream(
-        partial(make_provider(fake, client, api_key_env="").stream, REQUEST)
+        partial(make_provider(fake, upstream, api_key_env="").stream, REQUEST)
     )
     assert error is not None  # the fake, like the API, wants a key
     assert error.reason == "auth" and "x-api-key header is required" in error.message
@@ -401,12 +401,12 @@ async def test_without_api_key_env_no_key_is_sent(
 
 
 async def test_x_should_retry_overrides_the_status(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     fake.push(
         AnthropicScript(status=500, error_type="api_error", headers=(("x-should-retry", "false"),))
     )
-    _, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is not None
     assert error.status == 500 and error.reason == "server_error" and not error.retryable
 
@@ -415,11 +415,11 @@ async def test_x_should_retry_overrides_the_status(
 
 
 async def test_rate_limit_retry_after_is_honoured_then_the_answer_streams(
-    fake: FakeAnthropic, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeAnthropic, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(AnthropicScript.rate_limited(retry_after="2"))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     notice = events[0]
     assert isinstance(notice, RetryNotice)
@@ -431,17 +431,17 @@ async def test_rate_limit_retry_after_is_honoured_then_the_answer_streams(
 
 
 async def test_overloaded_529_is_retryable_and_retried(
-    fake: FakeAnthropic, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeAnthropic, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(AnthropicScript.overloaded())
-    _, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is not None
     assert error.retryable and error.status == 529 and error.reason == "server_error"
     assert "(overloaded_error): Overloaded" in error.message
 
     fake.push(AnthropicScript.overloaded(), AnthropicScript.overloaded())
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     notices = [e for e in events if isinstance(e, RetryNotice)]
     assert [(n.attempt, n.reason) for n in notices] == [(1, "server_error"), (2, "server_error")]
@@ -450,12 +450,12 @@ async def test_overloaded_529_is_retryable_and_retried(
 
 
 async def test_an_error_event_mid_stream_is_a_final_provider_error(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     fake.push(
         AnthropicScript(error_after=3, error_type="overloaded_error", error_message="Overloaded")
     )
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is not None
     assert not error.retryable  # tokens went out: a retry would repeat them
     assert error.reason == "server_error"
@@ -466,11 +466,11 @@ async def test_an_error_event_mid_stream_is_a_final_provider_error(
 
 
 async def test_an_overloaded_error_event_before_the_first_delta_is_retried(
-    fake: FakeAnthropic, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeAnthropic, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(AnthropicScript(error_after=0, error_type="overloaded_error"))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     assert isinstance(events[0], RetryNotice) and events[0].reason == "server_error"
     assert len(content_deltas(events)) == 16
@@ -478,41 +478,41 @@ async def test_an_overloaded_error_event_before_the_first_delta_is_retried(
 
 
 async def test_an_invalid_request_error_event_is_not_retried(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     fake.push(AnthropicScript(error_after=0, error_type="invalid_request_error"))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is not None
     assert not error.retryable and error.reason == "upstream_error"
     assert events == [] and fake.request_count == 1
 
 
 async def test_a_cut_before_message_stop_is_a_disconnect(
-    fake: FakeAnthropic, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeAnthropic, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(AnthropicScript(close_after=3))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is not None
     assert error.reason == "disconnect"
     assert text_of(events) == "tok0 tok1 tok2 " and fake.request_count == 1
 
     fake.push(AnthropicScript(close_after=0))  # before the first delta: retried
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     assert isinstance(events[0], RetryNotice) and events[0].reason == "disconnect"
 
     fake.push(AnthropicScript(message_stop=False))  # the body ends without message_stop
-    _, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is not None and error.reason == "disconnect" and error.retryable
 
 
-async def test_connect_errors_are_retryable(client: httpx.AsyncClient) -> None:
+async def test_connect_errors_are_retryable(upstream: UpstreamClient) -> None:
     with socket.socket() as sock:  # bound, not listening: connecting is refused at once
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = ProviderConfig(type="anthropic", base_url=f"http://127.0.0.1:{port}", model="m")
-        provider = AnthropicProvider("claude", config, client, {})
+        provider = AnthropicProvider("claude", config, upstream, {})
         events, error = await run_stream(partial(provider.stream, REQUEST), limit=5)
     assert error is not None
     assert error.retryable and error.reason == "connect"
@@ -520,13 +520,13 @@ async def test_connect_errors_are_retryable(client: httpx.AsyncClient) -> None:
 
 
 async def test_a_silent_upstream_times_out(
-    fake: FakeAnthropic, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeAnthropic, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(AnthropicScript(hang_after=0))
     started = trio.current_time()
     _, error = await run_stream(
-        partial(make_provider(fake, client, read_timeout=3.0).stream, REQUEST)
+        partial(make_provider(fake, upstream, read_timeout=3.0).stream, REQUEST)
     )
     assert error is not None
     assert error.retryable and error.reason == "timeout"
@@ -539,14 +539,14 @@ async def test_a_silent_upstream_times_out(
 
 
 async def test_cancelling_the_consumer_closes_the_upstream_within_100ms(
-    fake: FakeAnthropic, client: httpx.AsyncClient
+    fake: FakeAnthropic, upstream: UpstreamClient
 ) -> None:
     fake.push(AnthropicScript(deltas=64, interval=0.02))
     send, recv = trio.open_memory_channel[ProviderEvent](4)
     with trio.fail_after(5):
         with trio.CancelScope() as consumer_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(with_retry(make_provider(fake, client)), send)
+                nursery.start_soon(with_retry(make_provider(fake, upstream)), send)
                 received = 0
                 async for _ in recv:
                     received += 1
@@ -554,12 +554,12 @@ async def test_cancelling_the_consumer_closes_the_upstream_within_100ms(
                         cancelled_at = trio.current_time()
                         consumer_scope.cancel()
         assert consumer_scope.cancelled_caught
-        upstream = fake.requests[-1]
-        await upstream.closed.wait()
-    assert upstream.closed_by_client and not upstream.completed
-    assert upstream.closed_at is not None
-    assert upstream.closed_at - cancelled_at < 0.1
-    assert upstream.deltas_sent < 64
+        recorded = fake.requests[-1]
+        await recorded.closed.wait()
+    assert recorded.closed_by_client and not recorded.completed
+    assert recorded.closed_at is not None
+    assert recorded.closed_at - cancelled_at < 0.1
+    assert recorded.deltas_sent < 64
 
 
 # --- registry and config ----------------------------------------------------------------------
@@ -579,7 +579,7 @@ async def test_the_registry_builds_anthropic_and_ollama_and_config_accepts_them(
             }
         }
     )
-    async with open_http_client(trust_env=False) as client:
+    async with open_upstream_client(trust_env=False) as client:
         providers = build_providers(config.providers, client, environ={})
     claude, llama = providers["claude"], providers["llama"]
     assert isinstance(claude, AnthropicProvider) and claude.name == "claude"

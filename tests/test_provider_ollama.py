@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-import httpx
 import pytest
 import trio
 from hypothesis import given, settings
@@ -25,6 +24,7 @@ from raafd.providers.base import (
 )
 from raafd.providers.ndjson import NDJSONError, NDJSONSplitter
 from raafd.providers.ollama import OllamaProvider
+from raafd.providers.upstream import UpstreamClient
 from tests.fakes.ollama_upstream import FakeOllama, OllamaScript, OllamaToolCall
 from tests.providers import Send, content_deltas, merged_calls, retrying, run_stream, text_of
 
@@ -58,7 +58,7 @@ def jump(clock: MockClock) -> None:
 
 def make_provider(
     fake: FakeOllama,
-    client: httpx.AsyncClient,
+    upstream: UpstreamClient,
     environ: dict[str, str] | None = None,
     **overrides: Any,
 ) -> OllamaProvider:
@@ -70,7 +70,7 @@ def make_provider(
         "read_timeout": 5.0,
     }
     settings.update(overrides)
-    return OllamaProvider("llama", ProviderConfig(**settings), client, environ or {})
+    return OllamaProvider("llama", ProviderConfig(**settings), upstream, environ or {})
 
 
 def with_retry(provider: OllamaProvider, **kw: Any) -> Callable[[Send], Awaitable[None]]:
@@ -81,11 +81,11 @@ def with_retry(provider: OllamaProvider, **kw: Any) -> Callable[[Send], Awaitabl
 
 
 async def test_text_streams_in_order_with_usage_from_the_done_line(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
     script = OllamaScript(deltas=24)
     fake.push(script)
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert [d.text for d in content_deltas(events)] == list(script.text_pieces)
     assert len(events) == 24 + 1
@@ -107,10 +107,10 @@ async def test_text_streams_in_order_with_usage_from_the_done_line(
 
 
 async def test_no_options_without_temperature_or_max_tokens(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
     request = ProviderRequest(model="qwen3", messages=[{"role": "user", "content": "x"}])
-    _, error = await run_stream(partial(make_provider(fake, client).stream, request))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, request))
     assert error is None
     body = fake.requests[-1].json
     assert body == {
@@ -121,10 +121,10 @@ async def test_no_options_without_temperature_or_max_tokens(
 
 
 async def test_each_line_is_forwarded_the_moment_it_arrives(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
     fake.push(OllamaScript(deltas=10, hang_after=3))
-    provider = make_provider(fake, client)
+    provider = make_provider(fake, upstream)
     send, recv = trio.open_memory_channel[ProviderEvent](16)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -136,7 +136,7 @@ async def test_each_line_is_forwarded_the_moment_it_arrives(
 
 @pytest.mark.parametrize("split_tool_calls", [False, True], ids=["one-line", "line-per-call"])
 async def test_whole_tool_calls_become_one_fragment_each_with_generated_ids(
-    fake: FakeOllama, client: httpx.AsyncClient, split_tool_calls: bool
+    fake: FakeOllama, upstream: UpstreamClient, split_tool_calls: bool
 ) -> None:
     weather = {"city": "Zürich", "days": [1, 2, 3], "unit": "celsius"}
     fake.push(
@@ -150,7 +150,7 @@ async def test_whole_tool_calls_become_one_fragment_each_with_generated_ids(
             eval_count=31,
         )
     )
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert text_of(events) == "Checking."
     calls = merged_calls(events)
@@ -170,25 +170,25 @@ async def test_whole_tool_calls_become_one_fragment_each_with_generated_ids(
     ("done_reason", "finish_reason"), [("stop", "stop"), ("length", "length"), ("load", "stop")]
 )
 async def test_done_reasons_are_normalised(
-    fake: FakeOllama, client: httpx.AsyncClient, done_reason: str, finish_reason: str
+    fake: FakeOllama, upstream: UpstreamClient, done_reason: str, finish_reason: str
 ) -> None:
     fake.push(OllamaScript(deltas=2, done_reason=done_reason))
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert events[-1] == Delta(usage=Usage(9, 2), finish_reason=finish_reason)
 
 
-async def test_crlf_line_ends_are_read(fake: FakeOllama, client: httpx.AsyncClient) -> None:
+async def test_crlf_line_ends_are_read(fake: FakeOllama, upstream: UpstreamClient) -> None:
     fake.push(OllamaScript(deltas=3, crlf=True))
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert text_of(events) == "tok0 tok1 tok2 "
 
 
 async def test_the_connection_is_reused_after_the_done_line(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
-    provider = make_provider(fake, client)
+    provider = make_provider(fake, upstream)
     for _ in range(3):
         _, error = await run_stream(partial(provider.stream, REQUEST))
         assert error is None
@@ -201,7 +201,7 @@ async def test_the_connection_is_reused_after_the_done_line(
 
 
 async def test_tool_calls_results_and_tools_are_translated(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
     tools = [
         {
@@ -240,7 +240,7 @@ async def test_tool_calls_results_and_tools_are_translated(
         ],
         tools=tools,
     )
-    _, error = await run_stream(partial(make_provider(fake, client).stream, request))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, request))
     assert error is None
     body = fake.requests[-1].json
     assert body["messages"] == [
@@ -265,10 +265,10 @@ async def test_tool_calls_results_and_tools_are_translated(
 
 
 async def test_an_error_line_mid_stream_is_a_final_provider_error(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
     fake.push(OllamaScript(error_after=3, error_message="llama runner process has terminated"))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is not None
     assert not error.retryable and error.reason == "upstream_error"
     assert "llama runner process has terminated" in error.message
@@ -278,11 +278,11 @@ async def test_an_error_line_mid_stream_is_a_final_provider_error(
 
 
 async def test_an_error_line_before_the_first_token_is_retried(
-    fake: FakeOllama, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeOllama, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(OllamaScript(error_after=0))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     assert isinstance(events[0], RetryNotice) and events[0].reason == "upstream_error"
     assert len(content_deltas(events)) == 16
@@ -290,31 +290,31 @@ async def test_an_error_line_before_the_first_token_is_retried(
 
 
 async def test_a_missing_model_is_a_final_bad_request_with_the_message(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
-    events, error = await run_stream(with_retry(make_provider(fake, client, model="")))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream, model="")))
     assert error is not None
     assert not error.retryable and error.status == 400 and error.reason == "bad_request"
     assert error.message == "llama: the upstream answered HTTP 400: model is required"
     assert events == [] and fake.request_count == 1
 
 
-async def test_model_not_found_is_final(fake: FakeOllama, client: httpx.AsyncClient) -> None:
+async def test_model_not_found_is_final(fake: FakeOllama, upstream: UpstreamClient) -> None:
     fake.push(OllamaScript(status=404, error_message='model "llama9" not found, try pulling it'))
-    _, error = await run_stream(with_retry(make_provider(fake, client)))
+    _, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is not None
     assert not error.retryable and error.status == 404 and error.reason == "bad_request"
     assert 'model "llama9" not found' in error.message
 
 
 async def test_rate_limit_retry_after_is_honoured_then_the_answer_streams(
-    fake: FakeOllama, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeOllama, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(
         OllamaScript(status=429, error_message="too many requests", headers=(("retry-after", "2"),))
     )
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     notice = events[0]
     assert isinstance(notice, RetryNotice)
@@ -326,7 +326,7 @@ async def test_rate_limit_retry_after_is_honoured_then_the_answer_streams(
 
 
 async def test_server_busy_is_retried(
-    fake: FakeOllama, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeOllama, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     busy = OllamaScript(
@@ -334,7 +334,7 @@ async def test_server_busy_is_retried(
         error_message="server busy, please try again.  maximum pending requests exceeded",
     )
     fake.push(busy, busy)
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     assert [(e.attempt, e.reason) for e in events if isinstance(e, RetryNotice)] == [
         (1, "server_error"),
@@ -344,9 +344,9 @@ async def test_server_busy_is_retried(
 
 
 async def test_the_key_goes_in_a_bearer_header_and_never_into_errors(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
-    provider = make_provider(fake, client, {KEY_ENV: SECRET}, api_key_env=KEY_ENV)
+    provider = make_provider(fake, upstream, {KEY_ENV: SECRET}, api_key_env=KEY_ENV)
     _, error = await run_stream(partial(provider.stream, REQUEST))
     assert error is None
     assert fake.requests[-1].headers["authorization"] == f"Bearer {SECRET}"
@@ -361,9 +361,9 @@ async def test_the_key_goes_in_a_bearer_header_and_never_into_errors(
 
 
 async def test_a_missing_key_fails_before_any_request(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
-    provider = make_provider(fake, client, {}, api_key_env=KEY_ENV)
+    provider = make_provider(fake, upstream, {}, api_key_env=KEY_ENV)
     events, error = await run_stream(partial(provider.stream, REQUEST))
     assert error is not None
     assert not error.retryable and error.reason == "config" and KEY_ENV in error.message
@@ -371,31 +371,31 @@ async def test_a_missing_key_fails_before_any_request(
 
 
 async def test_a_stream_without_its_done_line_is_a_disconnect(
-    fake: FakeOllama, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeOllama, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(OllamaScript(close_after=3))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is not None
     assert error.reason == "disconnect"
     assert text_of(events) == "tok0 tok1 tok2 " and fake.request_count == 1
 
     fake.push(OllamaScript(done=False))  # the body ends properly, but without a done line
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is not None and error.reason == "disconnect" and error.retryable
 
     fake.push(OllamaScript(close_after=0))  # before the first token: retried
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     assert isinstance(events[0], RetryNotice) and events[0].reason == "disconnect"
 
 
-async def test_connect_errors_are_retryable(client: httpx.AsyncClient) -> None:
+async def test_connect_errors_are_retryable(upstream: UpstreamClient) -> None:
     with socket.socket() as sock:  # bound, not listening: connecting is refused at once
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = ProviderConfig(type="ollama", base_url=f"http://127.0.0.1:{port}", model="m")
-        provider = OllamaProvider("llama", config, client, {})
+        provider = OllamaProvider("llama", config, upstream, {})
         events, error = await run_stream(partial(provider.stream, REQUEST), limit=5)
     assert error is not None
     assert error.retryable and error.reason == "connect"
@@ -403,13 +403,13 @@ async def test_connect_errors_are_retryable(client: httpx.AsyncClient) -> None:
 
 
 async def test_a_silent_upstream_times_out(
-    fake: FakeOllama, client: httpx.AsyncClient, autojump_clock: MockClock
+    fake: FakeOllama, upstream: UpstreamClient, autojump_clock: MockClock
 ) -> None:
     jump(autojump_clock)
     fake.push(OllamaScript(hang_after=0))
     started = trio.current_time()
     _, error = await run_stream(
-        partial(make_provider(fake, client, read_timeout=3.0).stream, REQUEST)
+        partial(make_provider(fake, upstream, read_timeout=3.0).stream, REQUEST)
     )
     assert error is not None
     assert error.retryable and error.reason == "timeout"
@@ -422,14 +422,14 @@ async def test_a_silent_upstream_times_out(
 
 
 async def test_cancelling_the_consumer_closes_the_upstream_within_100ms(
-    fake: FakeOllama, client: httpx.AsyncClient
+    fake: FakeOllama, upstream: UpstreamClient
 ) -> None:
     fake.push(OllamaScript(deltas=64, interval=0.02))
     send, recv = trio.open_memory_channel[ProviderEvent](4)
     with trio.fail_after(5):
         with trio.CancelScope() as consumer_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(with_retry(make_provider(fake, client)), send)
+                nursery.start_soon(with_retry(make_provider(fake, upstream)), send)
                 received = 0
                 async for _ in recv:
                     received += 1
@@ -437,12 +437,12 @@ async def test_cancelling_the_consumer_closes_the_upstream_within_100ms(
                         cancelled_at = trio.current_time()
                         consumer_scope.cancel()
         assert consumer_scope.cancelled_caught
-        upstream = fake.requests[-1]
-        await upstream.closed.wait()
-    assert upstream.closed_by_client and not upstream.completed
-    assert upstream.closed_at is not None
-    assert upstream.closed_at - cancelled_at < 0.1
-    assert upstream.deltas_sent < 64
+        recorded = fake.requests[-1]
+        await recorded.closed.wait()
+    assert recorded.closed_by_client and not recorded.completed
+    assert recorded.closed_at is not None
+    assert recorded.closed_at - cancelled_at < 0.1
+    assert recorded.deltas_sent < 64
 
 
 # --- the NDJSON splitter ----------------------------------------------------------------------

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-import httpx
 import pytest
 import trio
 from trio.testing import MockClock
@@ -27,8 +26,9 @@ from raafd.providers.base import (
 )
 from raafd.providers.demo import DemoProvider
 from raafd.providers.openai import OpenAIProvider, parse_retry_after, redact_secrets
-from raafd.providers.registry import build_providers, open_http_client
+from raafd.providers.registry import build_providers, open_upstream_client
 from raafd.providers.retry import stream_with_retry
+from raafd.providers.upstream import UpstreamClient
 from tests.fakes import FakeOpenAI, Script, ToolCallScript
 from tests.providers import Send, content_deltas, retrying, run_stream, text_of
 
@@ -63,7 +63,7 @@ async def fake(nursery: trio.Nursery) -> FakeOpenAI:
 
 def make_provider(
     fake: FakeOpenAI,
-    client: httpx.AsyncClient,
+    upstream: UpstreamClient,
     environ: dict[str, str] | None = None,
     **overrides: Any,
 ) -> OpenAIProvider:
@@ -78,7 +78,7 @@ def make_provider(
     }
     settings.update(overrides)
     env = {KEY_ENV: SECRET} if environ is None else environ
-    return OpenAIProvider("up", ProviderConfig(**settings), client, env)
+    return OpenAIProvider("up", ProviderConfig(**settings), upstream, env)
 
 
 def with_retry(
@@ -97,11 +97,11 @@ def metric(metrics: Metrics, name: str, reason: str) -> float:
 
 
 async def test_text_streams_in_order_with_usage_and_finish(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     script = Script(deltas=64, interval=0)
     fake.push(script)
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     texts = [d.text for d in content_deltas(events)]
     assert texts == list(script.content_pieces)
@@ -125,13 +125,13 @@ async def test_text_streams_in_order_with_usage_and_finish(
 
 
 async def test_request_model_tools_and_no_instructions(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     request = ProviderRequest(
         model="other-model", messages=[{"role": "user", "content": "x"}], tools=tools
     )
-    _, error = await run_stream(partial(make_provider(fake, client).stream, request))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, request))
     assert error is None
     body = fake.requests[-1].json
     assert body["model"] == "other-model"
@@ -141,11 +141,11 @@ async def test_request_model_tools_and_no_instructions(
 
 
 async def test_each_delta_is_forwarded_the_moment_its_line_arrives(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     # The upstream sends three deltas and then nothing: they must reach the consumer anyway.
     fake.push(Script(deltas=10, interval=0, hang_after=3))
-    provider = make_provider(fake, client)
+    provider = make_provider(fake, upstream)
     send, recv = trio.open_memory_channel[ProviderEvent](16)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -157,7 +157,7 @@ async def test_each_delta_is_forwarded_the_moment_its_line_arrives(
 
 
 async def test_tool_call_fragments_merge_into_whole_calls(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     weather = json.dumps({"city": "Zürich", "unit": "celsius", "days": [1, 2, 3]})
     lookup = json.dumps({"query": 'a "quoted" string, with commas'})
@@ -173,7 +173,7 @@ async def test_tool_call_fragments_merge_into_whole_calls(
             ),
         )
     )
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
 
     calls: dict[int, dict[str, Any]] = {}
@@ -202,20 +202,20 @@ async def test_tool_call_fragments_merge_into_whole_calls(
     ids=["no-usage", "usage-with-finish", "no-done", "bare"],
 )
 async def test_compatible_stream_shapes_are_tolerated(
-    fake: FakeOpenAI, client: httpx.AsyncClient, script: Script, usage: Usage | None
+    fake: FakeOpenAI, upstream: UpstreamClient, script: Script, usage: Usage | None
 ) -> None:
     fake.push(script)
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert text_of(events) == "tok0 tok1 tok2 "
     assert events[-1] == Delta(usage=usage, finish_reason="stop")
 
 
 async def test_a_server_that_ignores_stream_true_is_read_whole(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     fake.push(Script(deltas=4, stream=False))
-    events, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     assert events == [
         Delta(text="tok0 tok1 tok2 tok3 "),
@@ -224,9 +224,9 @@ async def test_a_server_that_ignores_stream_true_is_read_whole(
 
 
 async def test_the_connection_is_reused_after_done(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
-    provider = make_provider(fake, client)
+    provider = make_provider(fake, upstream)
     for _ in range(3):
         _, error = await run_stream(partial(provider.stream, REQUEST))
         assert error is None
@@ -239,9 +239,9 @@ async def test_the_connection_is_reused_after_done(
 
 
 async def test_authorization_carries_the_key_from_the_environment(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
-    _, error = await run_stream(partial(make_provider(fake, client).stream, REQUEST))
+    _, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
     headers = fake.requests[-1].headers
     assert headers["authorization"] == f"Bearer {SECRET}"
@@ -251,10 +251,10 @@ async def test_authorization_carries_the_key_from_the_environment(
 
 
 async def test_a_missing_key_fails_before_any_request(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     events, error = await run_stream(
-        partial(make_provider(fake, client, environ={}).stream, REQUEST)
+        partial(make_provider(fake, upstream, environ={}).stream, REQUEST)
     )
     assert error is not None
     assert not error.retryable
@@ -264,13 +264,13 @@ async def test_a_missing_key_fails_before_any_request(
 
 
 async def test_bad_request_is_final_with_the_upstream_message_and_no_key(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     fake.push(
         Script(status=400, error_message="Invalid value for 'temperature'", echo_authorization=True)
     )
     metrics = Metrics()
-    events, error = await run_stream(with_retry(make_provider(fake, client), metrics))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream), metrics))
     assert error is not None
     assert not error.retryable
     assert error.status == 400
@@ -298,11 +298,11 @@ def test_redaction_covers_masked_keys_and_bearer_values() -> None:
 
 
 async def test_rate_limit_retry_after_is_honoured_before_the_first_token(
-    fake: FakeOpenAI, client: httpx.AsyncClient, jump_clock: MockClock
+    fake: FakeOpenAI, upstream: UpstreamClient, jump_clock: MockClock
 ) -> None:
     fake.push(Script.rate_limited(retry_after="2"))
     metrics = Metrics()
-    events, error = await run_stream(with_retry(make_provider(fake, client), metrics, base=0.1))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream), metrics, base=0.1))
     assert error is None
     notice = events[0]
     assert isinstance(notice, RetryNotice)
@@ -316,12 +316,12 @@ async def test_rate_limit_retry_after_is_honoured_before_the_first_token(
 
 
 async def test_rate_limit_with_an_http_date(
-    fake: FakeOpenAI, client: httpx.AsyncClient, jump_clock: MockClock
+    fake: FakeOpenAI, upstream: UpstreamClient, jump_clock: MockClock
 ) -> None:
     import time
 
     fake.push(Script.rate_limited(retry_after=email.utils.formatdate(time.time() + 4, usegmt=True)))
-    events, error = await run_stream(with_retry(make_provider(fake, client), base=0.1))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream), base=0.1))
     assert error is None
     notice = events[0]
     assert isinstance(notice, RetryNotice)
@@ -329,13 +329,13 @@ async def test_rate_limit_with_an_http_date(
 
 
 async def test_server_errors_are_retried_up_to_max_retries_then_raised(
-    fake: FakeOpenAI, client: httpx.AsyncClient, jump_clock: MockClock
+    fake: FakeOpenAI, upstream: UpstreamClient, jump_clock: MockClock
 ) -> None:
     fake.push(*[Script.server_error(503)] * 3)
     metrics = Metrics()
     started = trio.current_time()
     events, error = await run_stream(
-        with_retry(make_provider(fake, client), metrics, max_retries=2, base=1.0, cap=3.0)
+        with_retry(make_provider(fake, upstream), metrics, max_retries=2, base=1.0, cap=3.0)
     )
     assert error is not None
     assert error.retryable and error.status == 503 and error.reason == "server_error"
@@ -353,21 +353,21 @@ async def test_server_errors_are_retried_up_to_max_retries_then_raised(
 
 
 async def test_a_disconnect_before_the_first_token_is_retried(
-    fake: FakeOpenAI, client: httpx.AsyncClient, jump_clock: MockClock
+    fake: FakeOpenAI, upstream: UpstreamClient, jump_clock: MockClock
 ) -> None:
     fake.push(Script(close_after=0))
-    events, error = await run_stream(with_retry(make_provider(fake, client), max_retries=1))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream), max_retries=1))
     assert error is None
     assert isinstance(events[0], RetryNotice) and events[0].reason == "disconnect"
     assert len(content_deltas(events)) == 64
 
 
 async def test_a_failure_after_the_first_token_is_not_retried(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     fake.push(Script(interval=0, close_after=3))
     metrics = Metrics()
-    events, error = await run_stream(with_retry(make_provider(fake, client), metrics))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream), metrics))
     assert error is not None
     assert error.reason == "disconnect"
     assert text_of(events) == "tok0 tok1 tok2 "
@@ -378,10 +378,10 @@ async def test_a_failure_after_the_first_token_is_not_retried(
 
 
 async def test_an_error_object_mid_stream_is_a_provider_error(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     fake.push(Script(interval=0, error_after=2, error_message="The model crashed"))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is not None
     assert error.reason == "upstream_error"
     assert "The model crashed" in error.message
@@ -390,16 +390,16 @@ async def test_an_error_object_mid_stream_is_a_provider_error(
 
 
 async def test_a_server_error_object_before_the_first_token_is_retried(
-    fake: FakeOpenAI, client: httpx.AsyncClient, jump_clock: MockClock
+    fake: FakeOpenAI, upstream: UpstreamClient, jump_clock: MockClock
 ) -> None:
     fake.push(Script(error_after=0, error_type="server_error", error_message="overloaded"))
-    events, error = await run_stream(with_retry(make_provider(fake, client)))
+    events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     assert isinstance(events[0], RetryNotice) and events[0].reason == "upstream_error"
     assert fake.request_count == 2
 
 
-async def test_connect_errors_are_retryable(client: httpx.AsyncClient) -> None:
+async def test_connect_errors_are_retryable(upstream: UpstreamClient) -> None:
     # A bound socket that does not listen: connecting to it is refused at once.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -407,7 +407,7 @@ async def test_connect_errors_are_retryable(client: httpx.AsyncClient) -> None:
         config = ProviderConfig(
             type="openai", base_url=f"http://127.0.0.1:{port}/v1", model="m", connect_timeout=2.0
         )
-        provider = OpenAIProvider("up", config, client, {})
+        provider = OpenAIProvider("up", config, upstream, {})
         events, error = await run_stream(partial(provider.stream, REQUEST), limit=5)
     assert error is not None
     assert error.retryable and error.reason == "connect"
@@ -415,12 +415,12 @@ async def test_connect_errors_are_retryable(client: httpx.AsyncClient) -> None:
 
 
 async def test_a_silent_upstream_times_out(
-    fake: FakeOpenAI, client: httpx.AsyncClient, jump_clock: MockClock
+    fake: FakeOpenAI, upstream: UpstreamClient, jump_clock: MockClock
 ) -> None:
     fake.push(Script(hang_after=0))
     started = trio.current_time()
     _, error = await run_stream(
-        partial(make_provider(fake, client, read_timeout=3.0).stream, REQUEST)
+        partial(make_provider(fake, upstream, read_timeout=3.0).stream, REQUEST)
     )
     assert error is not None
     assert error.retryable and error.reason == "timeout"
@@ -433,7 +433,7 @@ async def test_a_full_connection_pool_is_a_retryable_pool_error(
     fake: FakeOpenAI, jump_clock: MockClock
 ) -> None:
     fake.push(Script(hang_after=0))
-    async with open_http_client(max_connections=1, trust_env=False) as one:
+    async with open_upstream_client(max_connections=1, trust_env=False) as one:
         provider = make_provider(fake, one, connect_timeout=0.5, read_timeout=60.0)
         send, _ = trio.open_memory_channel[ProviderEvent](4)
         async with trio.open_nursery() as nursery:
@@ -451,10 +451,10 @@ async def test_a_full_connection_pool_is_a_retryable_pool_error(
 
 
 async def test_cancelling_the_consumer_closes_the_upstream_within_100ms(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     fake.push(Script())  # the benchmark's pace: 64 deltas, 20 ms apart
-    provider = make_provider(fake, client)
+    provider = make_provider(fake, upstream)
     send, recv = trio.open_memory_channel[ProviderEvent](4)
     with trio.fail_after(5):
         with trio.CancelScope() as consumer_scope:
@@ -478,38 +478,38 @@ async def test_cancelling_the_consumer_closes_the_upstream_within_100ms(
                         cancelled_at = trio.current_time()
                         consumer_scope.cancel()
         assert consumer_scope.cancelled_caught
-        upstream = fake.requests[-1]
-        await upstream.closed.wait()
-    assert upstream.closed_by_client
-    assert not upstream.completed
-    assert upstream.closed_at is not None
-    assert upstream.closed_at - cancelled_at < 0.1
-    assert upstream.deltas_sent < 64
+        recorded = fake.requests[-1]
+        await recorded.closed.wait()
+    assert recorded.closed_by_client
+    assert not recorded.completed
+    assert recorded.closed_at is not None
+    assert recorded.closed_at - cancelled_at < 0.1
+    assert recorded.deltas_sent < 64
 
 
 async def test_a_stalled_consumer_stalls_the_upstream_and_cancel_still_closes_it(
-    fake: FakeOpenAI, client: httpx.AsyncClient
+    fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:
     # 32 MB of answer cannot sit in socket buffers: with the consumer not reading, the provider
     # blocks in send(), stops reading, and the fake's writes block on the TCP window.
     script = Script(pieces=("x" * 1024,) * 32_768, interval=0)
     fake.push(script)
-    provider = make_provider(fake, client)
+    provider = make_provider(fake, upstream)
     send, recv = trio.open_memory_channel[ProviderEvent](1)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(provider.stream, REQUEST, send)
             await recv.receive()
-            upstream = fake.requests[-1]
+            recorded = fake.requests[-1]
             sent = -1
-            while sent != upstream.deltas_sent:  # until the upstream's writes stop
-                sent = upstream.deltas_sent
+            while sent != recorded.deltas_sent:  # until the upstream's writes stop
+                sent = recorded.deltas_sent
                 await trio.sleep(0.05)
-            assert not upstream.completed
-            assert upstream.deltas_sent < len(script.content_pieces)
+            assert not recorded.completed
+            assert recorded.deltas_sent < len(script.content_pieces)
             nursery.cancel_scope.cancel()
-        await upstream.closed.wait()
-    assert upstream.closed_by_client
+        await recorded.closed.wait()
+    assert recorded.closed_by_client
 
 
 # --- the retry layer alone --------------------------------------------------------------------
@@ -606,7 +606,7 @@ def test_parse_retry_after() -> None:
 
 
 async def test_registry_builds_providers_and_config_accepts_every_type() -> None:
-    async with open_http_client() as client:
+    async with open_upstream_client() as client:
         providers = build_providers(
             {
                 "demo": ProviderConfig(type="demo"),

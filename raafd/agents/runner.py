@@ -16,8 +16,9 @@ conversation, in the same stream.
 
 What the loop keeps true:
 
-- backpressure: the provider sends into a channel of ``provider_buffer`` items, and the loop
-  calls ``out.wait_ready()`` before each read, so a paused or slow stream stops the upstream;
+- backpressure: the provider runs in the stream's task and sends into a sink that appends to
+  the stream; the append waits while the stream is paused or its subscriber is behind, so the
+  provider stops reading the upstream (no channel, no second task per token);
 - cancellation: tools run in a nursery inside the stream's body, so cancelling the stream
   cancels them with the upstream request;
 - timers: tool-call fragments and tool results count as progress for the stream's first-token
@@ -134,11 +135,6 @@ class Turn:
         return [self.tool_calls[i] for i in sorted(self.tool_calls)]
 
 
-@define
-class _Outcome:
-    failure: ProviderError | None = None
-
-
 class Emit(Protocol):
     """``out.emit``, or the loop's wrapper of it that tags events with the agent."""
 
@@ -151,60 +147,54 @@ async def read_turn(
     *,
     breakers: Breakers,
     metrics: Metrics,
-    buffer: int,
     emit: Emit | None = None,
 ) -> Turn:
     """Run one model turn: stream ``chain`` (with fallback) into ``out`` as ``content`` and
     ``retry`` events and return what the model said. Tool calls are merged, not emitted.
-    Raises :class:`ProviderError`."""
-    emit = emit or out.emit
-    send, receive = trio.open_memory_channel[ProviderEvent](buffer)
-    turn = Turn()
-    outcome = _Outcome()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_produce, chain, send, breakers, metrics, outcome)
-        async with receive:
-            while True:
-                await out.wait_ready()  # paused or behind: stop reading, the channel fills
-                try:
-                    item = await receive.receive()
-                except trio.EndOfChannel:
-                    break
-                if isinstance(item, RetryNotice):
-                    await emit(
-                        "retry",
-                        attempt=item.attempt,
-                        reason=item.reason,
-                        retry_after=item.retry_after,
-                    )
-                    continue
-                if not _merge(out, turn, item):
-                    outcome.failure = ProviderError(
-                        f"the model asked for more than {MAX_TOOL_CALLS} tool calls in one turn",
-                        reason="protocol",
-                    )
-                    nursery.cancel_scope.cancel()
-                    break
-                if item.text:
-                    await emit("content", delta=item.text)
-    if outcome.failure is not None:
-        raise outcome.failure
-    return turn
+    Raises :class:`ProviderError`.
+
+    The provider runs in this task and its sink appends straight to the stream: no channel and
+    no second task per token. ``emit`` returns only once the stream takes more (not paused,
+    its single subscriber keeping up), so until then the provider does not read again."""
+    sink = _TurnSink(out, emit or out.emit)
+    await out.wait_ready()  # paused before the first token: do not even ask yet
+    try:
+        await stream_with_fallback(chain, sink, breakers=breakers, metrics=metrics)
+    except _TooManyCalls:
+        raise ProviderError(
+            f"the model asked for more than {MAX_TOOL_CALLS} tool calls in one turn",
+            reason="protocol",
+        ) from None
+    return sink.turn
 
 
-async def _produce(
-    chain: Sequence[tuple[Provider, ProviderRequest]],
-    send: trio.MemorySendChannel[ProviderEvent],
-    breakers: Breakers,
-    metrics: Metrics,
-    outcome: _Outcome,
-) -> None:
-    async with send:  # closing it is how the reader learns the answer is complete
-        try:
-            await stream_with_fallback(chain, send, breakers=breakers, metrics=metrics)
-        except ProviderError as exc:
-            # Handed to the reader, which raises it outside the nursery (no exception group).
-            outcome.failure = exc
+class _TooManyCalls(Exception):
+    """Raised through the provider (which lets it pass and closes its request) past
+    :data:`MAX_TOOL_CALLS`; not a :class:`ProviderError`, so no retry, no fallback and no
+    breaker verdict."""
+
+
+class _TurnSink:
+    """The provider's sink for one turn: merges deltas into the turn and emits text and
+    retries as they come."""
+
+    __slots__ = ("_emit", "_out", "turn")
+
+    def __init__(self, out: StreamWriter, emit: Emit) -> None:
+        self._out = out
+        self._emit = emit
+        self.turn = Turn()
+
+    async def send(self, item: ProviderEvent, /) -> None:
+        if isinstance(item, RetryNotice):
+            await self._emit(
+                "retry", attempt=item.attempt, reason=item.reason, retry_after=item.retry_after
+            )
+            return
+        if not _merge(self._out, self.turn, item):
+            raise _TooManyCalls
+        if item.text:
+            await self._emit("content", delta=item.text)
 
 
 def _merge(out: StreamWriter, turn: Turn, delta: Delta) -> bool:
@@ -333,7 +323,6 @@ class AgentLoop:
                 self._chain(current, conversation),
                 breakers=self._breakers,
                 metrics=self._metrics,
-                buffer=self._streams.provider_buffer,
                 emit=emit,
             )
             if turn.usage is not None:

@@ -1,11 +1,14 @@
-"""One WebSocket connection: handshake, then reader, writer, heartbeat and one task per attached
-stream, all in the connection's own nursery.
+"""One WebSocket connection: handshake, then a reader (which also sends the heartbeat), a writer
+and one delivery task per attached stream, all in the connection's own nursery.
 
-Ordering rule of this file: everything the connection sends goes through ``_out`` (a bounded
-channel) to the single writer task, so frames never interleave and a slow socket pushes back on
-the tasks feeding it (for a private stream, all the way to the provider's read). Closing stops
-the work nursery first, then queues the close frame behind what is already queued, so the
-client always sees the last events before the close.
+Ordering rule of this file: everything the connection sends goes through ``_out``
+(:class:`~raafd.gateway.sockio.Output`), which writes straight to the socket when nothing is
+queued and otherwise queues, bounded, for the writer task; so frames never interleave and a
+slow socket pushes back on whatever feeds it (for a private stream, all the way to the
+provider's read). A live event reaches a caught-up subscriber through ``push``, in the stream's
+own task, without waking the delivery task; the delivery task pulls only replay and what a full
+queue refused. Closing stops the work nursery first, then queues the close frame behind what is
+already queued, so the client always sees the last events before the close.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from wsproto.events import (
 from raafd.agents.workflows import start_workflow
 from raafd.errors import BadRequest, Conflict, NotFound, RaafdError
 from raafd.gateway.frames import close_frame, ping_frame, pong_frame, text_frame
-from raafd.listener import PrefixedStream, RequestHead
+from raafd.gateway.sockio import Output, RawSocket
+from raafd.listener import RequestHead
 from raafd.logging import get_logger
 from raafd.protocol.commands import (
     Hello,
@@ -46,6 +50,7 @@ from raafd.protocol.commands import (
     WorkflowStart,
     parse_command,
 )
+from raafd.protocol.events import StreamEvent
 from raafd.streams import SlowConsumer
 
 if TYPE_CHECKING:
@@ -92,9 +97,11 @@ def _user_for(token: str | None) -> str:
 
 
 class Connection:
-    def __init__(self, gateway: Gateway, stream: PrefixedStream, head: RequestHead) -> None:
+    def __init__(
+        self, gateway: Gateway, stream: trio.SocketStream, prefix: bytes, head: RequestHead
+    ) -> None:
         self.gateway = gateway
-        self.stream = stream
+        self.stream = RawSocket(stream, prefix)
         self.head = head
         self.id = f"c_{next(_conn_ids)}_{secrets.token_hex(3)}"
         self.user = "anonymous"
@@ -105,9 +112,7 @@ class Connection:
         self.last_seen = self.started_at
         self.events_sent = 0
         self._ws = WSConnection(ConnectionType.SERVER)
-        self._out, self._out_recv = trio.open_memory_channel[bytes](
-            gateway.config().websocket.send_queue
-        )
+        self._out = Output(self.stream, gateway.config().websocket.send_queue)
         self._work: trio.Nursery | None = None
         self._writer_done = trio.Event()
         self._close: _Close | None = None
@@ -119,7 +124,6 @@ class Connection:
 
     async def serve(self) -> None:
         structlog.contextvars.bind_contextvars(conn=self.id)
-        cfg = self.gateway.config()
         if not await self._handshake():
             return
         self.gateway.metrics.connections_total.labels("websocket").inc()
@@ -131,7 +135,6 @@ class Connection:
                         self._work = work
                         await self._after_handshake()
                         work.start_soon(self._reader)
-                        work.start_soon(self._heartbeat, cfg.websocket.heartbeat_interval)
                 except* _Close as group:
                     self._close = group.exceptions[0]  # type: ignore[assignment]
                 except* (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -142,8 +145,7 @@ class Connection:
                     self._close = _Close(CloseCode.INTERNAL, "internal error")
                 await self._finish(outer)
         finally:
-            with trio.move_on_after(1, shield=True):
-                await self.stream.aclose()
+            self.stream.close()
             log.debug("connection closed", code=self._close.code if self._close else None)
 
     def close(self, code: int, reason: str) -> None:
@@ -157,10 +159,10 @@ class Connection:
         close = self._close or _Close(CloseCode.NORMAL, "")
         with trio.move_on_after(2) as scope:
             try:
-                await self._out.send(close_frame(close.code, close.reason))
+                await self._out.write(close_frame(close.code, close.reason))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-            await self._out.aclose()
+            self._out.close()
             # The writer drains what was queued, the close frame last, then returns.
             await self._writer_done.wait()
         if scope.cancelled_caught:
@@ -175,7 +177,7 @@ class Connection:
     async def _await_peer_close(self) -> None:
         while True:
             try:
-                data = await self.stream.receive_some(65536)
+                data = await self.stream.receive_some()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
@@ -192,7 +194,7 @@ class Connection:
         request: Request | None = None
         with trio.move_on_after(cfg.server.header_timeout):
             while request is None:
-                data = await self.stream.receive_some(65536)
+                data = await self.stream.receive_some()
                 if not data:
                     return False
                 self._ws.receive_data(data)
@@ -277,36 +279,37 @@ class Connection:
 
     async def _writer(self) -> None:
         try:
-            async for data in self._out_recv:
-                parts = [data]
-                while len(parts) < 128:
-                    try:
-                        parts.append(self._out_recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+            await self._out.run_writer()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if self._work is not None:
                 self._work.cancel_scope.cancel()
         finally:
             self._writer_done.set()
 
-    async def _heartbeat(self, interval: float) -> None:
-        while True:
-            await trio.sleep(interval)
-            await self._out.send(ping_frame(b"hb"))
-
     async def _reader(self) -> None:
+        """Reads client frames; also the heartbeat: a ping every ``heartbeat_interval`` and
+        close 4408 once the client has been silent for ``heartbeat_timeout`` (one task, one
+        deadline, instead of a heartbeat task per idle connection)."""
         cfg = self.gateway.config()
         auth_deadline = self.started_at + cfg.websocket.auth_timeout
+        interval = cfg.websocket.heartbeat_interval
+        ping_at = self.started_at + interval
         while True:
             if self.authenticated:
                 deadline = self.last_seen + cfg.websocket.heartbeat_timeout
             else:
                 deadline = auth_deadline
-            with trio.move_on_at(deadline) as idle:
-                data = await self.stream.receive_some(65536)
-            if idle.cancelled_caught:
+            data: bytes | None = None
+            with trio.move_on_at(min(deadline, ping_at)):
+                data = await self.stream.receive_some()
+            now = trio.current_time()
+            if now >= ping_at:
+                ping_at = now + interval
+                # A client whose queue is full is behind anyway; it gets the next one.
+                self._out.write_nowait(ping_frame(b"hb"))
+            if data is None:
+                if now < deadline:
+                    continue
                 if self.authenticated:
                     raise _Close(CloseCode.TIMEOUT, "no frame from the client within the timeout")
                 raise _Close(CloseCode.TIMEOUT, "authentication timed out")
@@ -321,7 +324,7 @@ class Connection:
                 elif isinstance(event, BytesMessage):
                     await self.send_error(BadRequest("binary frames are not supported"))
                 elif isinstance(event, Ping):
-                    await self._out.send(pong_frame(event.payload))
+                    await self._out.write(pong_frame(event.payload))
                 elif isinstance(event, CloseConnection):
                     self._peer_closed = True
                     raise _Close(event.code if event.code != 1005 else 1000, "")
@@ -463,8 +466,23 @@ class Connection:
                                 "after": after,
                             }
                         )
+                    out = self._out
+
+                    def push(event: StreamEvent) -> bool:
+                        # In the stream's task: straight to the socket, or refused (queue full,
+                        # connection closing) and left for this task to pull.
+                        try:
+                            if not out.write_nowait(event_frame(event.json)):
+                                return False
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return False
+                        self.events_sent += 1
+                        sent.inc()
+                        return True
+
+                    subscription.push = push
                     async for batch in subscription:
-                        await self._out.send(b"".join([event_frame(e.json) for e in batch]))
+                        await out.write(b"".join([event_frame(e.json) for e in batch]))
                         self.events_sent += len(batch)
                         sent.inc(len(batch))
         except SlowConsumer as err:
@@ -484,23 +502,23 @@ class Connection:
     async def send_json(self, message: dict[str, Any]) -> None:
         if message.get("ref", 0) is None:
             del message["ref"]
-        await self._out.send(text_frame(orjson.dumps(message)))
+        await self._out.write(text_frame(orjson.dumps(message)))
 
     async def send_error(self, err: RaafdError, ref: str | None = None) -> None:
         self.gateway.metrics.errors.labels(err.code).inc()
         body: dict[str, Any] = {"type": "error", **err.to_dict()}
         if ref is not None:
             body["ref"] = ref
-        await self._out.send(text_frame(orjson.dumps(body)))
+        await self._out.write(text_frame(orjson.dumps(body)))
 
     def notify_shutdown(self, reconnect_after: float) -> None:
         """Tell the client the server is draining; close 1001 once its streams end."""
         self.draining = True
         message = {"type": "shutdown", "reason": "drain", "reconnect_after": reconnect_after}
         try:
-            self._out.send_nowait(text_frame(orjson.dumps(message)))
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # a client this far behind learns from the 1001 close
+            self._out.write_nowait(text_frame(orjson.dumps(message)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # a client this far behind (a full queue) learns from the 1001 close
         if not self.attachments:
             self.close(CloseCode.GOING_AWAY, "server going away")
 

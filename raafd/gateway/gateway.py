@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import trio
+
 from raafd.config import Config
 from raafd.gateway.connection import Connection
-from raafd.listener import PrefixedStream, RequestHead
+from raafd.listener import RequestHead
 from raafd.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -35,8 +37,8 @@ class Gateway:
         self.connections: dict[str, Connection] = {}
         self.draining = False
 
-    async def handle(self, stream: PrefixedStream, head: RequestHead) -> None:
-        connection = Connection(self, stream, head)
+    async def handle(self, stream: trio.SocketStream, prefix: bytes, head: RequestHead) -> None:
+        connection = Connection(self, stream, prefix, head)
         self.connections[connection.id] = connection
         gauge = self.metrics.connections.labels("websocket")
         gauge.inc()

@@ -1,4 +1,4 @@
-"""The Anthropic provider: the Messages API with ``stream: true`` over httpx.
+"""The Anthropic provider: the Messages API with ``stream: true``.
 
 ``base_url`` is the API root without a version, as in Anthropic's own SDKs
 (``https://api.anthropic.com``); the request goes to ``{base_url}/v1/messages``. A ``base_url``
@@ -45,21 +45,20 @@ from __future__ import annotations
 
 from typing import Any, TypeGuard
 
-import httpx
 import orjson
-import trio
 
 from raafd.providers.base import (
     Delta,
     ProviderError,
-    ProviderEvent,
     ProviderRequest,
+    Sink,
     ToolCallDelta,
     Usage,
 )
-from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, open_body
+from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain
 from raafd.providers.messages import content_text, read_tool_call
 from raafd.providers.sse import SSEError, SSEParser
+from raafd.providers.upstream import UpstreamResponse
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "anthropic_payload"]
 
@@ -193,12 +192,12 @@ class AnthropicProvider(HttpProvider):
     def _error_body(self, body: bytes) -> tuple[str, str]:
         return _error_of(body)
 
-    def _error_text(self, response: httpx.Response, body: bytes) -> str:
+    def _error_text(self, response: UpstreamResponse, body: bytes) -> str:
         text = super()._error_text(response, body)
         request_id = response.headers.get("request-id")
         return f"{text} (request-id {request_id[:100]})" if request_id else text
 
-    def _classify(self, response: httpx.Response) -> tuple[str, bool, float | None]:
+    def _classify(self, response: UpstreamResponse) -> tuple[str, bool, float | None]:
         # 529 (overloaded) is a 5xx; x-should-retry overrides the status, as in Anthropic's
         # SDKs; and the retry hint is kept whatever the verdict.
         reason, retryable, _ = super()._classify(response)
@@ -209,37 +208,32 @@ class AnthropicProvider(HttpProvider):
 
     # --- the stream -------------------------------------------------------------------------
 
-    async def stream(
-        self, request: ProviderRequest, send: trio.abc.SendChannel[ProviderEvent]
-    ) -> None:
+    async def stream(self, request: ProviderRequest, send: Sink) -> None:
         """Run one message and send its deltas into ``send``; see the module docstring."""
         headers = self._headers()
         body = orjson.dumps(anthropic_payload(request, model=self.config.model))
         async with self._post(body, headers) as response:
             await self._read_events(response, send)
 
-    async def _read_events(
-        self, response: httpx.Response, send: trio.abc.SendChannel[ProviderEvent]
-    ) -> None:
+    async def _read_events(self, response: UpstreamResponse, send: Sink) -> None:
         parser = SSEParser()
         state = _StreamState()
-        async with open_body(response) as chunks:
-            async for chunk in chunks:
-                try:
-                    events = parser.feed(chunk)
-                except SSEError as exc:
-                    raise self._error(f"bad event stream: {exc}", reason="protocol") from None
-                for event in events:
-                    delta = self._event_delta(event.event, event.data, state)
-                    if delta is not None:
-                        await send.send(delta)
-                        state.sent = True
-                    if state.stopped:
-                        break
+        async for chunk in response:
+            try:
+                events = parser.feed(chunk)
+            except SSEError as exc:
+                raise self._error(f"bad event stream: {exc}", reason="protocol") from None
+            for event in events:
+                delta = self._event_delta(event.event, event.data, state)
+                if delta is not None:
+                    await send.send(delta)
+                    state.sent = True
                 if state.stopped:
                     break
             if state.stopped:
-                await drain(chunks)
+                break
+        if state.stopped:
+            await drain(response)
         if not state.stopped:
             raise self._error(
                 "the upstream closed the stream before it was complete",
@@ -326,7 +320,7 @@ class _StreamState:
         self.completion_tokens = 0
         self.stop_reason: str | None = None
         self.stopped = False
-        self.sent = False  # a delta went into the channel
+        self.sent = False  # a delta went into the sink
 
     @property
     def prompt_tokens(self) -> int:

@@ -1,17 +1,18 @@
 """The provider interface: an upstream turned into a bounded stream of normalised deltas.
 
 A provider's :meth:`Provider.stream` sends :class:`Delta` (text, tool-call fragments, usage,
-finish reason) and :class:`RetryNotice` items into a bounded channel and returns when the
-upstream answer is complete. The channel's bound is the backpressure: a slow stream stops the
-provider's reads and so the upstream's TCP window. Cancelling the caller's scope closes the
-upstream request at once. Failures are raised as :class:`ProviderError`.
+finish reason) and :class:`RetryNotice` items into a :class:`Sink` and returns when the
+upstream answer is complete. The sink's ``send`` is the backpressure: the agent loop's sink
+appends to the stream in the provider's own task and returns only once the stream takes more,
+so a paused or slow stream stops the provider's reads and so the upstream's TCP window (a
+trio memory channel is a sink too: tests read providers through one). Cancelling the caller's
+scope closes the upstream request at once. Failures are raised as :class:`ProviderError`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-import trio
 from attrs import field, frozen
 
 from raafd.config import ProviderConfig
@@ -24,6 +25,7 @@ __all__ = [
     "ProviderEvent",
     "ProviderRequest",
     "RetryNotice",
+    "Sink",
     "ToolCallDelta",
     "Usage",
 ]
@@ -94,13 +96,17 @@ class ProviderError(UpstreamError):
         self.reason = reason
 
 
+class Sink(Protocol):
+    """Where a provider sends its events, one at a time, in order."""
+
+    async def send(self, value: ProviderEvent, /) -> None: ...
+
+
 class Provider(Protocol):
     name: str
     config: ProviderConfig
 
-    async def stream(
-        self, request: ProviderRequest, send: trio.MemorySendChannel[ProviderEvent]
-    ) -> None:
+    async def stream(self, request: ProviderRequest, send: Sink) -> None:
         """Send the answer's deltas into ``send``; return when complete; raise
         :class:`ProviderError` on failure. Does not close ``send``."""
         ...

@@ -32,8 +32,8 @@ from raafd.config import ProviderConfig
 from raafd.providers.base import (
     Delta,
     ProviderError,
-    ProviderEvent,
     ProviderRequest,
+    Sink,
     ToolCallDelta,
     Usage,
 )
@@ -161,9 +161,7 @@ class DemoProvider:
         self.name = name
         self.config = config
 
-    async def stream(
-        self, request: ProviderRequest, send: trio.MemorySendChannel[ProviderEvent]
-    ) -> None:
+    async def stream(self, request: ProviderRequest, send: Sink) -> None:
         cfg = self.config
         messages = request.messages
         user = _last_user(messages)

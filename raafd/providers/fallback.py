@@ -35,6 +35,7 @@ from raafd.providers.base import (
     ProviderEvent,
     ProviderRequest,
     RetryNotice,
+    Sink,
 )
 from raafd.providers.breaker import Breakers
 from raafd.providers.retry import stream_with_retry
@@ -55,16 +56,18 @@ def default_model(provider: Provider) -> str:
     return model if isinstance(model, str) and model else provider.name
 
 
-class _Relay(trio.abc.SendChannel[ProviderEvent]):
-    """Passes events to the consumer's channel, numbering retry notices across the chain and
-    remembering whether a :class:`Delta` went out. It does not own ``inner``."""
+class _Relay:
+    """Passes events to the consumer's sink, numbering retry notices across the chain and
+    remembering whether a :class:`Delta` went out."""
 
-    def __init__(self, inner: trio.abc.SendChannel[ProviderEvent]) -> None:
+    __slots__ = ("_inner", "attempts", "delta_sent")
+
+    def __init__(self, inner: Sink) -> None:
         self._inner = inner
         self.attempts = 0
         self.delta_sent = False
 
-    async def send(self, value: ProviderEvent) -> None:
+    async def send(self, value: ProviderEvent, /) -> None:
         if isinstance(value, RetryNotice):
             self.attempts += 1
             value = RetryNotice(
@@ -74,13 +77,10 @@ class _Relay(trio.abc.SendChannel[ProviderEvent]):
         if isinstance(value, Delta):
             self.delta_sent = True
 
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
 
 async def stream_with_fallback(
     chain: Sequence[tuple[Provider, ProviderRequest]],
-    send: trio.abc.SendChannel[ProviderEvent],
+    send: Sink,
     *,
     breakers: Breakers,
     metrics: Metrics | None,

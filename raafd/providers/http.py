@@ -1,18 +1,24 @@
-"""What the network providers share: one streamed JSON ``POST`` over httpx and its failures.
+"""What the network providers share: one streamed JSON ``POST`` and its failures.
 
 :class:`HttpProvider` holds the plumbing; a provider subclass adds only its wire format (the
-endpoint, the headers, the payload, the answer's parser, the shape of its error bodies). Every
-failure of the exchange becomes a :class:`ProviderError` with a stable ``reason``:
+endpoint, the headers, the payload, the answer's parser, the shape of its error bodies). The
+``POST`` goes through the daemon's :class:`~raafd.providers.upstream.UpstreamClient` (a lean
+HTTP/1.1 client of the providers' own, see :mod:`raafd.providers.upstream`). Every failure of
+the exchange becomes a :class:`ProviderError` with a stable ``reason``:
 
-- transport: ``connect`` (refused, or timed out connecting), ``pool`` (no free connection in the
-  shared pool), ``timeout`` (nothing read for ``read_timeout``), ``config`` (a bad URL),
-  ``protocol`` (an undecodable body), ``disconnect`` (any other broken connection);
+- transport: ``connect`` (refused, unreachable, or timed out connecting), ``pool`` (no free
+  connection in the shared pool), ``timeout`` (nothing read for ``read_timeout``), ``config``
+  (a bad URL), ``protocol`` (a malformed response head or body framing), ``disconnect`` (a
+  broken connection, or one closed before the body's end);
 - HTTP: 429 is ``rate_limited``, 408 and 5xx are ``server_error``, all three retryable with the
   upstream's ``Retry-After``; 401 and 403 are ``auth``, anything else ``bad_request``.
 
 Secrets: the API key (and every configured header value) is sent upstream and nowhere else.
 Every message put into an exception goes through :func:`redact_secrets`, because some upstreams
 echo the key they were given in their error bodies.
+
+:func:`open_body` is for httpx responses (the http tools and tests still use httpx); :func:`drain`
+reads the end of either kind of body.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import trio
 
 from raafd.config import ProviderConfig
 from raafd.providers.base import ProviderError
+from raafd.providers.upstream import UpstreamClient, UpstreamResponse, UpstreamTransportError
 
 __all__ = [
     "ERROR_BODY_LIMIT",
@@ -101,9 +108,10 @@ async def open_body(response: httpx.Response) -> AsyncIterator[AsyncIterator[byt
 
 
 async def drain(chunks: AsyncIterator[bytes]) -> None:
-    """Read the end of a complete answer's body (normally here already), so that httpx can reuse
-    the connection; a server that holds the body open longer, or sends more than
-    :data:`ERROR_BODY_LIMIT` bytes of it, gets the connection closed instead."""
+    """Read the end of a complete answer's body (normally here already), so that its connection
+    can be reused; a server that holds the body open longer, or sends more than
+    :data:`ERROR_BODY_LIMIT` bytes of it, gets the connection closed instead. ``chunks`` is an
+    :class:`~raafd.providers.upstream.UpstreamResponse` (or an httpx body's chunks)."""
     left = ERROR_BODY_LIMIT
     with trio.move_on_after(DRAIN_TIMEOUT):
         async for chunk in chunks:
@@ -114,13 +122,13 @@ async def drain(chunks: AsyncIterator[bytes]) -> None:
 
 class HttpProvider(abc.ABC):
     """An upstream reached by one streamed ``POST`` of JSON. ``client`` is the daemon's shared
-    httpx client (see :func:`raafd.providers.registry.open_http_client`)."""
+    upstream client (see :func:`raafd.providers.upstream.open_upstream_client`)."""
 
     def __init__(
         self,
         name: str,
         config: ProviderConfig,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.name = name
@@ -128,12 +136,6 @@ class HttpProvider(abc.ABC):
         self._client = client
         self._environ = environ
         self._url = self._endpoint(config.base_url.rstrip("/"))
-        self._timeout = httpx.Timeout(
-            connect=config.connect_timeout,
-            read=config.read_timeout,
-            write=config.read_timeout,
-            pool=config.connect_timeout,
-        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self._url}>"
@@ -176,58 +178,63 @@ class HttpProvider(abc.ABC):
     # --- the exchange -------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _post(self, body: bytes, headers: Mapping[str, str]) -> AsyncIterator[httpx.Response]:
+    async def _post(
+        self, body: bytes, headers: Mapping[str, str]
+    ) -> AsyncIterator[UpstreamResponse]:
         """The upstream's successful response to ``body``, still streaming. Any other answer,
         and every transport failure while the block reads, is raised as a :class:`ProviderError`."""
         try:
-            async with self._client.stream(
-                "POST", self._url, content=body, headers=headers, timeout=self._timeout
+            async with self._client.post(
+                self._url,
+                headers=headers,
+                body=body,
+                connect_timeout=self.config.connect_timeout,
+                read_timeout=self.config.read_timeout,
             ) as response:
                 if not response.is_success:
                     raise await self._http_error(response)
                 yield response
-        except (httpx.TransportError, httpx.DecodingError, httpx.InvalidURL) as exc:
+        except UpstreamTransportError as exc:
             raise self._transport_error(exc) from None
 
-    def _transport_error(self, exc: Exception) -> ProviderError:
-        detail = str(exc) or type(exc).__name__
-        if isinstance(exc, httpx.ConnectTimeout):
+    def _transport_error(self, exc: UpstreamTransportError) -> ProviderError:
+        detail = exc.message or exc.kind
+        if exc.kind == "connect_timeout":
             return self._error(
                 "timed out connecting to the upstream", retryable=True, reason="connect"
             )
-        if isinstance(exc, httpx.PoolTimeout):
+        if exc.kind == "pool":
             return self._error(
                 f"no free upstream connection within {self.config.connect_timeout:g} s"
                 " (the shared connection pool is full)",
                 retryable=True,
                 reason="pool",
             )
-        if isinstance(exc, httpx.ConnectError):
+        if exc.kind == "connect":
             return self._error(
                 f"cannot connect to the upstream: {detail}", retryable=True, reason="connect"
             )
-        if isinstance(exc, httpx.TimeoutException):
+        if exc.kind == "timeout":
             return self._error(
                 f"the upstream sent nothing for {self.config.read_timeout:g} s",
                 retryable=True,
                 reason="timeout",
             )
-        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        if exc.kind == "config":
             return self._error(f"bad upstream URL: {detail}", reason="config")
-        if isinstance(exc, httpx.DecodingError):
+        if exc.kind == "protocol":
             return self._error(f"cannot decode the upstream's answer: {detail}", reason="protocol")
         return self._error(
             f"the upstream connection failed: {detail}", retryable=True, reason="disconnect"
         )
 
-    async def _http_error(self, response: httpx.Response) -> ProviderError:
+    async def _http_error(self, response: UpstreamResponse) -> ProviderError:
         body = bytearray()
-        async with open_body(response) as chunks:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) >= ERROR_BODY_LIMIT:
-                    del body[ERROR_BODY_LIMIT:]
-                    break
+        async for chunk in response:
+            body += chunk
+            if len(body) >= ERROR_BODY_LIMIT:
+                del body[ERROR_BODY_LIMIT:]
+                break
         reason, retryable, retry_after = self._classify(response)
         return self._error(
             self._error_text(response, bytes(body)),
@@ -237,7 +244,7 @@ class HttpProvider(abc.ABC):
             reason=reason,
         )
 
-    def _error_text(self, response: httpx.Response, body: bytes) -> str:
+    def _error_text(self, response: UpstreamResponse, body: bytes) -> str:
         kind, message = self._error_body(body)
         message = message or response.reason_phrase or "no message"
         if len(message) > MESSAGE_LIMIT:
@@ -245,7 +252,7 @@ class HttpProvider(abc.ABC):
         kind = f" ({kind})" if kind else ""
         return f"the upstream answered HTTP {response.status_code}{kind}: {message}"
 
-    def _classify(self, response: httpx.Response) -> tuple[str, bool, float | None]:
+    def _classify(self, response: UpstreamResponse) -> tuple[str, bool, float | None]:
         """The ``(reason, retryable, retry_after)`` of an HTTP error answer."""
         status = response.status_code
         if status == 429:
@@ -254,7 +261,7 @@ class HttpProvider(abc.ABC):
             return "server_error", True, self._retry_after(response)
         return ("auth" if status in (401, 403) else "bad_request"), False, None
 
-    def _retry_after(self, response: httpx.Response) -> float | None:
+    def _retry_after(self, response: UpstreamResponse) -> float | None:
         ms = response.headers.get("retry-after-ms")  # Azure OpenAI, Anthropic
         if ms is not None:
             try:

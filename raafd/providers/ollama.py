@@ -1,4 +1,4 @@
-"""The Ollama provider: the native ``/api/chat`` with ``stream: true`` over httpx.
+"""The Ollama provider: the native ``/api/chat`` with ``stream: true``.
 
 ``base_url`` is the server root (``http://127.0.0.1:11434``); the request goes to
 ``{base_url}/api/chat``. (Ollama's OpenAI-compatible ``/v1`` is served by the ``openai``
@@ -30,14 +30,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import orjson
-import trio
 
-from raafd.providers.base import Delta, ProviderEvent, ProviderRequest, ToolCallDelta, Usage
-from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, open_body, parse_retry_after
+from raafd.providers.base import Delta, ProviderRequest, Sink, ToolCallDelta, Usage
+from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, parse_retry_after
 from raafd.providers.messages import content_text, read_tool_call
 from raafd.providers.ndjson import NDJSONError, NDJSONSplitter
+from raafd.providers.upstream import UpstreamResponse
 
 __all__ = ["OllamaProvider", "ollama_payload"]
 
@@ -111,44 +110,39 @@ class OllamaProvider(HttpProvider):
     def _error_body(self, body: bytes) -> tuple[str, str]:
         return "", _error_message(body)
 
-    def _retry_after(self, response: httpx.Response) -> float | None:
+    def _retry_after(self, response: UpstreamResponse) -> float | None:
         # 503 "server busy" when its queue is full; Ollama sends no retry-after-ms.
         return parse_retry_after(response.headers.get("retry-after"))
 
     # --- the stream -------------------------------------------------------------------------
 
-    async def stream(
-        self, request: ProviderRequest, send: trio.abc.SendChannel[ProviderEvent]
-    ) -> None:
+    async def stream(self, request: ProviderRequest, send: Sink) -> None:
         """Run one chat and send its deltas into ``send``; see the module docstring."""
         headers = self._headers()
         body = orjson.dumps(ollama_payload(request, model=self.config.model))
         async with self._post(body, headers) as response:
             await self._read_lines(response, send)
 
-    async def _read_lines(
-        self, response: httpx.Response, send: trio.abc.SendChannel[ProviderEvent]
-    ) -> None:
+    async def _read_lines(self, response: UpstreamResponse, send: Sink) -> None:
         splitter = NDJSONSplitter(max_line=MAX_LINE)
         state = _StreamState()
-        async with open_body(response) as chunks:
-            async for chunk in chunks:
-                try:
-                    lines = splitter.feed(chunk)
-                except NDJSONError as exc:
-                    raise self._error(f"bad NDJSON stream: {exc}", reason="protocol") from None
-                for line in lines:
-                    await self._line(line, state, send)
-                    if state.done:
-                        break
+        async for chunk in response:
+            try:
+                lines = splitter.feed(chunk)
+            except NDJSONError as exc:
+                raise self._error(f"bad NDJSON stream: {exc}", reason="protocol") from None
+            for line in lines:
+                await self._line(line, state, send)
                 if state.done:
                     break
-            else:
-                # The body ended: a last line without its newline still counts.
-                for line in splitter.close():
-                    await self._line(line, state, send)
             if state.done:
-                await drain(chunks)
+                break
+        else:
+            # The body ended: a last line without its newline still counts.
+            for line in splitter.close():
+                await self._line(line, state, send)
+        if state.done:
+            await drain(response)
         if not state.done:
             raise self._error(
                 "the upstream closed the stream before it was complete",
@@ -157,9 +151,7 @@ class OllamaProvider(HttpProvider):
             )
         await send.send(Delta(usage=state.usage, finish_reason=state.finish_reason))
 
-    async def _line(
-        self, line: bytes, state: _StreamState, send: trio.abc.SendChannel[ProviderEvent]
-    ) -> None:
+    async def _line(self, line: bytes, state: _StreamState, send: Sink) -> None:
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -189,7 +181,7 @@ class _StreamState:
 
     def __init__(self) -> None:
         self.tool_count = 0
-        self.sent = False  # a delta went into the channel
+        self.sent = False  # a delta went into the sink
         self.done = False
         self.finish_reason = "stop"
         self.usage: Usage | None = None

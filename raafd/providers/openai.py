@@ -1,4 +1,4 @@
-"""The OpenAI-compatible provider: Chat Completions with ``stream: true`` over httpx.
+"""The OpenAI-compatible provider: Chat Completions with ``stream: true``.
 
 It speaks to OpenAI and to the servers that copy its wire format (vLLM, llama.cpp's server,
 Ollama's ``/v1``), so it is lenient in what it reads: ``usage`` may be missing, ``content`` may be
@@ -6,8 +6,8 @@ Ollama's ``/v1``), so it is lenient in what it reads: ``usage`` may be missing, 
 the usage chunk or before it, and the stream may end without ``data: [DONE]`` once a
 ``finish_reason`` was seen. An ``error`` object in a data line is a :class:`ProviderError`.
 
-What it sends into the channel: one :class:`Delta` per upstream chunk that carries text or
-tool-call fragments, forwarded the moment its line arrives (the channel's bound is the
+What it sends into the sink: one :class:`Delta` per upstream chunk that carries text or
+tool-call fragments, forwarded the moment its line arrives (the sink's ``send`` is the
 backpressure: a slow consumer stops the reads), then one last ``Delta`` with ``usage`` and
 ``finish_reason`` when the upstream reported either.
 
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import orjson
-import trio
 
-from raafd.providers.base import Delta, ProviderEvent, ProviderRequest, ToolCallDelta, Usage
+from raafd.providers.base import Delta, ProviderRequest, Sink, ToolCallDelta, Usage
 from raafd.providers.http import (
     MESSAGE_LIMIT,
     HttpProvider,
@@ -32,6 +30,7 @@ from raafd.providers.http import (
     redact_secrets,
 )
 from raafd.providers.sse import SSEError, SSEParser
+from raafd.providers.upstream import UpstreamResponse
 
 __all__ = ["OpenAIProvider", "open_body", "parse_retry_after", "redact_secrets"]
 
@@ -111,9 +110,7 @@ class OpenAIProvider(HttpProvider):
 
     # --- the stream -------------------------------------------------------------------------
 
-    async def stream(
-        self, request: ProviderRequest, send: trio.abc.SendChannel[ProviderEvent]
-    ) -> None:
+    async def stream(self, request: ProviderRequest, send: Sink) -> None:
         """Run one completion and send its deltas into ``send``; see the module docstring."""
         headers = self._headers()
         async with self._post(self._payload(request), headers) as response:
@@ -123,28 +120,25 @@ class OpenAIProvider(HttpProvider):
             else:
                 await self._read_events(response, send)
 
-    async def _read_events(
-        self, response: httpx.Response, send: trio.abc.SendChannel[ProviderEvent]
-    ) -> None:
+    async def _read_events(self, response: UpstreamResponse, send: Sink) -> None:
         parser = SSEParser()
         state = _ChunkState()
-        async with open_body(response) as chunks:
-            async for chunk in chunks:
-                try:
-                    events = parser.feed(chunk)
-                except SSEError as exc:
-                    raise self._error(f"bad event stream: {exc}", reason="protocol") from None
-                for event in events:
-                    if event.data.strip() == "[DONE]":
-                        state.done = True
-                        break
-                    delta = self._chunk_delta(self._decode(event.data), state)
-                    if delta is not None:
-                        await send.send(delta)
-                if state.done:
+        async for chunk in response:
+            try:
+                events = parser.feed(chunk)
+            except SSEError as exc:
+                raise self._error(f"bad event stream: {exc}", reason="protocol") from None
+            for event in events:
+                if event.data.strip() == "[DONE]":
+                    state.done = True
                     break
+                delta = self._chunk_delta(self._decode(event.data), state)
+                if delta is not None:
+                    await send.send(delta)
             if state.done:
-                await drain(chunks)
+                break
+        if state.done:
+            await drain(response)
         if not state.done and state.finish_reason is None:
             raise self._error(
                 "the upstream closed the stream before it was complete",
@@ -194,16 +188,13 @@ class OpenAIProvider(HttpProvider):
             return None
         return Delta(text=text if isinstance(text, str) else "", tool_calls=tool_calls)
 
-    async def _read_whole(
-        self, response: httpx.Response, send: trio.abc.SendChannel[ProviderEvent]
-    ) -> None:
+    async def _read_whole(self, response: UpstreamResponse, send: Sink) -> None:
         """A server that ignored ``stream: true`` answered one ``chat.completion`` object."""
         body = bytearray()
-        async with open_body(response) as chunks:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) > JSON_BODY_LIMIT:
-                    raise self._error("the upstream's answer is too large", reason="protocol")
+        async for chunk in response:
+            body += chunk
+            if len(body) > JSON_BODY_LIMIT:
+                raise self._error("the upstream's answer is too large", reason="protocol")
         doc = self._decode(body.decode("utf-8", "replace"))
         choices = doc.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices else {}

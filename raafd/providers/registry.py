@@ -1,11 +1,15 @@
-"""Providers by name, built from ``[providers.NAME]`` config, and the shared upstream client.
+"""Providers by name, built from ``[providers.NAME]`` config, and the daemon's two HTTP clients.
 
-One :class:`httpx.AsyncClient` serves every network provider of the daemon, so connections to
-an upstream are pooled and their number is bounded in one place. A streamed answer holds its
-HTTP/1.1 connection until it ends, so ``max_connections`` bounds the upstream requests in flight
-across all providers: one more waits for a free connection up to its provider's
-``connect_timeout``, then fails with a retryable ``ProviderError`` (reason ``pool``), instead of
-opening sockets without end.
+One :class:`~raafd.providers.upstream.UpstreamClient` (:func:`open_upstream_client`, the
+providers' own lean HTTP/1.1 client) serves every network provider of the daemon, so
+connections to an upstream are pooled and their number is bounded in one place. A streamed
+answer holds its HTTP/1.1 connection until it ends, so ``max_connections`` bounds the upstream
+requests in flight across all providers: one more waits for a free connection up to its
+provider's ``connect_timeout``, then fails with a retryable ``ProviderError`` (reason ``pool``),
+instead of opening sockets without end.
+
+One :class:`httpx.AsyncClient` (:func:`open_http_client`) serves the rest: the ``http`` tools
+and MCP over streamable HTTP, where a full-featured client matters more than microseconds.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from raafd.providers.base import Provider
 from raafd.providers.demo import DemoProvider
 from raafd.providers.ollama import OllamaProvider
 from raafd.providers.openai import OpenAIProvider
+from raafd.providers.upstream import UpstreamClient, open_upstream_client
 
-__all__ = ["build_providers", "open_http_client"]
+__all__ = ["build_providers", "open_http_client", "open_upstream_client"]
 
 _BUILDERS: dict[str, Callable[..., Provider]] = {
     "demo": lambda name, config, client, environ: DemoProvider(name, config),
@@ -36,7 +41,7 @@ _BUILDERS: dict[str, Callable[..., Provider]] = {
 
 def build_providers(
     configs: Mapping[str, ProviderConfig],
-    client: httpx.AsyncClient,
+    client: UpstreamClient,
     *,
     environ: Mapping[str, str] = os.environ,
 ) -> dict[str, Provider]:
@@ -56,11 +61,11 @@ async def open_http_client(
     keepalive_expiry: float = 30.0,
     trust_env: bool = True,
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The daemon's shared upstream client, closed (with its pooled connections) on exit.
+    """The daemon's shared httpx client (tools, MCP), closed with its pooled connections on exit.
 
-    Per-request timeouts come from each provider's config; the client's own are a fallback.
-    Redirects are not followed (an API endpoint that redirects is misconfigured, and following
-    would resend the key elsewhere). ``trust_env`` honours ``HTTPS_PROXY``/``NO_PROXY``."""
+    Per-request timeouts come from each caller; the client's own are a fallback. Redirects are
+    not followed (an endpoint that redirects is misconfigured, and following would resend its
+    credentials elsewhere). ``trust_env`` honours ``HTTPS_PROXY``/``NO_PROXY``."""
     limits = httpx.Limits(
         max_connections=max_connections,
         max_keepalive_connections=max_keepalive_connections,

@@ -15,7 +15,6 @@ back instead of holding a stream open for it.
 from __future__ import annotations
 
 import random
-from typing import cast
 
 import trio
 
@@ -28,6 +27,7 @@ from raafd.providers.base import (
     ProviderEvent,
     ProviderRequest,
     RetryNotice,
+    Sink,
 )
 
 __all__ = ["backoff_delay", "stream_with_retry"]
@@ -35,22 +35,19 @@ __all__ = ["backoff_delay", "stream_with_retry"]
 log = get_logger("raafd.providers")
 
 
-class _FirstDeltaWatch(trio.abc.SendChannel[ProviderEvent]):
-    """Passes events through to ``inner`` and remembers whether a :class:`Delta` went out.
+class _FirstDeltaWatch:
+    """Passes events through to ``inner`` and remembers whether a :class:`Delta` went out."""
 
-    It does not own ``inner``: closing it does not close the consumer's channel."""
+    __slots__ = ("_inner", "delta_sent")
 
-    def __init__(self, inner: trio.abc.SendChannel[ProviderEvent]) -> None:
+    def __init__(self, inner: Sink) -> None:
         self._inner = inner
         self.delta_sent = False
 
-    async def send(self, value: ProviderEvent) -> None:
+    async def send(self, value: ProviderEvent, /) -> None:
         await self._inner.send(value)
         if isinstance(value, Delta):
             self.delta_sent = True
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
 
 
 def backoff_delay(
@@ -66,7 +63,7 @@ def backoff_delay(
 async def stream_with_retry(
     provider: Provider,
     request: ProviderRequest,
-    send: trio.abc.SendChannel[ProviderEvent],
+    send: Sink,
     *,
     max_retries: int,
     base: float,
@@ -83,9 +80,7 @@ async def stream_with_retry(
     while True:
         watch = _FirstDeltaWatch(send)
         try:
-            # Providers only ``send`` into the channel; the protocol names the memory channel
-            # type, which cannot be subclassed, so the watch stands in for it.
-            await provider.stream(request, cast("trio.MemorySendChannel[ProviderEvent]", watch))
+            await provider.stream(request, watch)
             return
         except ProviderError as exc:
             if metrics is not None:

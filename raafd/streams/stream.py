@@ -22,7 +22,11 @@ How it is kept:
 
 Subscribers are cursors into the log, not copies of it: a :class:`Subscription` holds the last
 seq it delivered and reads ``log.after(cursor)``. Replay and live delivery are the same code,
-so attaching with ``after=N`` while events are appended can neither miss nor repeat one.
+so attaching with ``after=N`` while events are appended can neither miss nor repeat one. The
+one shortcut: a subscriber that is caught up (cursor at the previous head, no batch in hand)
+may set ``push``, a synchronous callback that takes the new event in the appending task
+(the gateway writes it straight to the socket); the cursor moves only when ``push`` says it
+took the event, so a refused push simply leaves the event to the pull path.
 Backpressure (DESIGN invariant 3):
 
 - exactly one subscriber: the producer waits while ``head - cursor >= subscriber_buffer``; the
@@ -74,6 +78,7 @@ log = get_logger("raafd.streams")
 Status = Literal["running", "paused", "complete", "error", "cancelled"]
 STATUSES: Final[tuple[Status, ...]] = ("running", "paused", "complete", "error", "cancelled")
 _TOKEN_KINDS: Final = frozenset({"content", "tool_call"})
+_YIELD_EVERY: Final = 8  # see Stream._wait_ready
 
 
 def new_stream_id() -> str:
@@ -147,7 +152,6 @@ class Stream:
         # Bounded by the gateway's per-connection limits; a dict keeps attach order.
         self._subs: dict[Subscription, None] = {}
         self._attaches = 0  # how many subscriptions ever registered (restarts the detach grace)
-        self._grown = trio.lowlevel.ParkingLot()  # readers: the log grew or the stream ended
         self._room = trio.lowlevel.ParkingLot()  # producer: a reader advanced or left, resume
         self._control = trio.lowlevel.ParkingLot()  # watchers: subscribers or pause changed
         self._scope = trio.CancelScope()  # around the body; cancelled by _finish
@@ -155,12 +159,17 @@ class Stream:
         self._ran = False
         self._paused = False
         self._pauses = 0
-        # The first-token/idle timer is a cancel scope whose deadline moves on each token. It
-        # is frozen (deadline inf, remaining time kept) while anything holds it: a pause, or the
-        # producer waiting for its subscriber.
+        # The first-token/idle timer: a cancel scope around the body, cancelled by the
+        # _expire_gap task once the clock passes _gap_due. A token moves _gap_due (a float
+        # store, not a deadline reschedule per token). It is frozen (_gap_due inf, remaining
+        # time in _gap_left) while anything holds it: a pause, or the producer waiting for its
+        # subscriber.
+        self._unyielded = 0  # _wait_ready calls since it last yielded
         self._holds = 0
         self._gap: trio.CancelScope | None = None
+        self._gap_due = math.inf
         self._gap_left: float | None = None
+        self._gap_lot = trio.lowlevel.ParkingLot()  # _expire_gap: the timer was unfrozen
         self._first_token_at: float | None = None
         self._last_content_at: float | None = None
         metrics.streams.labels("running").inc()
@@ -283,6 +292,7 @@ class Stream:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expire_detached)
                 nursery.start_soon(self._expire_paused)
+                nursery.start_soon(self._expire_gap)
                 await self._run_body(body)
                 nursery.cancel_scope.cancel()
         finally:
@@ -303,13 +313,15 @@ class Stream:
                 if self._holds:
                     self._gap_left = cfg.first_token_timeout
                 else:
-                    gap.deadline = trio.current_time() + cfg.first_token_timeout
+                    self._gap_due = trio.current_time() + cfg.first_token_timeout
+                    self._gap_lot.unpark_all()
                 try:
                     await body(_Writer(self))
                 except* Exception as group:
                     self._crashed(group)
         finally:
             self._gap = None
+            self._gap_due = math.inf
             self._gap_left = None
         if self.finished:
             return
@@ -349,6 +361,19 @@ class Stream:
                 self.cancel("detached")
                 return
 
+    async def _expire_gap(self) -> None:
+        """End the body (its first-token/idle scope) once no token came before ``_gap_due``.
+        A token usually moves the due time later, which does not wake this task: it wakes at
+        the old due time and looks again. A due time moved earlier unparks it."""
+        while True:
+            due = self._gap_due
+            if trio.current_time() >= due:
+                if self._gap is not None:
+                    self._gap.cancel()
+                return
+            with trio.move_on_at(due):
+                await self._gap_lot.park()
+
     async def _expire_paused(self) -> None:
         """Cancel with reason ``timeout`` after ``pause_timeout`` in one pause."""
         while True:
@@ -367,11 +392,25 @@ class Stream:
     def _append(self, kind: str, **fields: Any) -> StreamEvent:
         event = make_event(self.id, self.log.head + 1, kind, **fields)
         self.log.append(event)  # refuses anything after the terminal event
-        self._metrics.stream_events.labels(kind).inc()
-        if not event.terminal and len(self._subs) >= 2:
-            self._drop_laggards()
-        self._grown.unpark_all()
+        self._metrics.count_event(kind)
+        if self._subs:
+            if not event.terminal and len(self._subs) >= 2:
+                self._drop_laggards()
+            self._deliver(event)
         return event
+
+    def _deliver(self, event: StreamEvent) -> None:
+        """Hand a new event to each subscriber: pushed straight through to one that is caught
+        up and whose ``push`` takes it (no task switch), else its reader is woken to pull."""
+        seq = event.seq
+        for sub in [*self._subs]:
+            push = sub.push
+            if push is not None and not sub._held and sub._cursor == seq - 1 and push(event):
+                sub._cursor = seq
+                if not event.terminal:
+                    continue
+                sub._done = True
+            sub._wake.unpark_all()
 
     def _finish(self, kind: str, **fields: Any) -> bool:
         if self.finished:
@@ -408,8 +447,17 @@ class Stream:
         return False
 
     async def _wait_ready(self) -> None:
-        await trio.lowlevel.checkpoint()
         if not self._must_wait():
+            # A checkpoint per token costs a reschedule (several µs of a ~40 µs budget), and a
+            # network provider yields on every upstream read anyway; so only every
+            # _YIELD_EVERY-th call yields, which still bounds what a provider that never waits
+            # (a burst already in the socket buffer) can do before others run. Once ended from
+            # elsewhere (cancel, timeout) the body's scope is cancelled and the checkpoint
+            # raises Cancelled before anything is appended after the terminal event.
+            self._unyielded += 1
+            if self._unyielded >= _YIELD_EVERY or self.finished:
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
             return
         self._hold()
         try:
@@ -424,14 +472,15 @@ class Stream:
     def _hold(self) -> None:
         self._holds += 1
         if self._holds == 1 and self._gap is not None:
-            self._gap_left = self._gap.deadline - trio.current_time()
-            self._gap.deadline = math.inf
+            self._gap_left = self._gap_due - trio.current_time()
+            self._gap_due = math.inf
 
     def _release(self) -> None:
         self._holds -= 1
         if self._holds == 0 and self._gap is not None and self._gap_left is not None:
-            self._gap.deadline = trio.current_time() + self._gap_left
+            self._gap_due = trio.current_time() + self._gap_left
             self._gap_left = None
+            self._gap_lot.unpark_all()
 
     def _progress(self, *, content: bool) -> None:
         now = trio.current_time()
@@ -446,7 +495,10 @@ class Stream:
             if self._holds:
                 self._gap_left = self.config.idle_timeout
             else:
-                self._gap.deadline = now + self.config.idle_timeout
+                due = now + self.config.idle_timeout
+                if due < self._gap_due:
+                    self._gap_lot.unpark_all()  # earlier (idle < first-token time left)
+                self._gap_due = due
 
     # --- subscribers --------------------------------------------------------------------------
 
@@ -526,9 +578,14 @@ class Subscription:
         self._state: Literal["new", "open", "closed"] = "new"
         self._error: RaafdError | None = None
         self._done = False
+        self._wake = trio.lowlevel.ParkingLot()  # the reader: the log grew or the stream ended
+        self._held = False  # a batch was handed out and its reader has not asked for more yet
         # Called (synchronously, from the producer) when the subscriber is dropped for lagging,
         # so a reader blocked on a stalled socket can be closed now rather than on its next read.
         self.on_drop: Callable[[RaafdError], None] | None = None
+        # Set by a reader that can take a live event without waiting (see the module
+        # docstring): True when it took it. Called only while caught up and no batch is held.
+        self.push: Callable[[StreamEvent], bool] | None = None
 
     @property
     def cursor(self) -> int:
@@ -548,6 +605,7 @@ class Subscription:
     def _drop(self, error: RaafdError) -> None:
         self._error = error
         self._state = "closed"
+        self._wake.unpark_all()
         if self.on_drop is not None:
             self.on_drop(error)
 
@@ -577,6 +635,7 @@ class Subscription:
         return self
 
     async def __anext__(self) -> list[StreamEvent]:
+        self._held = False  # asking for more: the last batch is delivered
         await trio.lowlevel.checkpoint()
         stream = self.stream
         while True:
@@ -587,8 +646,10 @@ class Subscription:
             if self._state == "new":
                 raise RuntimeError("enter the subscription (`async with`) before iterating it")
             if stream.log.head > self._cursor:
-                return stream._next_batch(self)
-            await stream._grown.park()
+                batch = stream._next_batch(self)
+                self._held = True
+                return batch
+            await self._wake.park()
 
 
 class _Writer:

@@ -1,0 +1,1126 @@
+"""The network providers' HTTP/1.1 client: one streamed ``POST`` at a time per pooled connection.
+
+The rule of this module: a connection goes back to the pool only when its response body was
+read to the end, the exchange allows keep-alive (HTTP/1.1, no ``connection: close``), and no
+byte followed the body. Every other way out of :meth:`UpstreamClient.post` (an error, a
+cancellation, a consumer that stopped reading) closes the socket at once, synchronously, so an
+upstream sees a cancelled stream end within a loop iteration and stops generating tokens.
+
+Why not httpx on this path: per streamed token, httpcore scans its pool on each request and
+runs every body chunk through about six nested async iterators, and h11 alone costs about 10 µs
+per chunked-body chunk; that was half of raafd's CPU per token. Here h11 serializes the request
+and parses the response head only (status line, headers, framing); the body is decoded by
+:class:`BodyDecoder` and its subclasses, pure classes (bytes in, payload out, no I/O) that cost
+about 1 µs a chunk. Plain ``http://`` goes through a raw non-blocking socket (a syscall first,
+a wait only when it would block), ``https://`` through :class:`trio.SSLStream`; both hide
+behind one tiny transport interface (``receive_some`` / ``send_all`` / ``close``).
+
+The pool keeps idle connections per origin (scheme, host, port, proxy), checks them cheaply
+before reuse (a non-blocking ``MSG_PEEK``: data or EOF means the server is done with it), and
+drops those idle longer than ``idle_expiry`` lazily, at checkout and checkin (no background
+task). A request whose *reused* connection fails before any byte of the response head arrives
+is sent once more on a fresh connection: the server closed the idle connection as the request
+left. Connections in use or idle are bounded by ``max_connections``; waiting for one longer than
+``connect_timeout`` is the ``pool`` error.
+
+Proxies come from the environment when ``trust_env`` (``HTTP_PROXY``, ``HTTPS_PROXY``,
+``ALL_PROXY``, ``NO_PROXY``): a plain ``http://`` URL goes to the proxy in absolute form, an
+``https://`` one through a ``CONNECT`` tunnel. The proxy URL's credentials are sent as
+``Proxy-Authorization`` and appear in no message.
+
+Every failure is an :class:`UpstreamTransportError` with a ``kind`` from :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import re
+import socket
+import ssl
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Literal, Protocol
+
+import certifi
+import h11
+import trio
+
+from raafd import __version__
+
+__all__ = [
+    "KINDS",
+    "BodyDecoder",
+    "ChunkedBody",
+    "CloseDelimitedBody",
+    "ContentLengthBody",
+    "Headers",
+    "UpstreamClient",
+    "UpstreamResponse",
+    "UpstreamTransportError",
+    "open_upstream_client",
+]
+
+Kind = Literal["connect", "connect_timeout", "pool", "timeout", "config", "protocol", "disconnect"]
+KINDS: tuple[Kind, ...] = (
+    "connect",  # refused, unreachable, DNS, TLS handshake, a proxy that refused the tunnel
+    "connect_timeout",  # connecting (DNS, TCP, tunnel, TLS) took longer than connect_timeout
+    "pool",  # no free connection within connect_timeout (max_connections in use)
+    "timeout",  # a read or a write waited longer than read_timeout
+    "config",  # a bad URL, an unsupported scheme, a header that cannot be sent
+    "protocol",  # a malformed response head or body framing
+    "disconnect",  # the connection broke, or closed before the end the framing announced
+)
+
+RECEIVE_SIZE = 65536  # bytes asked of one recv
+MAX_HEAD = 64 << 10  # bytes of a response head (status line and headers)
+MAX_LINE = 4096  # bytes of a chunk-size line or a trailer line
+MAX_TRAILERS = 16 << 10  # bytes of all trailer lines of a chunked body
+# Successive reads that found data waiting without yielding to the scheduler: after this many,
+# the next read waits (a checkpoint), so a flood of bytes cannot starve other tasks.
+_READY_STREAK = 16
+_TARGET_CACHE = 256  # parsed URLs kept per client
+
+
+class UpstreamTransportError(Exception):
+    """An exchange with an upstream failed; ``kind`` (one of :data:`KINDS`) says how."""
+
+    def __init__(self, kind: Kind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"UpstreamTransportError({self.kind!r}, {self.message!r})"
+
+
+# --- the body (pure) --------------------------------------------------------------------------
+
+
+class BodyDecoder:
+    """Feed the bytes that follow a response head with :meth:`feed`; get the body's payload.
+
+    How the bytes are cut never changes the payload: feeding a body whole or one byte at a time
+    gives the same bytes in the same order. :attr:`done` is set once the framing says the body
+    ended; :attr:`extra` then holds the bytes that came after it (a well-behaved server sends
+    none). :meth:`eof` is called when the connection closes."""
+
+    __slots__ = ("done", "extra")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.extra = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The payload carried by the next ``data`` (possibly ``b""``)."""
+        raise NotImplementedError
+
+    def eof(self) -> None:
+        """The connection closed: a ``disconnect`` error unless the body was complete."""
+        if not self.done:
+            raise UpstreamTransportError(
+                "disconnect", "the upstream closed the connection before the end of the body"
+            )
+
+
+class ContentLengthBody(BodyDecoder):
+    """A body of ``Content-Length`` bytes."""
+
+    __slots__ = ("_left",)
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self._left = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> bytes:
+        left = self._left
+        if self.done:
+            self.extra += data
+            return b""
+        if len(data) < left:
+            self._left = left - len(data)
+            return data
+        self._left = 0
+        self.done = True
+        if len(data) == left:
+            return data
+        self.extra = data[left:]
+        return data[:left]
+
+
+class CloseDelimitedBody(BodyDecoder):
+    """A body without framing: everything until the server closes the connection."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def eof(self) -> None:
+        self.done = True
+
+
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;|\Z)")
+_WHOLE_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class ChunkedBody(BodyDecoder):
+    """A ``Transfer-Encoding: chunked`` body: ``SIZE[;ext]CRLF DATA CRLF`` … ``0`` CRLF,
+    trailer lines, a blank line. Lines may end in a bare LF; a size line or trailer line
+    longer than :data:`MAX_LINE` bytes, trailers longer than :data:`MAX_TRAILERS` bytes, a size
+    that is not hex, or chunk data not followed by its CRLF are ``protocol`` errors. Extensions
+    and trailers are read and dropped."""
+
+    __slots__ = ("_left", "_partial", "_state", "_trailers")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state = _SIZE
+        self._left = 0  # bytes of the current chunk's data still due
+        self._partial = b""  # an incomplete line (or CR) carried to the next feed
+        self._trailers = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            self.extra += data
+            return b""
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        end = len(data)
+        state = self._state
+        if state == _SIZE:
+            # The streaming case: each read brings exactly one whole chunk ("SIZE CRLF DATA CRLF").
+            match = _WHOLE_CHUNK.match(data)
+            if match is not None:
+                start = match.end()
+                stop = start + int(match.group(1), 16)
+                if stop + 2 == end and stop > start and data.endswith(b"\r\n"):
+                    return data[start:stop]
+        elif state == _DATA and end <= self._left:  # a large chunk's next piece
+            self._left -= end
+            if not self._left:
+                self._state = _DATA_END
+            return data
+        out: list[bytes] = []
+        pos = 0
+        while pos < end:
+            if state == _DATA:
+                take = min(self._left, end - pos)
+                out.append(data[pos : pos + take])
+                pos += take
+                self._left -= take
+                if not self._left:
+                    state = _DATA_END
+            elif state == _DATA_END:
+                if data.startswith(b"\r\n", pos):
+                    pos += 2
+                elif data[pos] == 0x0A:  # a bare LF
+                    pos += 1
+                elif data[pos] == 0x0D and pos + 1 == end:  # CR now, LF in the next feed
+                    self._partial = b"\r"
+                    break
+                else:
+                    raise _protocol("a chunk's data is not followed by CRLF")
+                state = _SIZE
+            else:  # a size line or a trailer line
+                if state == _SIZE:  # a whole chunk here: take it without walking its states
+                    match = _WHOLE_CHUNK.match(data, pos)
+                    if match is not None:
+                        start = match.end()
+                        stop = start + int(match.group(1), 16)
+                        if stop > start and data.startswith(b"\r\n", stop):
+                            out.append(data[start:stop])
+                            pos = stop + 2
+                            continue
+                eol = data.find(b"\n", pos)
+                if eol < 0:
+                    if end - pos > MAX_LINE:
+                        raise _protocol(f"a chunked-body line is longer than {MAX_LINE} bytes")
+                    self._partial = data[pos:]
+                    break
+                line = data[pos:eol]
+                pos = eol + 1
+                if len(line) > MAX_LINE:
+                    raise _protocol(f"a chunked-body line is longer than {MAX_LINE} bytes")
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if state == _SIZE:
+                    match = _SIZE_LINE.match(line)
+                    if match is None:
+                        raise _protocol(f"bad chunk size line {line[:32]!r}")
+                    self._left = int(match.group(1), 16)
+                    state = _DATA if self._left else _TRAILER
+                elif line:
+                    self._trailers += len(line)
+                    if self._trailers > MAX_TRAILERS:
+                        raise _protocol(f"chunked-body trailers longer than {MAX_TRAILERS} bytes")
+                else:
+                    state = _DONE
+                    self.done = True
+                    self.extra = data[pos:]
+                    break
+        self._state = state
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+
+def _protocol(message: str) -> UpstreamTransportError:
+    return UpstreamTransportError("protocol", message)
+
+
+class Headers(Mapping[str, str]):
+    """Response headers: lower-cased names, a repeated header's values joined by ``", "``;
+    lookups ignore case."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        items: dict[str, str] = {}
+        for name, value in raw:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            items[key] = f"{items[key]}, {text}" if key in items else text
+        self._items = items
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+# --- transports -------------------------------------------------------------------------------
+
+
+class _Transport(Protocol):
+    """A connected byte stream. Every wait is bounded by ``timeout`` seconds (a ``timeout``
+    error); a broken connection is a ``disconnect`` error; ``close`` is synchronous."""
+
+    sock: socket.socket  # the TCP socket underneath, for the pool's liveness check
+    timeout: float
+
+    async def receive_some(self) -> bytes: ...
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _close_socket(sock: socket.socket) -> None:
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+def _broken(exc: OSError) -> UpstreamTransportError:
+    return UpstreamTransportError("disconnect", exc.strerror or str(exc) or type(exc).__name__)
+
+
+def _timed_out(timeout: float) -> UpstreamTransportError:
+    return UpstreamTransportError("timeout", f"the connection was idle for {timeout:g} s")
+
+
+class _SocketTransport:
+    """Plain TCP straight on the socket: the syscall first, a wait only when it would block
+    (trio's SocketStream adds a checkpoint to every successful operation)."""
+
+    __slots__ = ("_streak", "sock", "timeout")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.timeout = 0.0
+        self._streak = 0
+
+    async def receive_some(self) -> bytes:
+        sock = self.sock
+        if self._streak < _READY_STREAK:
+            try:
+                data = sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _broken(exc) from None
+            else:
+                self._streak += 1
+                return data
+        self._streak = 0
+        with trio.move_on_after(self.timeout):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    return sock.recv(RECEIVE_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise _broken(exc) from None
+        raise _timed_out(self.timeout)
+
+    async def send_all(self, data: bytes) -> None:
+        sock = self.sock
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                try:
+                    sent += sock.send(view[sent:])
+                except BlockingIOError:
+                    with trio.move_on_after(self.timeout) as scope:
+                        await trio.lowlevel.wait_writable(sock)
+                    if scope.cancelled_caught:
+                        raise _timed_out(self.timeout) from None
+                except OSError as exc:
+                    raise _broken(exc) from None
+
+    def close(self) -> None:
+        _close_socket(self.sock)
+
+
+class _StreamTransport:
+    """A trio stream (TLS) over the TCP socket ``sock``."""
+
+    __slots__ = ("_stream", "sock", "timeout")
+
+    def __init__(self, stream: trio.abc.Stream, sock: socket.socket) -> None:
+        self._stream = stream
+        self.sock = sock
+        self.timeout = 0.0
+
+    async def receive_some(self) -> bytes:
+        with trio.move_on_after(self.timeout):
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _stream_broken(exc) from None
+            return data if isinstance(data, bytes) else bytes(data)
+        raise _timed_out(self.timeout)
+
+    async def send_all(self, data: bytes) -> None:
+        with trio.move_on_after(self.timeout):
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _stream_broken(exc) from None
+            return
+        raise _timed_out(self.timeout)
+
+    def close(self) -> None:
+        # No TLS close_notify: it would need an await, and the upstream only has to see the
+        # connection end. Closing the socket under the stream is enough, and immediate.
+        _close_socket(self.sock)
+
+
+def _stream_broken(exc: Exception) -> UpstreamTransportError:
+    cause = exc.__cause__
+    return UpstreamTransportError("disconnect", str(cause or exc) or type(exc).__name__)
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+class _Proxy:
+    """An HTTP proxy from the environment. ``authorization`` (from the URL's userinfo) is the
+    ``Proxy-Authorization`` value; it is kept out of ``repr`` and every message."""
+
+    __slots__ = ("authorization", "host", "port", "tls")
+
+    def __init__(self, tls: bool, host: str, port: int, authorization: str | None) -> None:
+        self.tls = tls
+        self.host = host
+        self.port = port
+        self.authorization = authorization
+
+    def __repr__(self) -> str:
+        return f"<proxy {self}>"
+
+    def __str__(self) -> str:
+        return _authority(self.host, self.port)
+
+    @property
+    def key(self) -> tuple[bool, str, int, str | None]:
+        return (self.tls, self.host, self.port, self.authorization)
+
+
+class _Target:
+    """A parsed request URL and its route: where to connect, and what to send."""
+
+    __slots__ = ("authorization", "host", "host_header", "origin", "port", "proxy", "target", "tls")
+
+    def __init__(
+        self,
+        tls: bool,
+        host: str,
+        port: int,
+        target: str,
+        authorization: str | None,
+        proxy: _Proxy | None,
+    ) -> None:
+        self.tls = tls
+        self.host = host
+        self.port = port
+        default = 443 if tls else 80
+        self.host_header = _authority(host, port) if port != default else _bracketed(host)
+        self.authorization = authorization  # Basic, from the URL's userinfo
+        self.proxy = proxy
+        if proxy is not None and not tls:  # absolute form, to the proxy
+            target = f"http://{self.host_header}{target}"
+        self.target = target
+        self.origin = (tls, host, port, proxy.key if proxy is not None else None)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _authority(host: str, port: int) -> str:
+    return f"{_bracketed(host)}:{port}"
+
+
+def _basic(username: str | None, password: str | None) -> str | None:
+    if username is None:
+        return None
+    user = urllib.parse.unquote(username)
+    secret = urllib.parse.unquote(password or "")
+    return "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
+
+
+def _ascii_host(host: str) -> str:
+    try:
+        host.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            return host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise UpstreamTransportError("config", f"bad host name {host!r}") from None
+    return host
+
+
+_TARGET_SAFE = "/%:@!$&'()*+,;=-._~"
+
+
+def _parse_target(url: str, proxies: Mapping[str, str]) -> _Target:
+    """The :class:`_Target` of ``url``; messages name no credentials (the URL may hold some)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UpstreamTransportError("config", f"cannot parse the URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UpstreamTransportError("config", f"unsupported URL scheme {scheme!r} (http or https)")
+    if not parts.hostname:
+        raise UpstreamTransportError("config", "the URL has no host")
+    tls = scheme == "https"
+    host = _ascii_host(parts.hostname)
+    target = urllib.parse.quote(parts.path or "/", safe=_TARGET_SAFE)
+    if parts.query:
+        target += "?" + urllib.parse.quote(parts.query, safe=_TARGET_SAFE + "?")
+    proxy = _proxy_for(scheme, host, proxies)
+    port = port if port is not None else (443 if tls else 80)
+    return _Target(tls, host, port, target, _basic(parts.username, parts.password), proxy)
+
+
+def _proxy_for(scheme: str, host: str, proxies: Mapping[str, str]) -> _Proxy | None:
+    url = proxies.get(scheme) or proxies.get("all")
+    if not url or urllib.request.proxy_bypass(host):
+        return None
+    if "://" not in url:
+        url = "http://" + url  # HTTP_PROXY=host:port, as curl reads it
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise UpstreamTransportError("config", f"cannot parse the {scheme} proxy URL") from None
+    proxy_scheme = parts.scheme.lower()
+    if proxy_scheme not in ("http", "https") or not parts.hostname:
+        raise UpstreamTransportError(
+            "config", f"unsupported {scheme} proxy (an http:// or https:// proxy URL is needed)"
+        )
+    tls = proxy_scheme == "https"
+    return _Proxy(
+        tls,
+        _ascii_host(parts.hostname),
+        port if port is not None else (443 if tls else 80),
+        _basic(parts.username, parts.password),
+    )
+
+
+async def _open_socket(host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket with TCP_NODELAY; the addresses of ``host`` are
+    tried in order. Put a timeout around it."""
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:  # socket.gaierror, mostly
+        raise UpstreamTransportError(
+            "connect", f"cannot resolve {host}: {exc.strerror or exc}"
+        ) from None
+    failure: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:  # out of file descriptors, an unsupported family
+            failure = exc
+            continue
+        connected = False
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.connect(address)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, os.strerror(code)) from None
+            connected = True
+            return sock
+        except OSError as exc:
+            failure = exc
+        finally:
+            if not connected:
+                _close_socket(sock)
+    detail = failure.strerror if failure is not None and failure.strerror else "no address"
+    raise UpstreamTransportError("connect", f"{_authority(host, port)}: {detail}")
+
+
+async def _start_tls(
+    stream: trio.abc.Stream, context: ssl.SSLContext, host: str
+) -> trio.SSLStream[trio.abc.Stream]:
+    tls = trio.SSLStream(stream, context, server_hostname=host, https_compatible=True)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        raise UpstreamTransportError(
+            "connect", f"TLS with {host} failed: {exc.__cause__ or exc}"
+        ) from None
+    return tls
+
+
+async def _open_tunnel(transport: _Transport, target: _Target, proxy: _Proxy) -> None:
+    """Ask ``proxy`` (at the other end of ``transport``) for a tunnel to ``target``."""
+    authority = _authority(target.host, target.port)
+    headers = [("host", authority)]
+    if proxy.authorization:
+        headers.append(("proxy-authorization", proxy.authorization))
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+    request = conn.send(h11.Request(method="CONNECT", target=authority, headers=headers))
+    assert request is not None
+    try:
+        await transport.send_all(request)
+        head = await _receive_head(conn, transport)
+    except UpstreamTransportError as exc:
+        if exc.kind != "disconnect":
+            raise
+        raise UpstreamTransportError(
+            "connect", f"the proxy {proxy} connection failed: {exc.message}"
+        ) from None
+    except _ClosedEarly:
+        raise UpstreamTransportError(
+            "connect", f"the proxy {proxy} closed the connection before answering CONNECT"
+        ) from None
+    if not 200 <= head.status_code < 300:
+        reason = head.reason.decode("latin-1")
+        raise UpstreamTransportError(
+            "connect",
+            f"the proxy {proxy} refused the tunnel to {authority}: HTTP {head.status_code}"
+            + (f" {reason}" if reason else ""),
+        )
+    if conn.trailing_data[0]:
+        raise _protocol(f"the proxy {proxy} sent bytes before the tunnel was used")
+
+
+class _ClosedEarly(Exception):
+    """The connection ended (EOF, or broken) before a whole response head arrived."""
+
+    def __init__(self, received: bool, detail: str) -> None:
+        super().__init__(detail)
+        self.received = received  # whether any byte of the head had arrived
+        self.detail = detail
+
+
+async def _receive_head(conn: h11.Connection, transport: _Transport) -> h11.Response:
+    """Read until h11 has parsed the final response head (1xx heads are skipped); the bytes
+    after it stay in ``conn.trailing_data``."""
+    received = False
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await transport.receive_some()
+                except UpstreamTransportError as exc:
+                    if exc.kind != "disconnect":
+                        raise
+                    raise _ClosedEarly(received, exc.message) from None
+                if not data:
+                    raise _ClosedEarly(received, "")
+                received = True
+                conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                return event
+            elif not isinstance(event, h11.InformationalResponse):  # 1xx: the answer follows
+                raise _protocol(f"unexpected {type(event).__name__} before the response head")
+    except h11.RemoteProtocolError as exc:
+        raise _protocol(f"malformed response head: {exc}") from None
+
+
+# --- the pool and the exchange ----------------------------------------------------------------
+
+
+class _Connection:
+    __slots__ = ("closed", "idle_since", "origin", "reused", "transport")
+
+    def __init__(self, origin: tuple[object, ...]) -> None:
+        self.origin = origin
+        self.transport: _Transport | None = None
+        self.reused = False  # it served a request before this one
+        self.idle_since = 0.0
+        self.closed = False
+
+    def looks_usable(self) -> bool:
+        """An idle connection the server has not closed or written to (one non-blocking peek)."""
+        assert self.transport is not None
+        try:
+            self.transport.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # EOF, or bytes nobody asked for
+
+
+class _StaleConnection(Exception):
+    """A reused connection failed before any byte of the response head arrived."""
+
+
+class UpstreamResponse:
+    """A response whose head has been read; the body streams through :meth:`receive_some` or
+    ``async for`` (non-empty chunks, each as soon as it arrives)."""
+
+    __slots__ = (
+        "_conn",
+        "_decoder",
+        "_keep_alive",
+        "_pending",
+        "_transport",
+        "headers",
+        "http_version",
+        "reason_phrase",
+        "status_code",
+    )
+
+    def __init__(
+        self,
+        conn: _Connection,
+        transport: _Transport,
+        head: h11.Response,
+        decoder: BodyDecoder,
+        keep_alive: bool,
+        initial: bytes,
+    ) -> None:
+        self.status_code: int = head.status_code
+        self.reason_phrase = head.reason.decode("latin-1")
+        self.http_version = head.http_version.decode("ascii")
+        self.headers = Headers(head.headers)
+        self._conn = conn
+        self._transport = transport
+        self._decoder = decoder
+        self._keep_alive = keep_alive
+        self._pending = decoder.feed(initial) if initial else b""  # bytes read with the head
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse {self.status_code} {self.reason_phrase}>"
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection may serve another request: see the module's rule."""
+        decoder = self._decoder
+        return self._keep_alive and decoder.done and not decoder.extra
+
+    async def receive_some(self) -> bytes:
+        """The next bytes of the body, ``b""`` at its end. Each read waits at most the
+        request's ``read_timeout``."""
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
+        decoder = self._decoder
+        while not decoder.done:
+            if self._conn.closed:
+                raise UpstreamTransportError("disconnect", "the response was closed")
+            data = await self._transport.receive_some()
+            if not data:
+                decoder.eof()
+                break
+            payload = decoder.feed(data)
+            if payload:
+                return payload
+        return b""
+
+    def __aiter__(self) -> UpstreamResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.receive_some()
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+
+def _keep_alive(head: h11.Response) -> bool:
+    if head.http_version != b"1.1":
+        return False
+    for name, value in head.headers:
+        if name == b"connection" and b"close" in (t.strip() for t in value.lower().split(b",")):
+            return False
+    return True
+
+
+def _decoder_for(head: h11.Response) -> BodyDecoder:
+    status = head.status_code
+    if status in (204, 304):
+        return ContentLengthBody(0)
+    length = None
+    for name, value in head.headers:
+        if name == b"transfer-encoding":
+            return ChunkedBody()  # h11 refuses every other transfer coding
+        if name == b"content-length":
+            length = int(value)  # h11 validated it
+    return CloseDelimitedBody() if length is None else ContentLengthBody(length)
+
+
+class UpstreamClient:
+    """A pool of HTTP/1.1 connections to upstreams; see the module docstring. Made by
+    :func:`open_upstream_client`."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        max_idle: int,
+        idle_expiry: float,
+        trust_env: bool,
+    ) -> None:
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._max_idle = max_idle
+        self._idle_expiry = idle_expiry
+        self._idle: dict[tuple[object, ...], list[_Connection]] = {}
+        self._idle_count = 0
+        self._next_sweep = 0.0
+        self._closed = False
+        self._proxies = urllib.request.getproxies() if trust_env else {}
+        self._tls_context = _tls_context(trust_env)
+        self._targets: dict[str, _Target] = {}
+        self._user_agent = f"raafd/{__version__}"
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    # --- the exchange -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def post(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> AsyncIterator[UpstreamResponse]:
+        """``POST body`` to ``url``; the response with its head read, its body streaming.
+
+        Leaving the block before the body's end closes the connection at once; a complete
+        body's connection goes back to the pool. Failures are :class:`UpstreamTransportError`."""
+        target = self._target(url)
+        request = _RequestHead(target, headers, len(body), self._user_agent)
+        fresh = False
+        while True:
+            conn = await self._checkout(target, connect_timeout, fresh=fresh)
+            response = None
+            try:
+                response = await self._exchange(conn, request, body, read_timeout)
+            except _StaleConnection:
+                fresh = True  # once: on a fresh connection, _exchange raises instead
+            finally:
+                if response is None:
+                    self._close(conn)
+            if response is not None:
+                break
+        try:
+            yield response
+        finally:
+            if response.reusable:
+                self._checkin(conn)
+            else:
+                self._close(conn)
+
+    async def _exchange(
+        self, conn: _Connection, request: _RequestHead, body: bytes, read_timeout: float
+    ) -> UpstreamResponse:
+        transport = conn.transport
+        assert transport is not None
+        transport.timeout = read_timeout
+        h11_conn, head_bytes = request.serialize()
+        try:
+            await transport.send_all(head_bytes + body)
+        except UpstreamTransportError as exc:
+            if conn.reused and exc.kind == "disconnect":
+                raise _StaleConnection from None
+            raise
+        try:
+            head = await _receive_head(h11_conn, transport)
+        except _ClosedEarly as exc:
+            if conn.reused and not exc.received:
+                raise _StaleConnection from None
+            where = "inside" if exc.received else "before"
+            message = f"the upstream closed the connection {where} its answer's head"
+            raise UpstreamTransportError(
+                "disconnect", f"{message}: {exc.detail}" if exc.detail else message
+            ) from None
+        decoder = _decoder_for(head)
+        keep_alive = _keep_alive(head) and not isinstance(decoder, CloseDelimitedBody)
+        return UpstreamResponse(
+            conn, transport, head, decoder, keep_alive, h11_conn.trailing_data[0]
+        )
+
+    def _target(self, url: str) -> _Target:
+        target = self._targets.get(url)
+        if target is None:
+            target = _parse_target(url, self._proxies)
+            if len(self._targets) >= _TARGET_CACHE:
+                self._targets.clear()
+            self._targets[url] = target
+        return target
+
+    # --- the pool -----------------------------------------------------------------------------
+
+    async def _checkout(
+        self, target: _Target, connect_timeout: float, *, fresh: bool
+    ) -> _Connection:
+        if self._closed:
+            raise UpstreamTransportError("config", "the upstream client is closed")
+        if not fresh:
+            idle = self._idle.get(target.origin)
+            if idle:
+                conn = self._take_idle(target.origin, idle)
+                if conn is not None:
+                    return conn
+        conn = _Connection(target.origin)
+        await self._acquire(conn, connect_timeout)
+        transport = None
+        try:
+            with trio.move_on_after(connect_timeout):
+                transport = await self._connect(target)
+        finally:
+            if transport is None:
+                conn.closed = True
+                self._limiter.release_on_behalf_of(conn)
+        if transport is None:
+            raise UpstreamTransportError(
+                "connect_timeout", f"no connection within {connect_timeout:g} s"
+            )
+        conn.transport = transport
+        return conn
+
+    def _take_idle(self, origin: tuple[object, ...], idle: list[_Connection]) -> _Connection | None:
+        now = trio.current_time()
+        found = None
+        while idle:
+            conn = idle.pop()  # the most recently used: the likeliest to be alive
+            self._idle_count -= 1
+            if now - conn.idle_since <= self._idle_expiry and conn.looks_usable():
+                found = conn
+                break
+            self._close(conn)
+        if not idle:
+            del self._idle[origin]
+        return found
+
+    async def _acquire(self, conn: _Connection, connect_timeout: float) -> None:
+        limiter = self._limiter
+        try:
+            limiter.acquire_on_behalf_of_nowait(conn)
+            return
+        except trio.WouldBlock:
+            pass
+        if self._idle_count:  # an idle connection to another origin gives its place
+            self._evict_oldest()
+            try:
+                limiter.acquire_on_behalf_of_nowait(conn)
+                return
+            except trio.WouldBlock:
+                pass
+        with trio.move_on_after(connect_timeout):
+            await limiter.acquire_on_behalf_of(conn)
+            return
+        raise UpstreamTransportError(
+            "pool", f"no free connection within {connect_timeout:g} s (the pool is full)"
+        )
+
+    async def _connect(self, target: _Target) -> _Transport:
+        proxy = target.proxy
+        host, port = (proxy.host, proxy.port) if proxy is not None else (target.host, target.port)
+        sock = await _open_socket(host, port)
+        transport: _Transport | None = None
+        try:
+            if not target.tls and (proxy is None or not proxy.tls):
+                transport = _SocketTransport(sock)  # to the upstream, or to a plain proxy
+                return transport
+            stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            if proxy is not None and proxy.tls:
+                stream = await _start_tls(stream, self._tls_context, proxy.host)
+            if target.tls:
+                if proxy is not None:
+                    tunnel = _StreamTransport(stream, sock)
+                    tunnel.timeout = math.inf  # the caller bounds the whole connect
+                    await _open_tunnel(tunnel, target, proxy)
+                stream = await _start_tls(stream, self._tls_context, target.host)
+            transport = _StreamTransport(stream, sock)
+            return transport
+        finally:
+            if transport is None:
+                _close_socket(sock)
+
+    def _checkin(self, conn: _Connection) -> None:
+        if self._closed:
+            self._close(conn)
+            return
+        now = trio.current_time()
+        conn.idle_since = now
+        conn.reused = True
+        self._idle.setdefault(conn.origin, []).append(conn)
+        self._idle_count += 1
+        if now >= self._next_sweep:
+            self._sweep(now)
+        while self._idle_count > self._max_idle:
+            self._evict_oldest()
+
+    def _sweep(self, now: float) -> None:
+        """Close every connection idle longer than ``idle_expiry`` (at most twice per expiry
+        period, so a checkin costs O(1) on average)."""
+        self._next_sweep = now + self._idle_expiry / 2
+        for origin in list(self._idle):
+            idle = self._idle[origin]
+            while idle and now - idle[0].idle_since > self._idle_expiry:
+                self._idle_count -= 1
+                self._close(idle.pop(0))
+            if not idle:
+                del self._idle[origin]
+
+    def _evict_oldest(self) -> None:
+        origin = min(self._idle, key=lambda o: self._idle[o][0].idle_since)
+        idle = self._idle[origin]
+        self._idle_count -= 1
+        self._close(idle.pop(0))
+        if not idle:
+            del self._idle[origin]
+
+    def _close(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.transport is not None:
+            conn.transport.close()
+        self._limiter.release_on_behalf_of(conn)
+
+    def close(self) -> None:
+        """Close the idle connections; those in use close when their request ends."""
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                self._close(conn)
+        self._idle.clear()
+        self._idle_count = 0
+
+
+class _RequestHead:
+    """The request line and headers of one ``POST``, serialized by a fresh h11 connection per
+    attempt (the same connection then parses the answer's head)."""
+
+    __slots__ = ("_headers", "_target")
+
+    def __init__(
+        self, target: _Target, headers: Mapping[str, str], length: int, user_agent: str
+    ) -> None:
+        merged: dict[str, tuple[str, str]] = {
+            "host": ("host", target.host_header),
+            "user-agent": ("user-agent", user_agent),
+        }
+        if target.authorization:
+            merged["authorization"] = ("authorization", target.authorization)
+        for name, value in headers.items():
+            merged[name.lower()] = (name, value)
+        merged.pop("transfer-encoding", None)
+        merged["content-length"] = ("content-length", str(length))
+        proxy = target.proxy
+        if proxy is not None and not target.tls and proxy.authorization:
+            merged["proxy-authorization"] = ("proxy-authorization", proxy.authorization)
+        self._target = target.target
+        self._headers = list(merged.values())
+
+    def serialize(self) -> tuple[h11.Connection, bytes]:
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        try:
+            head = conn.send(h11.Request(method="POST", target=self._target, headers=self._headers))
+        except (h11.LocalProtocolError, UnicodeError):
+            # h11's message would quote the value, which may be a key: name no value.
+            raise UpstreamTransportError(
+                "config", "a request header has a character HTTP does not allow in it"
+            ) from None
+        assert head is not None
+        return conn, head
+
+
+def _tls_context(trust_env: bool) -> ssl.SSLContext:
+    if trust_env and os.environ.get("SSL_CERT_FILE"):
+        context = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    elif trust_env and os.environ.get("SSL_CERT_DIR"):
+        context = ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    else:
+        context = ssl.create_default_context(cafile=certifi.where())
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+@asynccontextmanager
+async def open_upstream_client(
+    *,
+    max_connections: int = 1024,
+    max_idle: int = 128,
+    idle_expiry: float = 30.0,
+    trust_env: bool = True,
+) -> AsyncIterator[UpstreamClient]:
+    """The providers' shared upstream client, its pooled connections closed on exit.
+
+    ``max_connections`` bounds the connections in use or idle; ``max_idle`` the idle ones kept;
+    ``idle_expiry`` (seconds) how long one may stay idle. ``trust_env`` honours the proxy
+    variables and ``SSL_CERT_FILE``/``SSL_CERT_DIR`` (else certifi's CA bundle)."""
+    client = UpstreamClient(
+        max_connections=max_connections,
+        max_idle=max_idle,
+        idle_expiry=idle_expiry,
+        trust_env=trust_env,
+    )
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,833 @@
+"""The providers' upstream HTTP/1.1 client: its body decoders (pure, byte by byte) and the
+client against tiny real servers on loopback (keep-alive, stale connections, the pool bound,
+timeouts, cancellation, proxies, TLS)."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import socket
+import ssl
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from trio.testing import MockClock
+
+from raafd.providers import upstream as upstream_module
+from raafd.providers.upstream import (
+    BodyDecoder,
+    ChunkedBody,
+    CloseDelimitedBody,
+    ContentLengthBody,
+    UpstreamClient,
+    UpstreamTransportError,
+    open_upstream_client,
+)
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def jump(clock: MockClock) -> None:
+    # Virtual time jumps once every task has been idle 20 real ms: timeouts take no real time,
+    # while loopback socket I/O (microseconds) is never overtaken.
+    clock.autojump_threshold = 0.02
+
+
+# --- the body decoders (pure) -----------------------------------------------------------------
+
+CHUNKED = (
+    b"5;name=value\r\nhello\r\n"
+    b"1A\r\n" + b"x" * 26 + b"\r\n"
+    b'3 ; quoted="a;b"\r\n, w\r\n'
+    b"2\n!!\n"  # bare LF line ends are read too
+    b"0\r\nExpires: never\r\nX-Trailer: 1\r\n\r\n"
+)
+CHUNKED_PAYLOAD = b"hello" + b"x" * 26 + b", w!!"
+
+
+def decode(decoder: BodyDecoder, data: bytes, *, step: int | None = None) -> bytes:
+    """``data`` fed whole (``step`` None) or in pieces of ``step`` bytes; the payload."""
+    out = bytearray()
+    pieces = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+    for piece in pieces:
+        out += decoder.feed(piece)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("make", "wire", "payload"),
+    [
+        (ChunkedBody, CHUNKED, CHUNKED_PAYLOAD),
+        (partial(ContentLengthBody, 11), b"hello world", b"hello world"),
+    ],
+    ids=["chunked", "content-length"],
+)
+def test_a_body_fed_whole_or_byte_by_byte_gives_the_same_payload(
+    make: Callable[[], BodyDecoder], wire: bytes, payload: bytes
+) -> None:
+    for step in (None, 1, 2, 3, 7):
+        decoder = make()
+        assert decode(decoder, wire + b"NEXT", step=step) == payload
+        assert decoder.done
+        assert decoder.extra == b"NEXT"  # the bytes after the body, whatever the cut
+        decoder.eof()  # a complete body: the close is no error
+    byte_by_byte = make()
+    decode(byte_by_byte, wire, step=1)
+    assert byte_by_byte.done and byte_by_byte.extra == b""
+    early = make()
+    decode(early, wire[:-1], step=1)
+    assert not early.done
+
+
+def test_one_whole_chunk_per_read_is_the_fast_path_and_the_same_payload() -> None:
+    pieces = [b"data: %d\n\n" % i * (i + 1) for i in range(40)]
+    decoder = ChunkedBody()
+    for piece in pieces:  # each feed exactly one chunk, as a streaming upstream writes them
+        assert decoder.feed(b"%x\r\n%s\r\n" % (len(piece), piece)) == piece
+    assert decoder.feed(b"0\r\n\r\n") == b""
+    assert decoder.done and decoder.extra == b""
+
+
+def test_a_close_delimited_body_ends_at_eof() -> None:
+    decoder = CloseDelimitedBody()
+    assert decode(decoder, b"all of it", step=1) == b"all of it"
+    assert not decoder.done
+    decoder.eof()
+    assert decoder.done
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    chunks=st.lists(st.binary(min_size=1, max_size=40), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+)
+def test_chunked_payload_does_not_depend_on_the_cuts(chunks: list[bytes], cuts: list[int]) -> None:
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    points = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
+    decoder = ChunkedBody()
+    out = b"".join(decoder.feed(wire[a:b]) for a, b in itertools.pairwise(points))
+    assert out == b"".join(chunks)
+    assert decoder.done and decoder.extra == b""
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"zz\r\nab\r\n0\r\n\r\n",  # not hex
+        b"0x2\r\nab\r\n0\r\n\r\n",  # int() would take it; HTTP does not
+        b"-2\r\nab\r\n0\r\n\r\n",
+        b"\r\n",  # an empty size line
+        b"2\r\nabXY0\r\n\r\n",  # the data is not followed by CRLF
+        b"1" * 17 + b"\r\n",  # more than 64 bits of size
+        b"2;" + b"e" * 5000 + b"\r\n",  # a size line longer than MAX_LINE
+        b"0\r\n" + b"X-T: v\r\n" * 3000 + b"\r\n",  # trailers longer than MAX_TRAILERS
+    ],
+    ids=["not-hex", "0x", "negative", "empty", "no-crlf", "too-big", "long-line", "trailers"],
+)
+def test_bad_chunked_framing_is_a_protocol_error(wire: bytes) -> None:
+    for step in (None, 1):
+        with pytest.raises(UpstreamTransportError) as info:
+            decode(ChunkedBody(), wire, step=step)
+        assert info.value.kind == "protocol"
+
+
+def test_a_line_without_its_end_is_bounded_too() -> None:
+    decoder = ChunkedBody()
+    with pytest.raises(UpstreamTransportError) as info:
+        for _ in range(5000):
+            decoder.feed(b"a")
+    assert info.value.kind == "protocol"
+
+
+@pytest.mark.parametrize(
+    ("decoder", "wire"),
+    [(ChunkedBody(), b"5\r\nhel"), (ContentLengthBody(10), b"hel")],
+    ids=["chunked", "content-length"],
+)
+def test_eof_before_the_end_the_framing_announced_is_a_disconnect(
+    decoder: BodyDecoder, wire: bytes
+) -> None:
+    decoder.feed(wire)
+    with pytest.raises(UpstreamTransportError) as info:
+        decoder.eof()
+    assert info.value.kind == "disconnect"
+
+
+# --- a tiny real server -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Reply:
+    """What the server writes for one request, and what it does then: ``keep`` the connection
+    for the next request, ``close`` it, or ``hang`` (send nothing more, wait for the client)."""
+
+    raw: bytes
+    then: str = "keep"
+
+
+def ok(body: bytes = b"ok", *headers: str, then: str = "keep") -> Reply:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return Reply(
+        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), head.encode(), body),
+        then,
+    )
+
+
+def chunked(*pieces: bytes, then: str = "keep", end: bool = True) -> Reply:
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+    return Reply(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + wire + (b"0\r\n\r\n" * end),
+        then,
+    )
+
+
+@attrs.define
+class Seen:
+    """One request as the server read it."""
+
+    line: bytes  # the request line
+    headers: dict[str, str]
+    body: bytes
+    connection: int  # which connection (1, 2, …) carried it
+
+
+@attrs.define(eq=False)
+class TinyServer:
+    """An HTTP/1.1 server on 127.0.0.1, port 0, answering each request with the next reply
+    (``None``: close the connection without answering). Records every request and every
+    connection the client closed."""
+
+    replies: list[Reply | None]
+    port: int = 0
+    connections: int = 0
+    seen: list[Seen] = attrs.field(factory=list)
+    client_closes: int = 0  # connections the client closed
+    closed_at: float | None = None  # when the client closed one last
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def wait_closed(self, count: int) -> None:
+        """Return once the client has closed ``count`` connections (put a timeout around it)."""
+        while self.client_closes < count:
+            await self._changed.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        await trio.serve_listeners(self._serve, listeners, task_status=task_status)
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        number = self.connections
+        buffer = bytearray()
+        async with stream:
+            try:
+                while True:
+                    request = await self._read_request(stream, buffer, number)
+                    if request is None:
+                        return self._client_closed()
+                    self.seen.append(request)
+                    reply = self.replies.pop(0) if self.replies else ok()
+                    if reply is None:
+                        return
+                    await stream.send_all(reply.raw)
+                    if reply.then == "close":
+                        return
+                    if reply.then == "hang":
+                        while await stream.receive_some(65536):
+                            pass
+                        return self._client_closed()
+            except trio.BrokenResourceError:
+                self._client_closed()
+
+    def _client_closed(self) -> None:
+        self.client_closes += 1
+        self.closed_at = trio.current_time()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _read_request(
+        self, stream: trio.abc.Stream, buffer: bytearray, number: int
+    ) -> Seen | None:
+        while b"\r\n\r\n" not in buffer:
+            data = await stream.receive_some(65536)
+            if not data:
+                return None
+            buffer += data
+        end = buffer.index(b"\r\n\r\n")
+        line, *fields = bytes(buffer[:end]).split(b"\r\n")
+        del buffer[: end + 4]
+        headers = {}
+        for field in fields:
+            name, _, value = field.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(buffer) < length:
+            data = await stream.receive_some(65536)
+            if not data:
+                return None
+            buffer += data
+        body = bytes(buffer[:length])
+        del buffer[:length]
+        return Seen(line, headers, body, number)
+
+
+@pytest.fixture
+def serve(nursery: trio.Nursery) -> Callable[..., Any]:
+    """``await serve(*replies)``: a started :class:`TinyServer`."""
+
+    async def start(*replies: Reply | None) -> TinyServer:
+        server = TinyServer(list(replies))
+        with trio.fail_after(5):
+            await nursery.start(server.run)
+        return server
+
+    return start
+
+
+async def post(
+    client: UpstreamClient,
+    url: str,
+    *,
+    body: bytes = b"{}",
+    connect_timeout: float = 2.0,
+    read_timeout: float = 5.0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One whole exchange: status, headers, body."""
+    async with client.post(
+        url,
+        headers=headers or {"content-type": "application/json"},
+        body=body,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    ) as response:
+        data = b"".join([chunk async for chunk in response])
+        return response.status_code, dict(response.headers), data
+
+
+# --- exchanges --------------------------------------------------------------------------------
+
+
+async def test_a_post_sends_its_body_and_reads_head_and_body(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(
+        Reply(
+            b"HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\nX-Twice: a\r\nx-twice: b\r\n"
+            b"transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+    )
+    with trio.fail_after(5):
+        async with upstream.post(
+            f"http://127.0.0.1:{server.port}/v1/chat?x=1",
+            headers={"Content-Type": "application/json", "Authorization": "Bearer k"},
+            body=b'{"a": 1}',
+            connect_timeout=2.0,
+            read_timeout=5.0,
+        ) as response:
+            assert response.status_code == 201 and response.is_success
+            assert response.reason_phrase == "Created"
+            assert response.headers.get("content-type") == "text/plain"
+            assert response.headers["Content-Type"] == "text/plain"
+            assert response.headers.get("x-twice") == "a, b"
+            assert response.headers.get("missing", "dflt") == "dflt"
+            assert await response.receive_some() == b"abc"
+            assert await response.receive_some() == b""
+    seen = server.seen[0]
+    assert seen.line == b"POST /v1/chat?x=1 HTTP/1.1"
+    assert seen.body == b'{"a": 1}'
+    assert seen.headers["host"] == f"127.0.0.1:{server.port}"
+    assert seen.headers["content-length"] == "8"
+    assert seen.headers["authorization"] == "Bearer k"
+    assert seen.headers["user-agent"].startswith("raafd/")
+
+
+async def test_chunks_are_forwarded_as_they_arrive(serve: Any, upstream: UpstreamClient) -> None:
+    # One chunk, then the server waits: the chunk must reach the reader without the rest.
+    server = await serve(chunked(b"first", then="hang", end=False))
+    with trio.fail_after(5):
+        async with upstream.post(
+            f"http://127.0.0.1:{server.port}/",
+            headers={},
+            body=b"",
+            connect_timeout=2.0,
+            read_timeout=30.0,
+        ) as response:
+            assert await response.receive_some() == b"first"
+
+
+async def test_two_sequential_requests_share_one_connection(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(chunked(b"one"), ok(b"two"))
+    url = f"http://127.0.0.1:{server.port}/v1"
+    with trio.fail_after(5):
+        assert (await post(upstream, url))[2] == b"one"
+        assert (await post(upstream, url))[2] == b"two"
+    assert server.connections == 1
+    assert [s.connection for s in server.seen] == [1, 1]
+
+
+async def test_a_connection_closed_while_idle_is_replaced(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(ok(b"one", then="close"), ok(b"two"))
+    url = f"http://127.0.0.1:{server.port}/"
+    with trio.fail_after(5):
+        await post(upstream, url)
+        await trio.sleep(0.05)  # the server's FIN lands in the idle connection
+        assert (await post(upstream, url))[2] == b"two"
+    assert server.connections == 2
+
+
+async def test_a_reused_connection_dropped_with_the_request_is_retried_once(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    # The server takes the second request and closes without a word (it timed the connection
+    # out as the request left): the request goes again, once, on a fresh connection.
+    server = await serve(ok(b"one"), None, ok(b"two"))
+    url = f"http://127.0.0.1:{server.port}/"
+    with trio.fail_after(5):
+        await post(upstream, url)
+        assert (await post(upstream, url))[2] == b"two"
+    assert server.connections == 2
+    assert [s.connection for s in server.seen] == [1, 1, 2]
+
+
+async def test_a_fresh_connection_closed_before_the_head_is_a_disconnect(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(None, ok())
+    with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
+        await post(upstream, f"http://127.0.0.1:{server.port}/")
+    assert info.value.kind == "disconnect"
+    assert len(server.seen) == 1  # not retried: the connection was not a reused one
+
+
+async def test_connection_close_and_extra_bytes_are_not_reused(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(
+        ok(b"one", "connection: close"),
+        Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ntwoJUNK"),
+        ok(b"three"),
+        ok(b"four"),
+    )
+    url = f"http://127.0.0.1:{server.port}/"
+    with trio.fail_after(5):
+        for expected in (b"one", b"two", b"three", b"four"):
+            assert (await post(upstream, url))[2] == expected
+    assert [s.connection for s in server.seen] == [1, 2, 3, 3]
+
+
+async def test_http_1_0_and_close_delimited_bodies_are_not_reused(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(
+        Reply(b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\none"),
+        Reply(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", then="close"),
+        ok(b"three"),
+    )
+    url = f"http://127.0.0.1:{server.port}/"
+    with trio.fail_after(5):
+        assert (await post(upstream, url))[2] == b"one"
+        assert (await post(upstream, url))[2] == b"until the end"
+        assert (await post(upstream, url))[2] == b"three"
+    assert server.connections == 3
+
+
+async def test_an_unfinished_body_closes_the_connection(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(chunked(b"a", then="hang", end=False), ok(b"next"))
+    url = f"http://127.0.0.1:{server.port}/"
+    with trio.fail_after(5):
+        async with upstream.post(
+            url, headers={}, body=b"", connect_timeout=2.0, read_timeout=5.0
+        ) as response:
+            assert await response.receive_some() == b"a"
+        await server.wait_closed(1)
+        assert (await post(upstream, url))[2] == b"next"
+    assert server.connections == 2
+
+
+async def test_idle_connections_expire(serve: Any, autojump_clock: MockClock) -> None:
+    jump(autojump_clock)
+    server = await serve(ok(b"one"), ok(b"two"), ok(b"three"))
+    url = f"http://127.0.0.1:{server.port}/"
+    async with open_upstream_client(idle_expiry=10.0, trust_env=False) as client:
+        with trio.fail_after(60):
+            await post(client, url)
+            await trio.sleep(5)
+            await post(client, url)  # idle 5 s: reused
+            await trio.sleep(11)
+            await post(client, url)  # idle 11 s: expired, replaced
+    assert [s.connection for s in server.seen] == [1, 1, 2]
+
+
+async def test_max_idle_zero_keeps_no_connection(serve: Any) -> None:
+    server = await serve(ok(), ok())
+    url = f"http://127.0.0.1:{server.port}/"
+    async with open_upstream_client(max_idle=0, trust_env=False) as client:
+        with trio.fail_after(5):
+            await post(client, url)
+            await post(client, url)
+    assert server.connections == 2
+
+
+async def test_exit_closes_the_idle_connections(serve: Any) -> None:
+    server = await serve(ok())
+    async with open_upstream_client(trust_env=False) as client:
+        with trio.fail_after(5):
+            await post(client, f"http://127.0.0.1:{server.port}/")
+    assert client.is_closed
+    with trio.fail_after(5):
+        await server.wait_closed(1)
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+async def test_a_full_pool_is_a_pool_error_after_connect_timeout(
+    serve: Any, autojump_clock: MockClock
+) -> None:
+    jump(autojump_clock)
+    server = await serve(chunked(b"held", then="hang", end=False))
+    url = f"http://127.0.0.1:{server.port}/"
+    async with open_upstream_client(max_connections=1, trust_env=False) as client:
+        with trio.fail_after(30):
+            async with client.post(
+                url, headers={}, body=b"", connect_timeout=2.0, read_timeout=60.0
+            ) as held:
+                assert await held.receive_some() == b"held"
+                started = trio.current_time()
+                with pytest.raises(UpstreamTransportError) as info:
+                    await post(client, url, connect_timeout=3.0)
+                assert trio.current_time() - started == pytest.approx(3.0, abs=0.1)
+            assert info.value.kind == "pool"
+            # The held connection was closed on exit: its place is free again.
+            assert (await post(client, url))[2] == b"ok"
+    assert len(server.seen) == 2
+
+
+async def test_a_full_pool_evicts_an_idle_connection_to_another_origin(serve: Any) -> None:
+    first = await serve(ok(b"first"))
+    second = await serve(ok(b"second"))
+    async with open_upstream_client(max_connections=1, trust_env=False) as client:
+        with trio.fail_after(5):
+            assert (await post(client, f"http://127.0.0.1:{first.port}/"))[2] == b"first"
+            assert (await post(client, f"http://127.0.0.1:{second.port}/"))[2] == b"second"
+            await first.wait_closed(1)  # the idle one gave its place
+
+
+async def test_a_silent_server_is_a_read_timeout(serve: Any, autojump_clock: MockClock) -> None:
+    jump(autojump_clock)
+    server = await serve(Reply(b"", then="hang"), chunked(b"x", then="hang", end=False))
+    url = f"http://127.0.0.1:{server.port}/"
+    async with open_upstream_client(trust_env=False) as client:
+        with trio.fail_after(30):
+            started = trio.current_time()
+            with pytest.raises(UpstreamTransportError) as info:
+                await post(client, url, read_timeout=4.0)  # no head
+            assert info.value.kind == "timeout"
+            assert trio.current_time() - started == pytest.approx(4.0, abs=0.1)
+            with pytest.raises(UpstreamTransportError) as info:
+                await post(client, url, read_timeout=4.0)  # a chunk, then nothing
+            assert info.value.kind == "timeout"
+
+
+async def test_a_refused_port_is_a_connect_error(upstream: UpstreamClient) -> None:
+    with socket.socket() as sock:  # bound, not listening: connecting is refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
+            await post(upstream, f"http://127.0.0.1:{port}/")
+    assert info.value.kind == "connect"
+    assert str(port) in info.value.message
+
+
+async def test_a_connect_that_hangs_is_a_connect_timeout(
+    upstream: UpstreamClient, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jump(autojump_clock)
+
+    async def never(host: str, port: int) -> socket.socket:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    monkeypatch.setattr(upstream_module, "_open_socket", never)
+    with trio.fail_after(30), pytest.raises(UpstreamTransportError) as info:
+        await post(upstream, "http://192.0.2.1/", connect_timeout=2.5)
+    assert info.value.kind == "connect_timeout"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com/", "http:///nohost", "http://example.com:99999/", "no scheme"],
+)
+async def test_bad_urls_are_config_errors(upstream: UpstreamClient, url: str) -> None:
+    with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
+        await post(upstream, url)
+    assert info.value.kind == "config"
+
+
+async def test_a_malformed_head_or_framing_is_a_protocol_error(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(
+        Reply(b"HTTP/1.1 OK\r\n\r\n"),
+        Reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nQQ\r\n"),
+    )
+    url = f"http://127.0.0.1:{server.port}/"
+    for _ in range(2):
+        with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
+            await post(upstream, url)
+        assert info.value.kind == "protocol"
+
+
+async def test_a_body_cut_short_is_a_disconnect(serve: Any, upstream: UpstreamClient) -> None:
+    server = await serve(Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", then="close"))
+    with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
+        await post(upstream, f"http://127.0.0.1:{server.port}/")
+    assert info.value.kind == "disconnect"
+
+
+async def test_cancelling_mid_body_closes_the_connection_at_once(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(chunked(b"first", then="hang", end=False))
+    with trio.fail_after(5):
+        with trio.CancelScope() as scope:
+            async with upstream.post(
+                f"http://127.0.0.1:{server.port}/",
+                headers={},
+                body=b"",
+                connect_timeout=2.0,
+                read_timeout=30.0,
+            ) as response:
+                assert await response.receive_some() == b"first"
+                cancelled_at = trio.current_time()
+                scope.cancel()
+                await response.receive_some()
+        assert scope.cancelled_caught
+        await server.wait_closed(1)
+    assert server.closed_at is not None and server.closed_at - cancelled_at < 0.1
+
+
+# --- proxies ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``proxy_env(http_proxy=…, …)``: exactly these proxy variables in the environment."""
+
+    def use(**values: str) -> None:
+        for name in PROXY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name.upper(), raising=False)
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return use
+
+
+async def test_http_through_a_proxy_uses_the_absolute_form(
+    serve: Any, proxy_env: Callable[..., None]
+) -> None:
+    proxy = await serve(ok(b"via proxy"), ok(b"again"))
+    proxy_env(http_proxy=f"http://alice:s%3Acret@127.0.0.1:{proxy.port}")
+    async with open_upstream_client() as client:
+        with trio.fail_after(5):
+            assert (await post(client, "http://upstream.invalid:8080/v1/x?q=1"))[2] == b"via proxy"
+            assert (await post(client, "http://upstream.invalid:8080/v1/x"))[2] == b"again"
+    first, second = proxy.seen
+    assert first.line == b"POST http://upstream.invalid:8080/v1/x?q=1 HTTP/1.1"
+    assert first.headers["host"] == "upstream.invalid:8080"
+    expected = "Basic " + base64.b64encode(b"alice:s:cret").decode()
+    assert first.headers["proxy-authorization"] == expected
+    assert second.connection == first.connection  # pooled per origin through the proxy
+
+
+async def test_no_proxy_bypasses_the_proxy(serve: Any, proxy_env: Callable[..., None]) -> None:
+    server = await serve(ok(b"direct"))
+    proxy_env(http_proxy="http://127.0.0.1:9", no_proxy="127.0.0.1")
+    async with open_upstream_client() as client:
+        with trio.fail_after(5):
+            assert (await post(client, f"http://127.0.0.1:{server.port}/"))[2] == b"direct"
+
+
+async def test_a_proxy_that_refuses_the_tunnel_is_a_connect_error_without_credentials(
+    serve: Any, proxy_env: Callable[..., None]
+) -> None:
+    proxy = await serve(
+        Reply(b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n")
+    )
+    proxy_env(https_proxy=f"http://bob:hunter2secret@127.0.0.1:{proxy.port}")
+    async with open_upstream_client() as client:
+        with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
+            await post(client, "https://api.upstream.invalid/v1/messages")
+    error = info.value
+    assert error.kind == "connect"
+    assert "407" in error.message and f"127.0.0.1:{proxy.port}" in error.message
+    token = base64.b64encode(b"bob:hunter2secret").decode()
+    for text in (str(error), repr(error), error.message):
+        assert "hunter2secret" not in text and "bob" not in text and token not in text
+    seen = proxy.seen[0]
+    assert seen.line == b"CONNECT api.upstream.invalid:443 HTTP/1.1"
+    assert seen.headers["proxy-authorization"] == f"Basic {token}"
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authority() -> trustme.CA:
+    return trustme.CA()
+
+
+@attrs.define(eq=False)
+class TLSServer:
+    """:class:`TinyServer`'s replies over TLS, for ``localhost``."""
+
+    inner: TinyServer
+    context: ssl.SSLContext
+    port: int = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        tls = [trio.SSLListener(listener, self.context) for listener in listeners]
+        await trio.serve_listeners(self._serve, tls, task_status=task_status)
+
+    async def _serve(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        try:
+            await self.inner._serve(stream)
+        except trio.BrokenResourceError:
+            pass
+
+
+class Tunnel:
+    """A CONNECT proxy that opens tunnels to 127.0.0.1 (whatever host is asked for)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.requests: list[bytes] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        await trio.serve_listeners(self._serve, listeners, task_status=task_status)
+
+    async def _serve(self, client: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await client.receive_some(4096)
+            if not data:
+                return
+            head += data
+        self.requests.append(head)
+        port = int(head.split(b" ")[1].rsplit(b":", 1)[1])
+        async with client, await trio.open_tcp_stream("127.0.0.1", port) as target:
+            await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+                try:
+                    while data := await source.receive_some(65536):
+                        await sink.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                nursery.cancel_scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pipe, client, target)
+                nursery.start_soon(pipe, target, client)
+
+
+@pytest.fixture
+def serve_tls(nursery: trio.Nursery, authority: trustme.CA) -> Callable[..., Any]:
+    async def start(*replies: Reply | None) -> TLSServer:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert("localhost").configure_cert(context)
+        server = TLSServer(TinyServer(list(replies)), context)
+        with trio.fail_after(5):
+            await nursery.start(server.run)
+        return server
+
+    return start
+
+
+async def test_https_with_keep_alive_and_a_cancel(
+    serve_tls: Any,
+    authority: trustme.CA,
+    tmp_path: Any,
+    proxy_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = await serve_tls(chunked(b"one"), ok(b"two"), chunked(b"held", then="hang", end=False))
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    proxy_env()
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # trust_env: the CA is trusted
+    url = f"https://localhost:{server.port}/v1"
+    async with open_upstream_client() as client:
+        with trio.fail_after(10):
+            assert (await post(client, url))[2] == b"one"
+            assert (await post(client, url))[2] == b"two"
+            with trio.CancelScope() as scope:
+                async with client.post(
+                    url, headers={}, body=b"", connect_timeout=2.0, read_timeout=30.0
+                ) as response:
+                    assert await response.receive_some() == b"held"
+                    scope.cancel()
+                    await response.receive_some()
+            await server.inner.wait_closed(1)
+    assert [s.connection for s in server.inner.seen] == [1, 1, 1]
+
+
+async def test_an_untrusted_certificate_is_a_connect_error(
+    serve_tls: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve_tls(ok())
+    with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
+        await post(upstream, f"https://localhost:{server.port}/")
+    assert info.value.kind == "connect"
+    assert "certificate" in info.value.message.lower()
+
+
+async def test_https_through_a_connect_tunnel(
+    nursery: trio.Nursery,
+    serve_tls: Any,
+    authority: trustme.CA,
+    tmp_path: Any,
+    proxy_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = await serve_tls(ok(b"tunnelled"), ok(b"again"))
+    tunnel = Tunnel()
+    with trio.fail_after(5):
+        await nursery.start(tunnel.run)
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    proxy_env(https_proxy=f"http://user:pw@127.0.0.1:{tunnel.port}")
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    url = f"https://localhost:{server.port}/v1"
+    async with open_upstream_client() as client:
+        with trio.fail_after(10):
+            assert (await post(client, url))[2] == b"tunnelled"
+            assert (await post(client, url))[2] == b"again"
+    assert len(tunnel.requests) == 1  # one tunnel, reused
+    line, *fields = tunnel.requests[0].decode().split("\r\n")
+    assert line == f"CONNECT localhost:{server.port} HTTP/1.1"
+    token = base64.b64encode(b"user:pw").decode()
+    pairs = (field.split(":", 1) for field in fields if field)
+    headers = {name.lower(): value.strip() for name, value in pairs}
+    assert headers["proxy-authorization"] == f"Basic {token}"
+    assert server.inner.seen[0].headers["host"] == f"localhost:{server.port}"
+    assert "proxy-authorization" not in server.inner.seen[0].headers  # not sent through
