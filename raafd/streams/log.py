@@ -24,7 +24,7 @@ __all__ = ["EventLog"]
 class EventLog:
     """See the module docstring."""
 
-    __slots__ = ("_events", "_first", "_head", "_nbytes", "max_bytes", "max_events")
+    __slots__ = ("_events", "_first", "_head", "_nbytes", "closed", "max_bytes", "max_events")
 
     def __init__(self, max_events: int, max_bytes: int) -> None:
         if max_events < 1 or max_bytes < 1:
@@ -37,6 +37,7 @@ class EventLog:
         self._first = 0
         self._head = 0
         self._nbytes = 0
+        self.closed = False  # a terminal event is in the log (read on every append)
 
     @property
     def head(self) -> int:
@@ -62,11 +63,6 @@ class EventLog:
             return self._events[-1]
         return None
 
-    @property
-    def closed(self) -> bool:
-        """True once a terminal event is in the log."""
-        return self.terminal is not None
-
     def __len__(self) -> int:
         return len(self._events) - self._first
 
@@ -78,6 +74,7 @@ class EventLog:
             raise ValueError("the log already holds a terminal event")
         self._events.append(event)
         self._head = event.seq
+        self.closed = event.terminal
         self._nbytes += event.size
         while len(self) > 1 and (len(self) > self.max_events or self._nbytes > self.max_bytes):
             self._nbytes -= self._events[self._first].size

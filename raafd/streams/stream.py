@@ -151,25 +151,27 @@ class Stream:
         self._ended_clock: float | None = None
         # Bounded by the gateway's per-connection limits; a dict keeps attach order.
         self._subs: dict[Subscription, None] = {}
-        self._attaches = 0  # how many subscriptions ever registered (restarts the detach grace)
         self._room = trio.lowlevel.ParkingLot()  # producer: a reader advanced or left, resume
-        self._control = trio.lowlevel.ParkingLot()  # watchers: subscribers or pause changed
+        # The stream's timers (detach grace, pause timeout, first-token/idle) are one task,
+        # _watch, which sleeps to the earliest due time. It is unparked only when a due time
+        # appears or moves earlier; one that moves later is seen when the old one comes.
+        self._timers = trio.lowlevel.ParkingLot()
+        self._detached_since: float | None = trio.current_time()  # no subscriber since
+        self._paused_since: float | None = None
         self._scope = trio.CancelScope()  # around the body; cancelled by _finish
         self._done = trio.Event()
         self._ran = False
         self._paused = False
-        self._pauses = 0
-        # The first-token/idle timer: a cancel scope around the body, cancelled by the
-        # _expire_gap task once the clock passes _gap_due. A token moves _gap_due (a float
-        # store, not a deadline reschedule per token). It is frozen (_gap_due inf, remaining
-        # time in _gap_left) while anything holds it: a pause, or the producer waiting for its
+        # The first-token/idle timer: a cancel scope around the body, cancelled by _watch
+        # once the clock passes _gap_due. A token moves _gap_due (a float store, not a
+        # deadline reschedule per token). It is frozen (_gap_due inf, remaining time in
+        # _gap_left) while anything holds it: a pause, or the producer waiting for its
         # subscriber.
         self._unyielded = 0  # _wait_ready calls since it last yielded
         self._holds = 0
         self._gap: trio.CancelScope | None = None
         self._gap_due = math.inf
         self._gap_left: float | None = None
-        self._gap_lot = trio.lowlevel.ParkingLot()  # _expire_gap: the timer was unfrozen
         self._first_token_at: float | None = None
         self._last_content_at: float | None = None
         metrics.streams.labels("running").inc()
@@ -256,11 +258,11 @@ class Stream:
         if self._paused:
             return False
         self._paused = True
-        self._pauses += 1
+        self._paused_since = trio.current_time()
+        self._timers.unpark_all()
         self._set_status("paused")
         self._hold()
         self._append("paused")
-        self._control.unpark_all()
         return True
 
     def resume(self) -> bool:
@@ -270,11 +272,11 @@ class Stream:
         if not self._paused:
             return False
         self._paused = False
+        self._paused_since = None
         self._set_status("running")
         self._append("resumed")
         self._release()
         self._room.unpark_all()
-        self._control.unpark_all()
         return True
 
     # --- running ------------------------------------------------------------------------------
@@ -290,9 +292,7 @@ class Stream:
             if self.finished:
                 return
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._expire_detached)
-                nursery.start_soon(self._expire_paused)
-                nursery.start_soon(self._expire_gap)
+                nursery.start_soon(self._watch)
                 await self._run_body(body)
                 nursery.cancel_scope.cancel()
         finally:
@@ -314,7 +314,7 @@ class Stream:
                     self._gap_left = cfg.first_token_timeout
                 else:
                     self._gap_due = trio.current_time() + cfg.first_token_timeout
-                    self._gap_lot.unpark_all()
+                    self._timers.unpark_all()
                 try:
                     await body(_Writer(self))
                 except* Exception as group:
@@ -348,44 +348,28 @@ class Stream:
         log.error("stream failed", exc_info=group)
         self._finish("error", error={"code": "internal", "message": "internal error"})
 
-    async def _expire_detached(self) -> None:
-        """Cancel with reason ``detached`` after ``detach_grace`` with no subscriber."""
+    async def _watch(self) -> None:
+        """The stream's timers: cancel with reason ``detached`` after ``detach_grace`` with no
+        subscriber, with reason ``timeout`` after ``pause_timeout`` in one pause, and end the
+        body (its first-token/idle scope) once no token came before ``_gap_due``."""
+        grace, pause_timeout = self._detach_grace, self.config.pause_timeout
         while True:
-            while self._subs:
-                await self._control.park()
-            seen = self._attaches
-            with trio.move_on_after(self._detach_grace) as waiting:
-                while not self._subs and self._attaches == seen:
-                    await self._control.park()
-            if waiting.cancelled_caught:
+            now = trio.current_time()
+            detached, paused = self._detached_since, self._paused_since
+            detach_due = math.inf if detached is None else detached + grace
+            pause_due = math.inf if paused is None else paused + pause_timeout
+            if now >= detach_due:
                 self.cancel("detached")
                 return
-
-    async def _expire_gap(self) -> None:
-        """End the body (its first-token/idle scope) once no token came before ``_gap_due``.
-        A token usually moves the due time later, which does not wake this task: it wakes at
-        the old due time and looks again. A due time moved earlier unparks it."""
-        while True:
-            due = self._gap_due
-            if trio.current_time() >= due:
+            if now >= pause_due:
+                self.cancel("timeout")
+                return
+            if now >= self._gap_due:
                 if self._gap is not None:
                     self._gap.cancel()
                 return
-            with trio.move_on_at(due):
-                await self._gap_lot.park()
-
-    async def _expire_paused(self) -> None:
-        """Cancel with reason ``timeout`` after ``pause_timeout`` in one pause."""
-        while True:
-            while not self._paused:
-                await self._control.park()
-            pause = self._pauses
-            with trio.move_on_after(self.config.pause_timeout) as waiting:
-                while self._paused and self._pauses == pause:
-                    await self._control.park()
-            if waiting.cancelled_caught:
-                self.cancel("timeout")
-                return
+            with trio.move_on_at(min(detach_due, pause_due, self._gap_due)):
+                await self._timers.park()
 
     # --- the one way in -----------------------------------------------------------------------
 
@@ -424,7 +408,6 @@ class Stream:
         self._metrics.streams_ended.labels(kind).inc()
         self._done.set()
         self._room.unpark_all()
-        self._control.unpark_all()
         if self._on_finish is not None:
             self._on_finish(self)
         return True
@@ -480,7 +463,7 @@ class Stream:
         if self._holds == 0 and self._gap is not None and self._gap_left is not None:
             self._gap_due = trio.current_time() + self._gap_left
             self._gap_left = None
-            self._gap_lot.unpark_all()
+            self._timers.unpark_all()
 
     def _progress(self, *, content: bool) -> None:
         now = trio.current_time()
@@ -497,7 +480,7 @@ class Stream:
             else:
                 due = now + self.config.idle_timeout
                 if due < self._gap_due:
-                    self._gap_lot.unpark_all()  # earlier (idle < first-token time left)
+                    self._timers.unpark_all()  # earlier (idle < first-token time left)
                 self._gap_due = due
 
     # --- subscribers --------------------------------------------------------------------------
@@ -505,16 +488,17 @@ class Stream:
     def _register(self, sub: Subscription) -> None:
         self.log.check(sub.cursor)
         self._subs[sub] = None
-        self._attaches += 1
+        self._detached_since = None
         sub._attach_head = self.log.head
         self._room.unpark_all()
-        self._control.unpark_all()
 
     def _unregister(self, sub: Subscription) -> None:
         if sub in self._subs:
             del self._subs[sub]
             self._room.unpark_all()
-            self._control.unpark_all()
+            if not self._subs:
+                self._detached_since = trio.current_time()  # the grace starts (again)
+                self._timers.unpark_all()
 
     def _drop_laggards(self) -> None:
         max_lag = self.config.max_lag
