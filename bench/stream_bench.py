@@ -618,18 +618,20 @@ def _stage(frames: Sequence[str]) -> str:
     stack = ";".join(frames)
     leaf = frames[-1]
     if "Connection._writer" in stack:
-        return "writer task: frames to the client socket"
-    if "Connection._deliver" in stack:
-        return "delivery task: subscription to send queue"
+        return "writer task: what the socket did not take at once"
+    if "Connection._deliver" in stack and "push" not in stack:
+        return "delivery task: replay and refused pushes"
     if "hypercorn" in stack or "raafd/http/" in stack:
         return "HTTP/SSE transport (hypercorn, ASGI app)"
+    if "push" in stack or "write_nowait" in stack:
+        return "push: frame and socket send to the client"
     if any(w in stack for w in ("SSEParser", "._decode", "_chunk_delta")):
         return "upstream: SSE parse and JSON decode"
-    if "aiter_bytes" in stack or "aiter_raw" in stack:
-        return "upstream: body read (httpx/httpcore iterators, recv)"
-    if "_produce" in stack:
-        return "upstream: request setup, pool, response close"
-    if "Stream.run" in stack or "_run_stream" in stack:
+    if "UpstreamResponse.receive_some" in stack or "Body.feed" in stack:
+        return "upstream: socket read and body decode"
+    if "UpstreamClient" in stack or "HttpProvider._post" in stack:
+        return "upstream: pool, connect, request, response head"
+    if "Stream." in stack or "_run_stream" in stack:
         return "stream task: agent loop, emit, event log, encode, metrics"
     if "Connection." in stack or "listener" in stack or "serve_listeners" in stack:
         return "connections: accept, handshake, reader"
