@@ -46,13 +46,13 @@ class RawSocket:
     async def receive_some(self) -> bytes:
         """The next bytes; ``b""`` at end of file. Raises :class:`trio.BrokenResourceError`
         when the connection broke and :class:`trio.ClosedResourceError` once closed."""
+        if self.closed:
+            raise trio.ClosedResourceError("the connection is closed")
         if self._prefix:
             data, self._prefix = self._prefix, b""
             await trio.lowlevel.checkpoint()
             return data
         while True:
-            if self.closed:
-                raise trio.ClosedResourceError("the connection is closed")
             await trio.lowlevel.wait_readable(self.sock)
             try:
                 return self.sock.recv(_RECV_SIZE)
