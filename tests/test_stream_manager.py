@@ -990,3 +990,37 @@ async def test_stream_logs_carry_the_stream_id_not_the_spawners_ids(
     started = [entry for entry in logs if entry["event"] == "stream started"]
     assert started and started[0]["stream"] == stream.id
     assert "req" not in started[0] and "conn" not in started[0]
+
+
+async def test_a_refused_push_leaves_the_event_to_the_pull_path(
+    autojump_clock: trio.testing.MockClock, start_manager: StartManager
+) -> None:
+    # A subscriber that takes live events by push refuses every third one (its socket queue
+    # full, say): the refused event and what follows come through the pull path, each once, in
+    # order, and no push is offered while a pulled batch is still in hand.
+    manager = await start_manager(words=40, tps=20)
+    stream = manager.start(agent=None, messages=user(), detach_grace=math.inf)
+    pushed: list[StreamEvent] = []
+    pulled: list[StreamEvent] = []
+    offers = 0
+    with trio.fail_after(LIMIT):
+        async with manager.subscribe(stream.id, 0) as sub:
+
+            def push(event: StreamEvent) -> bool:
+                nonlocal offers
+                offers += 1
+                assert not sub._held  # never while a pulled batch is undelivered
+                assert event.seq == sub.cursor + 1
+                if offers % 3 == 0:
+                    return False
+                pushed.append(event)
+                return True
+
+            sub.push = push
+            async for batch in sub:
+                pulled.extend(batch)
+                await trio.sleep(0.01)  # the batch is "in hand" for a while
+    events = sorted(pushed + pulled, key=lambda e: e.seq)
+    assert_whole(events)
+    assert len({e.seq for e in events}) == len(events)  # none twice
+    assert pushed and any(e.kind == "content" for e in pulled[1:])  # both paths were used

@@ -221,7 +221,7 @@ class HttpProvider(abc.ABC):
                 reason="timeout",
             )
         if exc.kind == "config":
-            return self._error(f"bad upstream URL: {detail}", reason="config")
+            return self._error(f"bad upstream request (URL or header): {detail}", reason="config")
         if exc.kind == "protocol":
             return self._error(f"cannot decode the upstream's answer: {detail}", reason="protocol")
         return self._error(
