@@ -192,7 +192,9 @@ _expressions = st.recursive(_literals, _combine, max_leaves=12)
 def _python(expression: str) -> object:
     try:
         return eval(expression, _NAMESPACE)  # the test's oracle; the module never evaluates code
-    except (ZeroDivisionError, OverflowError, ValueError):
+    except (ZeroDivisionError, OverflowError, ValueError, TypeError):
+        # TypeError: a complex intermediate (a negative base to the power 0.5) met an
+        # operation complex numbers lack (//, %, floor, min...); Python failed.
         return None
 
 
