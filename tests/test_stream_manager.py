@@ -34,6 +34,7 @@ from raafd.providers.base import (
 from raafd.providers.breaker import Breakers
 from raafd.providers.demo import DemoProvider
 from raafd.streams import SlowConsumer, Stream, StreamManager
+from raafd.streams.timers import StreamTimers
 
 LIMIT = 1000  # clock seconds: the absolute timeout around every wait
 
@@ -631,6 +632,7 @@ async def test_idle_timeout_counts_from_the_last_token(
     stream = manager.start(agent="tick", messages=user(), detach_grace=math.inf)
     with trio.fail_after(LIMIT):
         await stream.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the body unwinds after the terminal event
     # Tokens at 0..29 s, then the provider sleeps 1 s and hangs: the last token was at 29.
     assert trio.current_time() == pytest.approx(33)
     end = stream.terminal
@@ -957,7 +959,9 @@ async def test_internal_failure_reveals_nothing(
 async def test_stream_standalone_cancelled_before_it_runs(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    stream = Stream(agent="a", model="m", config=StreamsConfig(), metrics=Metrics())
+    stream = Stream(
+        agent="a", model="m", config=StreamsConfig(), metrics=Metrics(), timers=StreamTimers()
+    )
     stream.cancel("admin")
     ran = []
 

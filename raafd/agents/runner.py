@@ -311,10 +311,12 @@ class AgentLoop:
         prompt_tokens = completion_tokens = 0
         turns = 0
 
-        async def emit(kind: str, **fields: Any) -> None:
-            if tag:
+        emit: Emit = out.emit
+        if tag:
+
+            async def emit(kind: str, **fields: Any) -> None:
                 fields["agent"] = current.name
-            await out.emit(kind, **fields)
+                await out.emit(kind, **fields)
 
         while True:
             turns += 1

@@ -28,17 +28,9 @@ import trio
 
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
-from raafd.providers.base import (
-    Delta,
-    Provider,
-    ProviderError,
-    ProviderEvent,
-    ProviderRequest,
-    RetryNotice,
-    Sink,
-)
+from raafd.providers.base import Provider, ProviderError, ProviderRequest, RetryNotice, Sink
 from raafd.providers.breaker import Breakers
-from raafd.providers.retry import stream_with_retry
+from raafd.providers.retry import DeltaWatch, stream_with_retry
 
 __all__ = ["default_model", "stream_with_fallback"]
 
@@ -56,27 +48,6 @@ def default_model(provider: Provider) -> str:
     return model if isinstance(model, str) and model else provider.name
 
 
-class _Relay:
-    """Passes events to the consumer's sink, numbering retry notices across the chain and
-    remembering whether a :class:`Delta` went out."""
-
-    __slots__ = ("_inner", "attempts", "delta_sent")
-
-    def __init__(self, inner: Sink) -> None:
-        self._inner = inner
-        self.attempts = 0
-        self.delta_sent = False
-
-    async def send(self, value: ProviderEvent, /) -> None:
-        if isinstance(value, RetryNotice):
-            self.attempts += 1
-            value = RetryNotice(
-                attempt=self.attempts, reason=value.reason, retry_after=value.retry_after
-            )
-        await self._inner.send(value)
-        if isinstance(value, Delta):
-            self.delta_sent = True
-
 
 async def stream_with_fallback(
     chain: Sequence[tuple[Provider, ProviderRequest]],
@@ -91,7 +62,7 @@ async def stream_with_fallback(
     differ per provider). Raises :class:`ProviderError`."""
     if not chain:
         raise ProviderError("no provider is available for this agent", reason="unavailable")
-    relay = _Relay(send)
+    relay = DeltaWatch(send)  # numbers retry notices across the chain; counts deltas
     failures: list[tuple[str, str]] = []  # (provider, what happened), for the final error
     last: ProviderError | None = None
     hints: list[float] = []  # retry_after hints of the failures, for the final error
@@ -132,7 +103,7 @@ async def stream_with_fallback(
             else:
                 breaker.record_failure(trio.current_time())
             verdict = True
-            if relay.delta_sent:
+            if relay.deltas:
                 raise
             failures.append((provider.name, exc.message))
             if exc.retry_after is not None:
@@ -155,7 +126,7 @@ async def stream_with_fallback(
     )
 
 
-async def _move_on(relay: _Relay, provider: str, reason: str, metrics: Metrics | None) -> None:
+async def _move_on(relay: DeltaWatch, provider: str, reason: str, metrics: Metrics | None) -> None:
     if metrics is not None:
         metrics.upstream_retries.labels(provider, reason).inc()
     await relay.send(RetryNotice(attempt=0, reason=reason, retry_after=0.0))

@@ -30,24 +30,39 @@ from raafd.providers.base import (
     Sink,
 )
 
-__all__ = ["backoff_delay", "stream_with_retry"]
+__all__ = ["DeltaWatch", "backoff_delay", "stream_with_retry"]
 
 log = get_logger("raafd.providers")
 
+_RNG = random.Random()  # jitter only; seeding a Random per call reads os.urandom every time
 
-class _FirstDeltaWatch:
-    """Passes events through to ``inner`` and remembers whether a :class:`Delta` went out."""
 
-    __slots__ = ("_inner", "delta_sent")
+class DeltaWatch:
+    """A sink that passes events on to ``inner``, counting the deltas that went out and
+    numbering retry notices 1, 2, 3... in the order they pass.
+
+    Retry and fallback both need to know whether a delta went out, and fallback numbers retries
+    across its chain; one watch serves both (:func:`stream_with_retry` uses the sink it is given
+    when that is a watch already), so a token passes through one wrapper, not two."""
+
+    __slots__ = ("_inner", "deltas", "retries")
 
     def __init__(self, inner: Sink) -> None:
         self._inner = inner
-        self.delta_sent = False
+        self.deltas = 0
+        self.retries = 0
 
     async def send(self, value: ProviderEvent, /) -> None:
+        if isinstance(value, RetryNotice):
+            self.retries += 1
+            value = RetryNotice(
+                attempt=self.retries, reason=value.reason, retry_after=value.retry_after
+            )
+            await self._inner.send(value)
+            return
         await self._inner.send(value)
         if isinstance(value, Delta):
-            self.delta_sent = True
+            self.deltas += 1
 
 
 def backoff_delay(
@@ -75,17 +90,18 @@ async def stream_with_retry(
     the first delta up to ``max_retries`` times (see the module docstring). Every failure is
     counted in ``upstream_errors``, every retry in ``upstream_retries``, by provider and
     reason."""
-    rng = rng if rng is not None else random.Random()
+    rng = rng if rng is not None else _RNG
+    watch = send if isinstance(send, DeltaWatch) else DeltaWatch(send)
     attempt = 0
     while True:
-        watch = _FirstDeltaWatch(send)
+        before = watch.deltas
         try:
             await provider.stream(request, watch)
             return
         except ProviderError as exc:
             if metrics is not None:
                 metrics.upstream_errors.labels(provider.name, exc.reason).inc()
-            if watch.delta_sent or not exc.retryable or attempt >= max_retries:
+            if watch.deltas != before or not exc.retryable or attempt >= max_retries:
                 raise
             if exc.retry_after is not None and exc.retry_after > cap:
                 raise
@@ -101,5 +117,5 @@ async def stream_with_retry(
                 status=exc.status,
                 delay=round(delay, 3),
             )
-            await send.send(RetryNotice(attempt=attempt, reason=exc.reason, retry_after=delay))
+            await watch.send(RetryNotice(attempt=attempt, reason=exc.reason, retry_after=delay))
         await trio.sleep(delay)

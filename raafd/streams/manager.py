@@ -2,7 +2,8 @@
 
 Streams outlive the connection that started them (a client reconnects and resumes from its last
 seq), so their tasks do not live in the connection's nursery but in the manager's, opened by
-:meth:`StreamManager.run`. The same nursery holds the retention reaper.
+:meth:`StreamManager.run`. The same nursery holds the retention reaper and the one task that
+runs every stream's timers (:class:`~raafd.streams.timers.StreamTimers`).
 
 Bounds (DESIGN invariant 2):
 
@@ -43,6 +44,7 @@ from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
 from raafd.providers.fallback import default_model
 from raafd.streams.stream import STATUSES, Body, Stream, StreamWriter, Subscription
+from raafd.streams.timers import StreamTimers
 
 __all__ = ["StreamManager"]
 
@@ -84,6 +86,7 @@ class StreamManager:
         self._sessions = sessions
         self._session_streams: dict[str, str] = {}  # session → its running stream (bounded)
         self._nursery: trio.Nursery | None = None
+        self._timers = StreamTimers()
         self._draining = False
         self._streams: dict[str, Stream] = {}  # running and retained
         self._running: dict[str, Stream] = {}
@@ -102,6 +105,7 @@ class StreamManager:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._reap)
+                await nursery.start(self._timers.run)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -231,6 +235,7 @@ class StreamManager:
             model=model,
             config=cfg,
             metrics=self._metrics,
+            timers=self._timers,
             stream_id=stream_id,
             owner=owner,
             session=session,

@@ -61,6 +61,7 @@ from raafd.protocol.events import (
     make_event,
 )
 from raafd.streams.log import EventLog
+from raafd.streams.timers import StreamTimers
 
 __all__ = [
     "STATUSES",
@@ -128,6 +129,7 @@ class Stream:
         model: str,
         config: StreamsConfig,
         metrics: Metrics,
+        timers: StreamTimers,
         stream_id: str | None = None,
         owner: str = "",
         session: str | None = None,
@@ -152,26 +154,26 @@ class Stream:
         # Bounded by the gateway's per-connection limits; a dict keeps attach order.
         self._subs: dict[Subscription, None] = {}
         self._room = trio.lowlevel.ParkingLot()  # producer: a reader advanced or left, resume
-        # The stream's timers (detach grace, pause timeout, first-token/idle) are one task,
-        # _watch, which sleeps to the earliest due time. It is unparked only when a due time
-        # appears or moves earlier; one that moves later is seen when the old one comes.
-        self._timers = trio.lowlevel.ParkingLot()
-        self._detached_since: float | None = trio.current_time()  # no subscriber since
-        self._paused_since: float | None = None
         self._scope = trio.CancelScope()  # around the body; cancelled by _finish
         self._done = trio.Event()
         self._ran = False
         self._paused = False
-        # The first-token/idle timer: a cancel scope around the body, cancelled by _watch
-        # once the clock passes _gap_due. A token moves _gap_due (a float store, not a
-        # deadline reschedule per token). It is frozen (_gap_due inf, remaining time in
-        # _gap_left) while anything holds it: a pause, or the producer waiting for its
-        # subscriber.
-        self._unyielded = 0  # _wait_ready calls since it last yielded
-        self._holds = 0
-        self._gap: trio.CancelScope | None = None
+        # The timers (see raafd.streams.timers): due times as plain floats, inf when off; the
+        # earliest is registered with the shared StreamTimers as _timer_at.
+        self._timers = timers
+        self._timer_at = math.inf
+        self._detached_since: float | None = trio.current_time()  # no subscriber since
+        self._paused_since: float | None = None
+        self._total_due = math.inf  # max_duration, while the body runs
+        # The first-token/idle timer runs while the body does (_gap_on). A token moves
+        # _gap_due: a float store, nothing else unless it moves earlier than _timer_at. It is
+        # frozen (_gap_due inf, remaining time in _gap_left) while anything holds it: a pause,
+        # or the producer waiting for its subscriber.
+        self._gap_on = False
         self._gap_due = math.inf
         self._gap_left: float | None = None
+        self._unyielded = 0  # _wait_ready calls since it last yielded
+        self._holds = 0
         self._first_token_at: float | None = None
         self._last_content_at: float | None = None
         metrics.streams.labels("running").inc()
@@ -259,7 +261,7 @@ class Stream:
             return False
         self._paused = True
         self._paused_since = trio.current_time()
-        self._timers.unpark_all()
+        self._arm()
         self._set_status("paused")
         self._hold()
         self._append("paused")
@@ -291,54 +293,38 @@ class Stream:
         try:
             if self.finished:
                 return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch)
-                await self._run_body(body)
-                nursery.cancel_scope.cancel()
+            await self._run_body(body)
         finally:
             if not self.finished:
                 self._finish("cancelled", reason="drain")
 
     async def _run_body(self, body: Body) -> None:
         cfg = self.config
+        # The timeouts end the stream from the timer task (_on_timer), through _finish, which
+        # cancels _scope first: the body unwinds with Cancelled after the terminal event.
+        self._total_due = self._t0 + cfg.max_duration
+        self._gap_on = True
+        if self._holds:
+            self._gap_left = cfg.first_token_timeout
+        else:
+            self._gap_due = trio.current_time() + cfg.first_token_timeout
+        self._arm()
         try:
-            # Outermost: control (cancel, finish); then max_duration; then the first-token and
-            # idle timer, whose deadline moves on every token.
-            with (
-                self._scope,
-                trio.CancelScope(deadline=self._t0 + cfg.max_duration) as total,
-                trio.CancelScope() as gap,
-            ):
-                self._gap = gap
-                if self._holds:
-                    self._gap_left = cfg.first_token_timeout
-                else:
-                    self._gap_due = trio.current_time() + cfg.first_token_timeout
-                    self._timers.unpark_all()
+            with self._scope:
                 try:
                     await body(_Writer(self))
                 except* Exception as group:
                     self._crashed(group)
         finally:
-            self._gap = None
-            self._gap_due = math.inf
+            self._gap_on = False
+            self._gap_due = self._total_due = math.inf
             self._gap_left = None
-        if self.finished:
-            return
-        if total.cancelled_caught:
-            self._timed_out(f"the stream ran longer than max_duration ({cfg.max_duration:g} s)")
-        elif gap.cancelled_caught:
-            if self._first_token_at is None:
-                what = f"no first token within first_token_timeout ({cfg.first_token_timeout:g} s)"
-            else:
-                what = f"no token within idle_timeout ({cfg.idle_timeout:g} s)"
-            self._timed_out(what)
-        else:
+        if not self.finished:
             log.error("stream body returned without a terminal event")
             self._finish("error", error={"code": "internal", "message": "internal error"})
 
     def _timed_out(self, message: str) -> None:
-        log.info("stream timed out", reason=message)
+        log.info("stream timed out", stream=self.id, reason=message)
         self._finish("error", error={"code": "timeout", "message": message})
 
     def _crashed(self, group: BaseExceptionGroup[Exception]) -> None:
@@ -348,28 +334,58 @@ class Stream:
         log.error("stream failed", exc_info=group)
         self._finish("error", error={"code": "internal", "message": "internal error"})
 
-    async def _watch(self) -> None:
-        """The stream's timers: cancel with reason ``detached`` after ``detach_grace`` with no
-        subscriber, with reason ``timeout`` after ``pause_timeout`` in one pause, and end the
-        body (its first-token/idle scope) once no token came before ``_gap_due``."""
-        grace, pause_timeout = self._detach_grace, self.config.pause_timeout
-        while True:
-            now = trio.current_time()
-            detached, paused = self._detached_since, self._paused_since
-            detach_due = math.inf if detached is None else detached + grace
-            pause_due = math.inf if paused is None else paused + pause_timeout
-            if now >= detach_due:
-                self.cancel("detached")
-                return
-            if now >= pause_due:
-                self.cancel("timeout")
-                return
-            if now >= self._gap_due:
-                if self._gap is not None:
-                    self._gap.cancel()
-                return
-            with trio.move_on_at(min(detach_due, pause_due, self._gap_due)):
-                await self._timers.park()
+    # --- timers (see raafd.streams.timers) ----------------------------------------------------
+
+    def _dues(self) -> tuple[float, float]:
+        """The detach grace's and the pause timeout's due times (inf when off)."""
+        detached, paused = self._detached_since, self._paused_since
+        return (
+            math.inf if detached is None else detached + self._detach_grace,
+            math.inf if paused is None else paused + self.config.pause_timeout,
+        )
+
+    def _arm(self) -> None:
+        """Register the earliest due time with the shared timers, unless one at or before it
+        is registered already. Call it whenever a due time may have moved earlier."""
+        if self.log.closed:
+            return
+        due = min(*self._dues(), self._total_due, self._gap_due)
+        if due < self._timer_at:
+            if self._timer_at == math.inf:
+                self._timers.armed += 1
+            self._timer_at = due
+            self._timers.schedule(due, self)
+
+    def _disarm(self) -> None:
+        if self._timer_at != math.inf:
+            self._timers.armed -= 1
+            self._timer_at = math.inf
+
+    def _on_timer(self, now: float) -> None:
+        """Called by the timer task at ``_timer_at``: cancel with reason ``detached`` after
+        ``detach_grace`` with no subscriber, with ``timeout`` after ``pause_timeout`` in one
+        pause; end with ``error`` {timeout} past ``max_duration`` or when no token came before
+        ``_gap_due``; else register the next due time."""
+        self._disarm()
+        if self.log.closed:
+            return
+        detach_due, pause_due = self._dues()
+        if now >= detach_due:
+            self.cancel("detached")
+        elif now >= pause_due:
+            self.cancel("timeout")
+        elif now >= self._total_due:
+            cfg = self.config
+            self._timed_out(f"the stream ran longer than max_duration ({cfg.max_duration:g} s)")
+        elif now >= self._gap_due:
+            cfg = self.config
+            if self._first_token_at is None:
+                what = f"no first token within first_token_timeout ({cfg.first_token_timeout:g} s)"
+            else:
+                what = f"no token within idle_timeout ({cfg.idle_timeout:g} s)"
+            self._timed_out(what)
+        else:
+            self._arm()
 
     # --- the one way in -----------------------------------------------------------------------
 
@@ -394,12 +410,14 @@ class Stream:
                 if not event.terminal:
                     continue
                 sub._done = True
-            sub._wake.unpark_all()
+            if sub._wake:  # its reader is parked (unpark_all on an empty lot costs ~2 µs)
+                sub._wake.unpark_all()
 
     def _finish(self, kind: str, **fields: Any) -> bool:
         if self.finished:
             return False
         self._scope.cancel()  # first: the upstream request closes now
+        self._disarm()
         self._append(kind, **fields)
         self._paused = False
         self._set_status(cast(Status, kind))
@@ -454,16 +472,16 @@ class Stream:
 
     def _hold(self) -> None:
         self._holds += 1
-        if self._holds == 1 and self._gap is not None:
+        if self._holds == 1 and self._gap_on:
             self._gap_left = self._gap_due - trio.current_time()
             self._gap_due = math.inf
 
     def _release(self) -> None:
         self._holds -= 1
-        if self._holds == 0 and self._gap is not None and self._gap_left is not None:
+        if self._holds == 0 and self._gap_on and self._gap_left is not None:
             self._gap_due = trio.current_time() + self._gap_left
             self._gap_left = None
-            self._timers.unpark_all()
+            self._arm()
 
     def _progress(self, *, content: bool) -> None:
         now = trio.current_time()
@@ -474,14 +492,13 @@ class Stream:
             if self._last_content_at is not None:
                 self._metrics.token_gap.observe(now - self._last_content_at)
             self._last_content_at = now
-        if self._gap is not None:
+        if self._gap_on:
             if self._holds:
                 self._gap_left = self.config.idle_timeout
             else:
-                due = now + self.config.idle_timeout
-                if due < self._gap_due:
-                    self._timers.unpark_all()  # earlier (idle < first-token time left)
-                self._gap_due = due
+                self._gap_due = due = now + self.config.idle_timeout
+                if due < self._timer_at:
+                    self._arm()  # earlier (idle_timeout < what was left of the first-token one)
 
     # --- subscribers --------------------------------------------------------------------------
 
@@ -498,7 +515,7 @@ class Stream:
             self._room.unpark_all()
             if not self._subs:
                 self._detached_since = trio.current_time()  # the grace starts (again)
-                self._timers.unpark_all()
+                self._arm()
 
     def _drop_laggards(self) -> None:
         max_lag = self.config.max_lag
@@ -526,7 +543,8 @@ class Stream:
             raise
         sub._cursor = events[-1].seq
         sub._done = events[-1].terminal
-        self._room.unpark_all()
+        if self._room:
+            self._room.unpark_all()
         return self._coalesced(events) if lagging else events
 
     def _coalesced(self, events: list[StreamEvent]) -> list[StreamEvent]:
@@ -652,7 +670,15 @@ class _Writer:
             return
         if kind in _TOKEN_KINDS:
             stream._progress(content=kind == "content")
-        await stream._wait_ready()
+        # _wait_ready's common case inline (running, no wait, no yield due): every token's path.
+        if (
+            stream._unyielded < _YIELD_EVERY - 1
+            and not stream.log.closed
+            and not stream._must_wait()
+        ):
+            stream._unyielded += 1
+        else:
+            await stream._wait_ready()
         stream._append(kind, **fields)
 
     async def wait_ready(self) -> None:
