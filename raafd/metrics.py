@@ -134,6 +134,7 @@ class LoopHistogram:
             buckets.append(("+Inf" if bound == math.inf else repr(bound), total))
         yield HistogramMetricFamily(self._name, self._doc, buckets=buckets, sum_value=self._sum)
 
+
 _LATENCY_BUCKETS = (
     0.0005,
     0.001,

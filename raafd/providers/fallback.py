@@ -48,7 +48,6 @@ def default_model(provider: Provider) -> str:
     return model if isinstance(model, str) and model else provider.name
 
 
-
 async def stream_with_fallback(
     chain: Sequence[tuple[Provider, ProviderRequest]],
     send: Sink,
