@@ -34,7 +34,7 @@ from raafd.providers.base import (
 from raafd.providers.breaker import Breakers
 from raafd.providers.demo import DemoProvider
 from raafd.streams import SlowConsumer, Stream, StreamManager
-from raafd.streams.timers import StreamTimers
+from raafd.timers import Timers
 
 LIMIT = 1000  # clock seconds: the absolute timeout around every wait
 
@@ -960,7 +960,7 @@ async def test_stream_standalone_cancelled_before_it_runs(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     stream = Stream(
-        agent="a", model="m", config=StreamsConfig(), metrics=Metrics(), timers=StreamTimers()
+        agent="a", model="m", config=StreamsConfig(), metrics=Metrics(), timers=Timers()
     )
     stream.cancel("admin")
     ran = []

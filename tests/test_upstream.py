@@ -831,3 +831,39 @@ async def test_https_through_a_connect_tunnel(
     assert headers["proxy-authorization"] == f"Basic {token}"
     assert server.inner.seen[0].headers["host"] == f"localhost:{server.port}"
     assert "proxy-authorization" not in server.inner.seen[0].headers  # not sent through
+
+
+async def test_the_read_timeout_counts_from_the_last_byte(
+    nursery: trio.Nursery, autojump_clock: MockClock
+) -> None:
+    # A chunk every 3 s, five times, with read_timeout 4: no read waits 4 s until the server
+    # goes silent, and then the timeout comes 4 s after the last chunk, not after the first
+    # (the shared timer moves with every read).
+    jump(autojump_clock)
+    sent_last: list[float] = []
+
+    async def paced(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(5):
+            await trio.sleep(3)
+            await stream.send_all(b"1\r\nx\r\n")
+            sent_last.append(trio.current_time())
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, paced, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+    async with open_upstream_client(trust_env=False) as client:
+        with trio.fail_after(60):
+            received = b""
+            with pytest.raises(UpstreamTransportError) as info:
+                async with client.post(
+                    url, headers={}, body=b"", connect_timeout=2.0, read_timeout=4.0
+                ) as response:
+                    async for chunk in response:
+                        received += chunk
+            assert info.value.kind == "timeout"
+            assert received == b"xxxxx"
+            assert trio.current_time() - sent_last[-1] == pytest.approx(4.0, abs=0.1)

@@ -4,7 +4,6 @@ their tasks, and the runner that turns a provider's output into stream events.
 - ``log``: :class:`EventLog`, the bounded, pure log of one stream;
 - ``stream``: :class:`Stream` (one run, its controls and timers) and :class:`Subscription`
   (a cursor into the log with backpressure, coalescing and :class:`SlowConsumer`);
-- ``timers``: :class:`StreamTimers`, every stream's timers in one heap and one task;
 - ``manager``: :class:`StreamManager`, limits, lookup, retention, drain.
 """
 

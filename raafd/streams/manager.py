@@ -3,7 +3,7 @@
 Streams outlive the connection that started them (a client reconnects and resumes from its last
 seq), so their tasks do not live in the connection's nursery but in the manager's, opened by
 :meth:`StreamManager.run`. The same nursery holds the retention reaper and the one task that
-runs every stream's timers (:class:`~raafd.streams.timers.StreamTimers`).
+runs every stream's timers (:class:`~raafd.timers.Timers`).
 
 Bounds (DESIGN invariant 2):
 
@@ -44,7 +44,7 @@ from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
 from raafd.providers.fallback import default_model
 from raafd.streams.stream import STATUSES, Body, Stream, StreamWriter, Subscription
-from raafd.streams.timers import StreamTimers
+from raafd.timers import Timers
 
 __all__ = ["StreamManager"]
 
@@ -86,7 +86,7 @@ class StreamManager:
         self._sessions = sessions
         self._session_streams: dict[str, str] = {}  # session → its running stream (bounded)
         self._nursery: trio.Nursery | None = None
-        self._timers = StreamTimers()
+        self._timers = Timers()
         self._draining = False
         self._streams: dict[str, Stream] = {}  # running and retained
         self._running: dict[str, Stream] = {}

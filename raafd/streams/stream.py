@@ -61,7 +61,7 @@ from raafd.protocol.events import (
     make_event,
 )
 from raafd.streams.log import EventLog
-from raafd.streams.timers import StreamTimers
+from raafd.timers import Timers
 
 __all__ = [
     "STATUSES",
@@ -129,7 +129,7 @@ class Stream:
         model: str,
         config: StreamsConfig,
         metrics: Metrics,
-        timers: StreamTimers,
+        timers: Timers,
         stream_id: str | None = None,
         owner: str = "",
         session: str | None = None,
@@ -158,8 +158,8 @@ class Stream:
         self._done = trio.Event()
         self._ran = False
         self._paused = False
-        # The timers (see raafd.streams.timers): due times as plain floats, inf when off; the
-        # earliest is registered with the shared StreamTimers as _timer_at.
+        # The timers (see raafd.timers): due times as plain floats, inf when off; the earliest
+        # is armed with the manager's shared Timers (_timer_at is theirs to keep).
         self._timers = timers
         self._timer_at = math.inf
         self._detached_since: float | None = trio.current_time()  # no subscriber since
@@ -334,7 +334,7 @@ class Stream:
         log.error("stream failed", exc_info=group)
         self._finish("error", error={"code": "internal", "message": "internal error"})
 
-    # --- timers (see raafd.streams.timers) ----------------------------------------------------
+    # --- timers (see raafd.timers) ------------------------------------------------------------
 
     def _dues(self) -> tuple[float, float]:
         """The detach grace's and the pause timeout's due times (inf when off)."""
@@ -345,28 +345,16 @@ class Stream:
         )
 
     def _arm(self) -> None:
-        """Register the earliest due time with the shared timers, unless one at or before it
-        is registered already. Call it whenever a due time may have moved earlier."""
-        if self.log.closed:
-            return
-        due = min(*self._dues(), self._total_due, self._gap_due)
-        if due < self._timer_at:
-            if self._timer_at == math.inf:
-                self._timers.armed += 1
-            self._timer_at = due
-            self._timers.schedule(due, self)
-
-    def _disarm(self) -> None:
-        if self._timer_at != math.inf:
-            self._timers.armed -= 1
-            self._timer_at = math.inf
+        """Arm the earliest due time (a no-op when one at or before it is armed already). Call
+        it whenever a due time may have moved earlier."""
+        if not self.log.closed:
+            self._timers.arm(self, min(*self._dues(), self._total_due, self._gap_due))
 
     def _on_timer(self, now: float) -> None:
         """Called by the timer task at ``_timer_at``: cancel with reason ``detached`` after
         ``detach_grace`` with no subscriber, with ``timeout`` after ``pause_timeout`` in one
         pause; end with ``error`` {timeout} past ``max_duration`` or when no token came before
-        ``_gap_due``; else register the next due time."""
-        self._disarm()
+        ``_gap_due``; else arm the next due time."""
         if self.log.closed:
             return
         detach_due, pause_due = self._dues()
@@ -417,7 +405,7 @@ class Stream:
         if self.finished:
             return False
         self._scope.cancel()  # first: the upstream request closes now
-        self._disarm()
+        self._timers.disarm(self)
         self._append(kind, **fields)
         self._paused = False
         self._set_status(cast(Status, kind))
