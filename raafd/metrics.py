@@ -11,15 +11,19 @@ unnecessary; the rest keep prometheus_client's types.
 
 from __future__ import annotations
 
+import gc
 import math
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -31,7 +35,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-__all__ = ["LoopCounter", "LoopGauge", "LoopHistogram", "Metrics"]
+__all__ = ["LoopCounter", "LoopGauge", "LoopHistogram", "Metrics", "observing_gc"]
 
 
 class LoopValue:
@@ -153,6 +157,7 @@ _LATENCY_BUCKETS = (
     30,
 )
 _LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+_GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class Metrics:
@@ -238,16 +243,33 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "raafd_gc_pause_seconds",
+            "Garbage-collector pauses (the whole process stops), by generation",
+            ["generation"],
+            buckets=_GC_BUCKETS,
+            registry=r,
+        )
         self.admin_requests = Counter(
             "raafd_admin_requests_total", "Admin commands", ["cmd", "ok"], registry=r
         )
         from raafd import __version__
 
         self.info.labels(__version__).set(1)
+        self._gc_started: float | None = None
 
     def count_event(self, kind: str) -> None:
         """Count one event appended to a stream log."""
         self.stream_events.labels(kind).value += 1
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_pause.labels(str(info.get("generation"))).observe(
+                time.perf_counter() - self._gc_started
+            )
+            self._gc_started = None
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -262,3 +284,15 @@ class Metrics:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
         return out
+
+
+@contextmanager
+def observing_gc(metrics: Metrics) -> Iterator[None]:
+    """Time every garbage collection into ``raafd_gc_pause_seconds`` while the block runs. The
+    collector's callbacks are process-wide: the daemon's process (``raafd serve``) installs
+    this once."""
+    gc.callbacks.append(metrics._on_gc)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(metrics._on_gc)

@@ -90,7 +90,8 @@ def test_terminal_event_is_never_evicted_even_alone_over_the_bound() -> None:
     big = make_event("st_t", 5, "error", error={"code": "internal", "message": "x" * 500})
     log.append(big)
     assert len(log) == 1
-    assert log.terminal is big
+    terminal = log.terminal
+    assert terminal == big and terminal.json == big.json and terminal.fields == big.fields
     assert log.after(4) == [big]
     with pytest.raises(Gone, match="seq 5"):
         log.after(3)
@@ -120,3 +121,32 @@ def test_after_is_exact_or_gone(n: int, max_events: int, sizes: list[int], after
             log.after(after)
     else:
         assert [e.seq for e in log.after(after)] == list(range(after + 1, n + 1))
+
+
+def test_rebuilt_events_are_the_appended_ones() -> None:
+    # The log keeps events flat and rebuilds them on read: kind, seq, JSON and fields all come
+    # back as appended, through eviction and compaction, for every kind of event.
+    log = EventLog(50, 1 << 20)
+    appended = [make_event("st_t", 1, "start", agent="a", model="m")]
+    for seq in range(2, 200):
+        if seq % 7 == 0:
+            event = make_event(
+                "st_t", seq, "tool_call", tool_id=f"c{seq}", tool_name="t", arguments={"x": [1]}
+            )
+        else:
+            event = content(seq, f"w{seq}é ")
+        appended.append(event)
+    appended.append(make_event("st_t", 200, "complete", final_response="done", usage={}))
+    for event in appended:
+        log.append(event)
+    held = log.after(log.oldest - 1)
+    assert len(held) == 50
+    for got, want in zip(held, appended[-50:], strict=True):
+        assert (got.stream, got.seq, got.kind, got.json) == (
+            want.stream,
+            want.seq,
+            want.kind,
+            want.json,
+        )
+        assert got.fields == want.fields
+    assert log.nbytes == sum(e.size for e in appended[-50:])

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Final
 
 import orjson
-from attrs import field, frozen
 
 __all__ = [
     "CANCEL_REASONS",
@@ -47,15 +46,33 @@ def _encode(stream: str, seq: int, kind: str, fields: dict[str, Any]) -> bytes:
     return memoryview(encoded).tobytes()
 
 
-@frozen
 class StreamEvent:
-    """One sequenced event of one stream. ``json`` is its wire encoding, made once."""
+    """One sequenced event of one stream. ``json`` is its wire encoding, made once.
 
-    stream: str
-    seq: int
-    kind: str
-    fields: dict[str, Any] = field(eq=False, hash=False)
-    json: bytes = field(eq=False, hash=False, repr=False)
+    Immutable by convention (nothing assigns to an event after it is built) and compared by
+    ``(stream, seq, kind)``. ``fields`` is the event's payload: given when the event is made,
+    or decoded from ``json`` on first use when the event is rebuilt from a log (which keeps only
+    ``(seq, kind, json)``, see :class:`~raafd.streams.log.EventLog`)."""
+
+    __slots__ = ("_fields", "json", "kind", "seq", "stream")
+
+    def __init__(
+        self, stream: str, seq: int, kind: str, fields: dict[str, Any] | None, json: bytes
+    ) -> None:
+        self.stream = stream
+        self.seq = seq
+        self.kind = kind
+        self._fields = fields
+        self.json = json
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        if self._fields is None:
+            decoded = orjson.loads(self.json)
+            for key in ("stream", "seq", "event"):
+                del decoded[key]
+            self._fields = decoded
+        return self._fields
 
     @property
     def terminal(self) -> bool:
@@ -67,6 +84,20 @@ class StreamEvent:
 
     def to_dict(self) -> dict[str, Any]:
         return {"stream": self.stream, "seq": self.seq, "event": self.kind, **self.fields}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StreamEvent):
+            return NotImplemented
+        return (self.stream, self.seq, self.kind) == (other.stream, other.seq, other.kind)
+
+    def __hash__(self) -> int:
+        return hash((self.stream, self.seq, self.kind))
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamEvent(stream={self.stream!r}, seq={self.seq}, kind={self.kind!r},"
+            f" fields={self.fields!r})"
+        )
 
 
 def make_event(stream: str, seq: int, kind: str, **fields: Any) -> StreamEvent:

@@ -153,6 +153,7 @@ class Stream:
         self._ended_clock: float | None = None
         # Bounded by the gateway's per-connection limits; a dict keeps attach order.
         self._subs: dict[Subscription, None] = {}
+        self._solo: Subscription | None = None  # the subscriber, while there is exactly one
         self._room = trio.lowlevel.ParkingLot()  # producer: a reader advanced or left, resume
         self._scope = trio.CancelScope()  # around the body; cancelled by _finish
         self._done = trio.Event()
@@ -391,7 +392,8 @@ class Stream:
         """Hand a new event to each subscriber: pushed straight through to one that is caught
         up and whose ``push`` takes it (no task switch), else its reader is woken to pull."""
         seq = event.seq
-        for sub in [*self._subs]:
+        solo = self._solo
+        for sub in (solo,) if solo is not None else [*self._subs]:
             push = sub.push
             if push is not None and not sub._held and sub._cursor == seq - 1 and push(event):
                 sub._cursor = seq
@@ -426,14 +428,12 @@ class Stream:
     # --- backpressure and timers --------------------------------------------------------------
 
     def _must_wait(self) -> bool:
-        if self.finished:
+        if self.log.closed:
             return False
         if self._paused:
             return True
-        if len(self._subs) == 1:
-            (sub,) = self._subs
-            return self.log.head - sub.cursor >= self.config.subscriber_buffer
-        return False
+        solo = self._solo
+        return solo is not None and self.log.head - solo._cursor >= self.config.subscriber_buffer
 
     async def _wait_ready(self) -> None:
         if not self._must_wait():
@@ -493,6 +493,7 @@ class Stream:
     def _register(self, sub: Subscription) -> None:
         self.log.check(sub.cursor)
         self._subs[sub] = None
+        self._solo = sub if len(self._subs) == 1 else None
         self._detached_since = None
         sub._attach_head = self.log.head
         self._room.unpark_all()
@@ -500,6 +501,7 @@ class Stream:
     def _unregister(self, sub: Subscription) -> None:
         if sub in self._subs:
             del self._subs[sub]
+            self._solo = next(iter(self._subs)) if len(self._subs) == 1 else None
             self._room.unpark_all()
             if not self._subs:
                 self._detached_since = trio.current_time()  # the grace starts (again)
