@@ -359,7 +359,7 @@ class _SocketTransport:
     def __init__(self, sock: socket.socket, timers: Timers) -> None:
         self.sock = sock
         self.timeout = 0.0
-        self._streak = 0
+        self._streak = _READY_STREAK  # the first read is a response head: it has to wait
         self._timers = timers
         self._timer_at = math.inf
         self._waiting_since: float | None = None
@@ -376,6 +376,9 @@ class _SocketTransport:
             self._timers.arm(self, since + self.timeout)
 
     async def receive_some(self) -> bytes:
+        # Read at once only while the last read filled its buffer (more is likely waiting), at
+        # most _READY_STREAK times in a row; after a short read the socket was empty, and a
+        # read now would mostly fail (a syscall and an exception per token, for nothing).
         sock = self.sock
         if self._streak < _READY_STREAK:
             try:
@@ -385,9 +388,8 @@ class _SocketTransport:
             except OSError as exc:
                 raise _broken(exc) from None
             else:
-                self._streak += 1
+                self._streak = self._streak + 1 if len(data) == RECEIVE_SIZE else _READY_STREAK
                 return data
-        self._streak = 0
         if self._timed_out:
             raise _timed_out(self.timeout)
         self._waiting_since = now = trio.current_time()
@@ -396,11 +398,13 @@ class _SocketTransport:
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 try:
-                    return sock.recv(RECEIVE_SIZE)
+                    data = sock.recv(RECEIVE_SIZE)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
                     raise _broken(exc) from None
+                self._streak = 0 if len(data) == RECEIVE_SIZE else _READY_STREAK
+                return data
         except trio.ClosedResourceError:
             if self._timed_out:
                 raise _timed_out(self.timeout) from None
