@@ -114,11 +114,18 @@ class ServerConfig:
 
 @frozen
 class HttpConfig:
-    """``[http]``: request limits and streaming heartbeats for the HTTP API."""
+    """``[http]``: the HTTP API's request limits, streaming heartbeats and send bounds, and
+    whether ``/metrics`` needs a token."""
 
     max_body_bytes: int = field(default=1 << 20, validator=_positive)
     heartbeat_interval: float = field(default=15.0, validator=_positive)
     cors_origins: list[str] = field(factory=list)
+    # GET /metrics without a token when [auth] has tokens (for a scraper on a trusted network).
+    public_metrics: bool = False
+    # Streaming responses (SSE, NDJSON of /v1/streams): chunks queued per connection towards a
+    # slow socket before the stream waits for it, and seconds a socket may take nothing.
+    send_queue: int = field(default=256, validator=_positive)
+    send_timeout: float = field(default=60.0, validator=_positive)
 
 
 @frozen

@@ -6,7 +6,8 @@ Task tree (docs/architecture.md has the picture)::
     ├── admin server            (unix socket; refuses to start if another daemon owns it)
     ├── sd_notify watchdog      (when systemd asked for one)
     ├── stream manager          (every stream's task; streams outlive connections)
-    └── public listener         (HTTP via hypercorn, WebSocket via the gateway)
+    └── public listener         (WebSocket via the gateway, SSE/NDJSON streams via the raw
+        │                         HTTP server, the rest of HTTP via hypercorn)
         └── one task per connection, each with its own nursery
 
 Stopping is a drain: readiness goes 503, the listener stops accepting after ``drain_delay``,
@@ -38,6 +39,7 @@ from raafd.config import (
 from raafd.errors import BadRequest, NotFound
 from raafd.gateway.gateway import Gateway
 from raafd.http.app import build_app
+from raafd.http.raw import RawHttpServer
 from raafd.listener import PublicListener
 from raafd.logging import get_level, get_logger, set_level
 from raafd.metrics import Metrics
@@ -51,6 +53,10 @@ from raafd.streams import StreamManager
 __all__ = ["Daemon"]
 
 log = get_logger("raafd.daemon")
+
+# Draining: after the streams' grace, how long connections have to send the terminal events of
+# the streams cancelled at its end, and close, before everything left is cancelled.
+_FLUSH_SECONDS = 1.0
 
 
 class Daemon:
@@ -87,14 +93,14 @@ class Daemon:
             config.default_agent,
             runner=self.agents,
         )
-        self.gateway = Gateway(
-            lambda: self.config,
-            self.streams,
-            self.metrics,
-            lambda: self.config.auth.all_tokens(self.environ),
-        )
+        self.gateway = Gateway(lambda: self.config, self.streams, self.metrics, self.tokens)
+        self.raw_http = RawHttpServer(self)
         self.listener = PublicListener(
-            config.server, build_app(self), self.metrics, self.gateway.handle
+            config.server,
+            build_app(self),
+            self.metrics,
+            self.gateway.handle,
+            http_handler=self.raw_http,
         )
         self.admin = AdminServer(
             config.admin_socket_path,
@@ -161,9 +167,11 @@ class Daemon:
         await trio.sleep(cfg.drain_delay)
         await self.listener.stop_accepting()
         self.gateway.shutdown(reconnect_after=1.0)
-        with trio.move_on_after(cfg.shutdown_grace) as grace:
+        with trio.move_on_after(cfg.shutdown_grace + _FLUSH_SECONDS) as grace:
             # Streams get the grace, then are cancelled (reason `drain`); connections close
-            # once their streams have ended (WebSocket: 1001).
+            # once their streams have ended (WebSocket: 1001; HTTP streaming responses end with
+            # the terminal event). A scope of the grace alone would end together with the
+            # streams' own, before their connections could send that terminal event.
             await self.streams.drain(cfg.shutdown_grace)
             await self.listener.wait_idle()
         if grace.cancelled_caught:
@@ -217,6 +225,10 @@ class Daemon:
         finally:
             self.notifier.ready()
         return self.reload(new)
+
+    def tokens(self) -> frozenset[str]:
+        """The bearer tokens clients may use now (``[auth]``, reloadable); empty: auth off."""
+        return self.config.auth.all_tokens(self.environ)
 
     def _env(self) -> dict[str, Any]:
         return {} if self.environ is None else {"environ": self.environ}

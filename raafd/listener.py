@@ -2,10 +2,13 @@
 
 raafd owns the accept loop and reads the head of each connection's first request itself.
 A WebSocket upgrade for ``/v1/ws`` goes to the gateway, which frames pre-encoded events straight
-onto the socket (see docs/architecture.md for why); everything else is handed, bytes already
-read included, to hypercorn's per-connection HTTP/1.1 server running the ASGI app. So one
-nursery owns every connection of either kind, the connection limit and draining apply to both,
-and the WebSocket hot path pays no ASGI cost.
+onto the socket (see docs/architecture.md for why). A streaming HTTP request (SSE or NDJSON of
+``/v1/streams``) goes to the raw HTTP server (:mod:`raafd.http.raw`), which does the same for
+HTTP and serves the connection's requests until one it does not serve arrives; then it hands the
+connection back. Everything else is handed, bytes already read included, to hypercorn's
+per-connection HTTP/1.1 server running the ASGI app, for the rest of the connection's life. So
+one nursery owns every connection of any kind, the connection limit and draining apply to all,
+and the streaming hot paths pay no ASGI cost.
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ import os
 import socket as stdsocket
 import stat
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
-import attrs
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HyperConfig
@@ -26,56 +28,19 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
 from raafd.config import ServerConfig
+from raafd.http.h1 import RequestHead, parse_request_head
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
 
-__all__ = ["PrefixedStream", "PublicListener", "RequestHead", "parse_request_head"]
+__all__ = [
+    "HttpHandler",
+    "PrefixedStream",
+    "PublicListener",
+    "RequestHead",
+    "parse_request_head",
+]
 
 log = get_logger("raafd.listener")
-
-
-@attrs.frozen
-class RequestHead:
-    """The first request line and headers of a connection (header names lower-cased)."""
-
-    method: str
-    target: str
-    headers: dict[str, str]
-
-    @property
-    def path(self) -> str:
-        return self.target.split("?", 1)[0]
-
-    @property
-    def is_websocket_upgrade(self) -> bool:
-        return (
-            self.method == "GET"
-            and "websocket" in self.headers.get("upgrade", "").lower()
-            and "upgrade" in self.headers.get("connection", "").lower()
-        )
-
-
-def parse_request_head(data: bytes) -> RequestHead | None:
-    """Parse a request head ending in a blank line; ``None`` when it is not one we can route
-    (hypercorn will then answer it, with a 400 if it is malformed)."""
-    try:
-        text = data.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any bytes
-        return None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            break
-        name, sep, value = line.partition(":")
-        if not sep:
-            return None
-        key = name.strip().lower()
-        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-    return RequestHead(parts[0], parts[1], headers)
 
 
 class PrefixedStream(trio.abc.HalfCloseableStream):
@@ -112,6 +77,28 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 WebSocketHandler = Callable[[trio.SocketStream, bytes, RequestHead], Awaitable[None]]
 
 
+class HttpHandler(Protocol):
+    """An HTTP server of raafd's own that takes the connections whose first request it
+    serves (:class:`raafd.http.raw.RawHttpServer`)."""
+
+    def serves(self, head: RequestHead) -> bool:
+        """Whether a connection beginning with this request is for this server."""
+        ...
+
+    async def serve(
+        self, stream: trio.SocketStream, prefix: bytes
+    ) -> tuple[trio.SocketStream, bytes] | None:
+        """Serve the connection (``prefix``: the bytes already read from it). Returns
+        ``None`` once it is closed, or the socket and the bytes read but not served, for
+        hypercorn to serve the rest of the connection."""
+        ...
+
+    def close_idle(self) -> None:
+        """Draining: close idle keep-alive connections now, and each other one once its
+        response ends."""
+        ...
+
+
 def _simple_response(status: int, reason: str, body: bytes, extra: str = "") -> bytes:
     return (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
@@ -142,10 +129,13 @@ class PublicListener:
         asgi_app: Callable[..., Awaitable[None]],
         metrics: Metrics,
         websocket_handler: WebSocketHandler | None = None,
+        *,
+        http_handler: HttpHandler | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.websocket_handler = websocket_handler
+        self.http_handler = http_handler
         self.open_connections = 0
         self.draining = False
         self._accept_scope = trio.CancelScope()
@@ -206,6 +196,8 @@ class PublicListener:
     async def stop_accepting(self) -> None:
         """Close the listening sockets and ask idle keep-alive connections to close."""
         self._accept_scope.cancel()
+        if self.http_handler is not None:
+            self.http_handler.close_idle()
         await self._context.terminated.set()
 
     async def wait_idle(self) -> None:
@@ -246,7 +238,6 @@ class PublicListener:
                 buf += chunk
         head_end = buf.find(b"\r\n\r\n")
         head = parse_request_head(bytes(buf[: head_end + 4])) if head_end >= 0 else None
-        prefixed = PrefixedStream(stream, bytes(buf))
         websocket = head is not None and head.is_websocket_upgrade and head.path == "/v1/ws"
         if head is not None and websocket and self.websocket_handler is not None:
             if self.draining:
@@ -263,9 +254,20 @@ class PublicListener:
         self.metrics.connections_total.labels("http").inc()
         self.metrics.connections.labels("http").inc()
         try:
-            stream_arg: Any = prefixed  # hypercorn types it as SSLStream; it duck-types any Stream
+            prefix = bytes(buf)
+            raw = self.http_handler
+            if head is not None and raw is not None and raw.serves(head):
+                handed = await raw.serve(stream, prefix)
+                if handed is None:
+                    return
+                stream, prefix = handed
+            # hypercorn types the stream as SSLStream; it duck-types any Stream.
+            stream_arg: Any = PrefixedStream(stream, prefix)
             await TCPServer(self._app, self._hyper, self._context, self._state, stream_arg)
         finally:
+            # hypercorn closes the socket itself, except when cancelled in its own close (its
+            # send_eof is a checkpoint); never leave that to the garbage collector.
+            stream.socket.close()
             self.metrics.connections.labels("http").dec()
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
+
+NDJSON = "application/x-ndjson"
 
 
 async def test_health_ready_stats_metrics(running: Any) -> None:
@@ -81,6 +84,20 @@ async def test_unix_socket_listener(start_daemon: Any, tmp_path: Any) -> None:
             assert (await client.get("/healthz")).json() == {"status": "ok"}
             created = await client.post("/v1/streams", json={"input": "over a unix socket"})
             assert created.status_code == 201
+    # A connection that begins with a streaming request: the raw HTTP path, then hypercorn for
+    # the next request on the same connection.
+    limits = httpx.Limits(max_connections=1)
+    transport = httpx.AsyncHTTPTransport(uds=path, limits=limits)
+    async with httpx.AsyncClient(transport=transport, base_url="http://raafd") as client:
+        with trio.fail_after(10):
+            async with client.stream(
+                "POST", "/v1/streams", json={"input": "x"}, headers={"accept": NDJSON}
+            ) as response:
+                assert response.headers["transfer-encoding"] == "chunked"
+                lines = [json.loads(line) async for line in response.aiter_lines() if line]
+            assert lines[0]["seq"] == 1 and lines[-1]["event"] == "complete"
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert rd.daemon.metrics.snapshot()["raafd_connections_total{transport=http}"] == 2
 
 
 async def test_max_connections_refuses_with_503_before_upgrade(start_daemon: Any) -> None:

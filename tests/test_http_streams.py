@@ -1,11 +1,19 @@
-"""`/v1/streams` over SSE, NDJSON and plain JSON against a real daemon."""
+"""`/v1/streams` over SSE, NDJSON and plain JSON against a real daemon.
+
+A connection whose first request is a streaming one is served by raafd's raw HTTP path; one that
+began with another request belongs to hypercorn for life. The tests marked with ``via`` run on
+both, so the two paths keep behaving alike (test_http_raw.py checks the raw path byte by byte).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
@@ -13,6 +21,22 @@ from raafd.providers.http import open_body
 from tests.sse import sse_events
 
 SLOW = {"providers": {"demo": {"tokens_per_second": 200.0, "reply_words": 40}}}
+
+
+@pytest.fixture(params=["raw", "hypercorn"])
+def via(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@contextlib.asynccontextmanager
+async def open_client(rd: Any, via: str, **kw: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client on one keep-alive connection; for ``hypercorn``, a first plain request hands
+    that connection to hypercorn before the streaming ones."""
+    limits = httpx.Limits(max_connections=1)
+    async with httpx.AsyncClient(base_url=rd.base_url, limits=limits, **kw) as client:
+        if via == "hypercorn":
+            assert (await client.get("/healthz")).status_code == 200
+        yield client
 
 
 def check_sse(events: list[Any], first: int = 1) -> list[dict[str, Any]]:
@@ -23,10 +47,10 @@ def check_sse(events: list[Any], first: int = 1) -> list[dict[str, Any]]:
     return data
 
 
-async def test_post_sse_then_resume_by_last_event_id(start_daemon: Any) -> None:
+async def test_post_sse_then_resume_by_last_event_id(start_daemon: Any, via: str) -> None:
     rd = await start_daemon(**SLOW)
-    async with httpx.AsyncClient(base_url=rd.base_url) as client:
-        with trio.fail_after(20):
+    with trio.fail_after(20):
+        async with open_client(rd, via) as client:
             async with client.stream(
                 "POST",
                 "/v1/streams",
@@ -102,15 +126,15 @@ async def test_control_over_http(start_daemon: Any) -> None:
 
 
 async def test_heartbeats_while_waiting_for_the_first_token(
-    start_daemon: Any, autojump_clock: trio.testing.MockClock
+    start_daemon: Any, autojump_clock: trio.testing.MockClock, via: str
 ) -> None:
     autojump_clock.autojump_threshold = 0.02
     rd = await start_daemon(
         providers={"demo": {"first_token_delay": 40.0, "reply_words": 1}},
         http={"heartbeat_interval": 15.0},
     )
-    async with httpx.AsyncClient(base_url=rd.base_url, timeout=None) as client:
-        with trio.fail_after(120):
+    with trio.fail_after(120):
+        async with open_client(rd, via, timeout=None) as client:
             async with client.stream(
                 "POST", "/v1/streams", json={"input": "x"}, headers={"accept": "text/event-stream"}
             ) as response:
@@ -138,15 +162,15 @@ async def test_heartbeats_while_waiting_for_the_first_token(
 
 
 async def test_closing_an_http_stream_detaches_it(
-    start_daemon: Any, autojump_clock: trio.testing.MockClock
+    start_daemon: Any, autojump_clock: trio.testing.MockClock, via: str
 ) -> None:
     autojump_clock.autojump_threshold = 0.02
     rd = await start_daemon(
         providers={"demo": {"tokens_per_second": 1.0, "reply_words": 1000}},
         streams={"detach_grace": 10.0, "idle_timeout": 3600.0, "max_duration": 36000.0},
     )
-    async with httpx.AsyncClient(base_url=rd.base_url, timeout=None) as client:
-        with trio.fail_after(60):
+    with trio.fail_after(60):
+        async with open_client(rd, via, timeout=None) as client:
             async with client.stream(
                 "POST", "/v1/streams", json={"input": "x"}, headers={"accept": "text/event-stream"}
             ) as response:

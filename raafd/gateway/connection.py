@@ -14,12 +14,10 @@ already queued, so the client always sees the last events before the close.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import itertools
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import structlog
@@ -36,6 +34,7 @@ from wsproto.events import (
 )
 
 from raafd.agents.workflows import start_workflow
+from raafd.auth import bearer_token, token_ok
 from raafd.errors import BadRequest, Conflict, NotFound, RaafdError
 from raafd.gateway.frames import close_frame, ping_frame, pong_frame, text_frame
 from raafd.gateway.sockio import Output, RawSocket
@@ -245,7 +244,7 @@ class Connection:
             return
         given = self._token_from_request()
         if given is not None:
-            if not _token_ok(given, tokens):
+            if not token_ok(given, tokens):
                 raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
             self.user = _user_for(given)
             self.authenticated = True
@@ -253,11 +252,7 @@ class Connection:
         # else: the first frame must be a `hello` with a token, within auth_timeout.
 
     def _token_from_request(self) -> str | None:
-        auth = self.head.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            return auth[7:].strip()
-        query = dict(parse_qsl(urlsplit(self.head.target).query))
-        return query.get("token")
+        return bearer_token(self.head.headers, self.head.query)
 
     async def _welcome(self) -> None:
         cfg = self.gateway.config()
@@ -362,7 +357,7 @@ class Connection:
                 {"type": "welcome", "conn": self.id, "user": self.user, "ref": cmd.ref}
             )
             return
-        if cmd.token is None or not _token_ok(cmd.token, self.gateway.tokens()):
+        if cmd.token is None or not token_ok(cmd.token, self.gateway.tokens()):
             raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
         self.user = _user_for(cmd.token)
         self.authenticated = True
@@ -521,10 +516,3 @@ class Connection:
             pass  # a client this far behind (a full queue) learns from the 1001 close
         if not self.attachments:
             self.close(CloseCode.GOING_AWAY, "server going away")
-
-
-def _token_ok(given: str, tokens: frozenset[str]) -> bool:
-    ok = False
-    for token in tokens:  # constant time per comparison, and we compare against all
-        ok |= hmac.compare_digest(given.encode(), token.encode())
-    return ok

@@ -82,6 +82,15 @@ class RawSocket:
                 await trio.lowlevel.wait_writable(self.sock)
         await trio.lowlevel.checkpoint()
 
+    def release(self) -> trio.SocketStream:
+        """Hand the socket back to trio, open, for another server to serve the rest of the
+        connection; this object is closed from then on. Prefix bytes not yet read are not
+        carried over: a caller that reads them itself passes what it kept on."""
+        if self.closed:
+            raise trio.ClosedResourceError("the connection is closed")
+        self.closed = True
+        return trio.SocketStream(trio.socket.from_stdlib_socket(self.sock))
+
     def close(self) -> None:
         """Close now (idempotent); tasks waiting on the socket get ClosedResourceError."""
         if self.closed:

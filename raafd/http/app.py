@@ -1,4 +1,7 @@
-"""The HTTP API's routes. Transports only frame; the daemon's components decide."""
+"""The HTTP API's routes. Transports only frame; the daemon's components decide.
+
+When ``[auth]`` has tokens every request needs one (see :mod:`raafd.auth`), except
+``GET /healthz``, ``GET /readyz`` and, with ``http.public_metrics``, ``GET /metrics``."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from raafd.auth import check_http
 from raafd.errors import Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router
 from raafd.http.openai_compat import add_openai_routes
@@ -20,7 +24,18 @@ __all__ = ["build_app"]
 
 
 def build_app(daemon: Daemon) -> Router:
-    router = Router(daemon.metrics, lambda: daemon.config.http.max_body_bytes)
+    def authorize(request: Request) -> None:
+        # Read at each request: tokens and public_metrics are reloadable.
+        check_http(
+            request.method,
+            request.path,
+            request.headers,
+            request.query,
+            daemon.tokens(),
+            public_metrics=daemon.config.http.public_metrics,
+        )
+
+    router = Router(daemon.metrics, lambda: daemon.config.http.max_body_bytes, authorize)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

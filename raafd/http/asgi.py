@@ -19,13 +19,22 @@ import orjson
 import structlog
 import trio
 
-from raafd.errors import BadRequest, MethodNotAllowed, NotFound, RaafdError, TooLarge
+from raafd.errors import BadRequest, MethodNotAllowed, NotFound, RaafdError, TooLarge, Unauthorized
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
 from raafd.protocol.commands import describe_structure_error
 from raafd.protocol.commands import structure as structure_strict
 
-__all__ = ["JSONResponse", "Request", "Response", "Router", "StreamingResponse", "decode_body"]
+__all__ = [
+    "JSONResponse",
+    "Request",
+    "Response",
+    "Router",
+    "StreamingResponse",
+    "decode_body",
+    "error_response",
+    "next_request_id",
+]
 
 log = get_logger("raafd.http")
 T = TypeVar("T")
@@ -35,6 +44,12 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _req_ids = itertools.count(1)
+
+
+def next_request_id() -> str:
+    """A fresh request id (``req_N``), for logs and stream owners; unique in the process
+    across both HTTP paths."""
+    return f"req_{next(_req_ids)}"
 
 
 class Request:
@@ -48,7 +63,7 @@ class Request:
         self.headers: dict[str, str] = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
         }
-        self.id = f"req_{next(_req_ids)}"
+        self.id = next_request_id()
 
     async def body(self) -> bytes:
         """The whole body, refusing (413) past ``max_body`` without reading the rest."""
@@ -136,16 +151,27 @@ def error_response(err: RaafdError) -> Response:
         headers["retry-after"] = str(max(1, round(err.retry_after)))
     if isinstance(err, TooLarge):
         headers["connection"] = "close"  # the unread rest of the body makes it unusable
+    if isinstance(err, Unauthorized):
+        headers["www-authenticate"] = "Bearer"
     return JSONResponse({"error": err.to_dict()}, err.http_status, headers)
 
 
 class Router:
-    """Method + path-pattern routing; ``{name}`` segments become keyword arguments."""
+    """Method + path-pattern routing; ``{name}`` segments become keyword arguments.
 
-    def __init__(self, metrics: Metrics, max_body: Callable[[], int]) -> None:
+    ``authorize``, when given, sees every request before routing and raises (a
+    :class:`~raafd.errors.RaafdError`, e.g. ``unauthorized``) to refuse it."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        max_body: Callable[[], int],
+        authorize: Callable[[Request], None] | None = None,
+    ) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
         self.metrics = metrics
         self._max_body = max_body
+        self._authorize = authorize
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
@@ -178,6 +204,8 @@ class Router:
         request = Request(scope, receive, self._max_body())
         structlog.contextvars.bind_contextvars(req=request.id)
         try:
+            if self._authorize is not None:
+                self._authorize(request)  # before routing: no endpoint is revealed
             handler, params = self.route(request.method, request.path)
             result = await handler(request, **params)
         except RaafdError as err:

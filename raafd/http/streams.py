@@ -5,29 +5,55 @@ The transport only frames: each stream event's pre-encoded JSON becomes an SSE f
 heartbeat goes out every ``http.heartbeat_interval`` (an SSE comment, or an NDJSON
 ``{"event": "heartbeat"}`` line), so proxies do not cut a long wait for the first token. A client
 that closes the response detaches from the stream; the stream's detach grace then applies.
+
+Two servers use this module. The SSE and NDJSON responses of ``POST /v1/streams`` and
+``GET /v1/streams/{id}/events`` are normally served by raafd's raw HTTP/1.1 path
+(:mod:`raafd.http.raw`), which pushes live events straight to the socket; the handlers here
+serve them when a connection is already in hypercorn's hands (it began with another request)
+and serve everything else. Both validate and frame through the same functions below
+(:func:`start_stream`, :func:`replay_after`, :data:`FRAMINGS`), so the two paths answer alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from raafd.errors import BadRequest, Unavailable
-from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
+from raafd.http.asgi import (
+    JSONResponse,
+    Request,
+    Response,
+    Router,
+    StreamingResponse,
+    decode_body,
+)
 from raafd.protocol.commands import StreamStart
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
     from raafd.daemon import Daemon
+    from raafd.streams import Stream
 
-__all__ = ["add_stream_routes", "event_stream", "framing_for", "sse_frame"]
+__all__ = [
+    "FRAMINGS",
+    "NDJSON",
+    "SSE",
+    "Framing",
+    "add_stream_routes",
+    "event_stream",
+    "framing_for",
+    "ndjson_line",
+    "replay_after",
+    "sse_frame",
+    "start_stream",
+]
 
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
-_SSE_HEARTBEAT = b": heartbeat\n\n"
-_NDJSON_HEARTBEAT = b'{"event":"heartbeat"}\n'
 
 
 def sse_frame(event: StreamEvent) -> bytes:
@@ -36,6 +62,23 @@ def sse_frame(event: StreamEvent) -> bytes:
 
 def ndjson_line(event: StreamEvent) -> bytes:
     return event.json + b"\n"
+
+
+@attrs.frozen
+class Framing:
+    """How one streaming transport frames events; shared by the ASGI path (``event_stream``)
+    and the raw streaming server (:mod:`raafd.http.raw`)."""
+
+    content_type: str
+    transport: str  # the `transport` label of raafd_events_sent_total
+    frame: Callable[[StreamEvent], bytes]
+    heartbeat: bytes
+
+
+FRAMINGS: dict[str, Framing] = {
+    SSE: Framing(SSE, "sse", sse_frame, b": heartbeat\n\n"),
+    NDJSON: Framing(NDJSON, "ndjson", ndjson_line, b'{"event":"heartbeat"}\n'),
+}
 
 
 def framing_for(accept: str, default: str | None) -> str | None:
@@ -51,9 +94,9 @@ def event_stream(daemon: Daemon, stream_id: str, after: int, framing: str) -> St
     """Replay and follow a stream as SSE or NDJSON from ``after``. A missing stream or an
     ``after`` the log no longer holds is refused here, before any header is sent."""
     daemon.streams.get(stream_id).log.check(after)
-    frame = sse_frame if framing == SSE else ndjson_line
-    heartbeat = _SSE_HEARTBEAT if framing == SSE else _NDJSON_HEARTBEAT
-    sent = daemon.metrics.events_sent.labels("sse" if framing == SSE else "ndjson")
+    framer = FRAMINGS[framing]
+    frame, heartbeat = framer.frame, framer.heartbeat
+    sent = daemon.metrics.events_sent.labels(framer.transport)
 
     async def body() -> AsyncIterator[bytes]:
         interval = daemon.config.http.heartbeat_interval
@@ -75,21 +118,38 @@ def event_stream(daemon: Daemon, stream_id: str, after: int, framing: str) -> St
     return StreamingResponse(body, framing, headers={"x-raafd-stream": stream_id})
 
 
+def start_stream(daemon: Daemon, body: bytes, request_id: str) -> Stream:
+    """``POST /v1/streams``: validate the body (``stream.start`` without ``type``) and start the
+    stream; refused with ``unavailable`` while draining."""
+    if daemon.draining:
+        raise Unavailable("the server is draining", retry_after=1)
+    cmd = decode_body(body, StreamStart)
+    return daemon.streams.start(
+        agent=cmd.agent,
+        messages=cmd.conversation(),
+        stream_id=cmd.stream,
+        owner=f"http:{request_id}",
+        session=cmd.session,
+    )
+
+
+def replay_after(headers: Mapping[str, str], query: Mapping[str, str]) -> int:
+    """Where ``GET /v1/streams/{id}/events`` resumes: ``Last-Event-ID`` (SSE's own resume
+    header) wins over ``?after=``; 0 without either."""
+    text = headers.get("last-event-id") or query.get("after", "0")
+    if not (text.isascii() and text.isdigit()):
+        raise BadRequest("after must be a non-negative integer", field="after")
+    return int(text)
+
+
 def add_stream_routes(router: Router, daemon: Daemon) -> None:
     def manager() -> Any:
         return daemon.streams
 
     async def start(request: Request) -> Response | StreamingResponse:
-        if daemon.draining:
+        if daemon.draining:  # before reading a body that would be refused anyway
             raise Unavailable("the server is draining", retry_after=1)
-        cmd = await request.json(StreamStart)
-        stream = manager().start(
-            agent=cmd.agent,
-            messages=cmd.conversation(),
-            stream_id=cmd.stream,
-            owner=f"http:{request.id}",
-            session=cmd.session,
-        )
+        stream = start_stream(daemon, await request.body(), request.id)
         framing = framing_for(request.headers.get("accept", ""), None)
         if framing is None:
             return JSONResponse(
@@ -101,11 +161,9 @@ def add_stream_routes(router: Router, daemon: Daemon) -> None:
         return JSONResponse(manager().get(stream_id).info())
 
     async def events(request: Request, stream_id: str) -> StreamingResponse:
-        after_text = request.headers.get("last-event-id") or request.query.get("after", "0")
-        if not after_text.isdigit():
-            raise BadRequest("after must be a non-negative integer", field="after")
+        after = replay_after(request.headers, request.query)
         framing = framing_for(request.headers.get("accept", ""), SSE) or SSE
-        return event_stream(daemon, stream_id, int(after_text), framing)
+        return event_stream(daemon, stream_id, after, framing)
 
     def control(action: str) -> Callable[..., Any]:
         async def handler(request: Request, stream_id: str) -> Response:

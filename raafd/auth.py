@@ -1,0 +1,70 @@
+"""Bearer tokens: where a request carries one, and whether it is good.
+
+One rule for every transport (the WebSocket handshake, the HTTP API through hypercorn, and the
+raw HTTP streaming path): when tokens are configured, a request names one in
+``Authorization: Bearer TOKEN`` or in the query as ``?token=TOKEN`` (the header wins when both
+are given). A token is compared against every configured token in constant time, so neither
+which token matched nor how much of one matched shows in the time taken. Tokens are never
+logged or echoed; errors say only that a token is missing or not valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+
+from raafd.errors import Unauthorized
+
+__all__ = ["PUBLIC_PATHS", "bearer_token", "check_http", "is_public", "token_ok"]
+
+# HTTP endpoints open without a token: liveness and readiness probes (load balancers and
+# service managers do not carry tokens). /metrics joins them with `http.public_metrics`.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The token a request carries (header names lower-cased), or ``None``."""
+    auth = headers.get("authorization")
+    if auth is not None and auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return query.get("token")
+
+
+def token_ok(given: str, tokens: Iterable[str]) -> bool:
+    """True when ``given`` is one of ``tokens``. Both sides are hashed first, so each
+    comparison takes the same time whatever the lengths, and every token is compared."""
+    digest = hashlib.sha256(given.encode()).digest()
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(digest, hashlib.sha256(token.encode()).digest())
+    return ok
+
+
+def is_public(method: str, path: str, *, public_metrics: bool) -> bool:
+    """Whether an HTTP request needs no token (``HEAD`` is ``GET`` without the body)."""
+    if method not in ("GET", "HEAD"):
+        return False
+    return path in PUBLIC_PATHS or (public_metrics and path == "/metrics")
+
+
+def check_http(
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+    tokens: frozenset[str],
+    *,
+    public_metrics: bool,
+) -> None:
+    """Raise :class:`~raafd.errors.Unauthorized` unless the request may go on: no tokens are
+    configured, the endpoint is public, or it carries a good token."""
+    if not tokens or is_public(method, path, public_metrics=public_metrics):
+        return
+    given = bearer_token(headers, query)
+    if given is None:
+        raise Unauthorized(
+            "a token is required: send Authorization: Bearer TOKEN (or ?token=TOKEN)"
+        )
+    if not token_ok(given, tokens):
+        raise Unauthorized("the token is not valid")

@@ -1,0 +1,457 @@
+"""raafd's own HTTP/1.1 server for streaming responses: SSE and NDJSON straight to the socket.
+
+Through hypercorn, every streamed event wakes a pump task and climbs h11 and the ASGI send path
+(about 200 µs a token at 100 streams, against 60-150 µs over WebSocket; docs/architecture.md
+has the figures). This server serves two kinds of request itself, ``POST /v1/streams`` asking
+for SSE or NDJSON and ``GET /v1/streams/{id}/events``, and delivers them the way the WebSocket
+gateway does: a live event is written as one chunk straight to the socket by the stream's own
+task. Any other request, and anything unusual about one (a chunked body, ``Expect``, an
+upgrade, a head it does not fully understand), is left whole in the buffer and handed, with the
+socket, back to the listener, which gives the connection to hypercorn for the rest of its life.
+So this server stays small, and hypercorn remains the HTTP server for everything else.
+
+Rules of this file:
+
+- One connection, one nursery: the writer task of the connection's
+  :class:`~raafd.gateway.sockio.Output`, the request loop, and, while a response streams, a
+  reader that ends the response the moment the client closes or resets the connection (and
+  keeps what it sends, pipelined requests, for later).
+- Everything the connection sends goes through its ``Output``, in order: a live event is pushed
+  by the stream's task as one chunk (``Output.write_nowait``), or refused when the queue is full
+  and then pulled by the delivery loop, which also sends replay, batches (several events of a
+  batch share a chunk) and heartbeats.
+- Errors before the response head are answered as the ASGI path answers them
+  (:func:`~raafd.http.asgi.error_response`); after it, the connection is closed and the client
+  resumes from its last seq. A bug costs its own connection only: logged, closed.
+- Every wait is bounded: the keep-alive idle time (``server.keep_alive_timeout``, cut short by a
+  drain), a request's head and body (``server.header_timeout``), a socket that takes nothing
+  (``http.send_timeout``); a response lasts as long as its stream, which has its own bounds.
+- The body is chunked on HTTP/1.1 and ends with the last chunk right behind the terminal event
+  (usually in the same write), so the connection serves the next request; HTTP/1.0 or
+  ``connection: close`` get a close-delimited body and the connection closes after it.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import TYPE_CHECKING
+
+import attrs
+import structlog
+import trio
+
+from raafd.auth import check_http
+from raafd.errors import RaafdError, TooLarge
+from raafd.gateway.sockio import Output, RawSocket
+from raafd.http.asgi import Response, error_response, next_request_id
+from raafd.http.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
+from raafd.http.streams import FRAMINGS, SSE, Framing, framing_for, replay_after, start_stream
+from raafd.logging import get_logger
+from raafd.protocol.events import StreamEvent
+
+if TYPE_CHECKING:
+    from raafd.daemon import Daemon
+    from raafd.streams import Subscription
+
+__all__ = ["RawHttpServer", "StreamRequest", "route"]
+
+log = get_logger("raafd.http")
+
+_EVENTS_PATH = re.compile(r"/v1/streams/([^/]+)/events")
+_LINGER_SECONDS = 0.5  # after a last response: how long unread input is drained before close
+_LINGER_BYTES = 65536
+
+Handover = tuple[trio.SocketStream, bytes]
+
+
+@attrs.frozen
+class StreamRequest:
+    """A request this server serves: start a stream and follow it (``stream_id`` None), or
+    follow the stream ``stream_id``."""
+
+    framing: Framing
+    stream_id: str | None
+    body_length: int
+
+
+def route(head: RequestHead) -> StreamRequest | None:
+    """The streaming request ``head`` asks for, or ``None`` when hypercorn should serve it."""
+    headers = head.headers
+    if head.version == "HTTP/1.1" and "host" not in headers:
+        return None  # h11 answers it with a 400
+    if "transfer-encoding" in headers or "expect" in headers or "upgrade" in headers:
+        return None
+    if any(option not in ("keep-alive", "close") for option in head.connection_options):
+        return None
+    length = headers.get("content-length", "0")
+    if not (length.isascii() and length.isdigit()):
+        return None
+    path = head.path
+    if "%" in path:
+        return None  # ids never need escapes; leave decoding to hypercorn
+    accept = headers.get("accept", "")
+    if head.method == "POST" and path == "/v1/streams":
+        framing = framing_for(accept, None)
+        if framing is None:
+            return None  # the plain JSON answer (201)
+        return StreamRequest(FRAMINGS[framing], None, int(length))
+    if head.method == "GET" and int(length) == 0:
+        match = _EVENTS_PATH.fullmatch(path)
+        if match is not None:
+            return StreamRequest(FRAMINGS[framing_for(accept, SSE) or SSE], match[1], 0)
+    return None
+
+
+class RawHttpServer:
+    """Serves the streaming requests of the connections the listener gives it (see the module
+    docstring); implements :class:`raafd.listener.HttpHandler`."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.closing = False
+        # The keep-alive waits of idle connections, cancelled by a drain. At most one per open
+        # connection, so bounded by server.max_connections.
+        self.idle: set[trio.CancelScope] = set()
+
+    def serves(self, head: RequestHead) -> bool:
+        return route(head) is not None
+
+    async def serve(self, stream: trio.SocketStream, prefix: bytes) -> Handover | None:
+        return await _Connection(self, stream, prefix).run()
+
+    def close_idle(self) -> None:
+        self.closing = True
+        for scope in self.idle:
+            scope.cancel()
+
+
+class _Connection:
+    def __init__(self, server: RawHttpServer, stream: trio.SocketStream, prefix: bytes) -> None:
+        self.server = server
+        self.daemon = server.daemon
+        self.sock = RawSocket(stream)
+        self.buf = bytearray(prefix)  # read, not yet served: the next request's bytes
+        self.out = Output(self.sock, self.daemon.config.http.send_queue)
+        self.eof = False  # the client closed (or reset) its side
+        self.broken = False  # a send failed
+        self.linger = False  # a last response went out: half-close and drain before closing
+        self._writer_done = trio.Event()
+        self._last_write = trio.current_time()
+
+    async def run(self) -> Handover | None:
+        hand_over = False
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, nursery.cancel_scope)
+                    try:
+                        hand_over = await self._serve_requests()
+                    finally:
+                        self.out.close()
+                    # What is queued goes out before the socket is closed or handed over.
+                    with trio.move_on_after(self.daemon.config.http.send_timeout):
+                        await self._writer_done.wait()
+                    if not self._writer_done.is_set():
+                        hand_over = self.linger = False
+                        nursery.cancel_scope.cancel()
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                hand_over = self.linger = False
+            except* Exception as group:
+                # A bug costs this connection only, never the listener or other clients.
+                log.error("HTTP connection failed", exc_info=group)
+                hand_over = self.linger = False
+            if hand_over and not self.broken:
+                return self.sock.release(), bytes(self.buf)
+            if self.linger and not self.eof and not self.broken:
+                await self._linger()
+            return None
+        finally:
+            self.sock.close()  # no-op once released
+
+    async def _writer(self, connection: trio.CancelScope) -> None:
+        try:
+            await self.out.run_writer()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken = True
+            connection.cancel()
+        finally:
+            self._writer_done.set()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def _serve_requests(self) -> bool:
+        """Serve requests until the connection should close (False) or the next request is
+        hypercorn's (True; it is at the start of the buffer)."""
+        while True:
+            if not self.buf and not await self._wait_for_request():
+                return False
+            deadline = trio.current_time() + self.daemon.config.server.header_timeout
+            head_end = await self._read_head(deadline)
+            if head_end is None:
+                return False
+            head = parse_request_head(bytes(self.buf[:head_end]), strict=True) if head_end else None
+            request = route(head) if head is not None else None
+            if head is None or request is None:
+                return True
+            if not await self._serve(head, head_end, request, deadline):
+                return False
+            if self.server.closing:
+                self.linger = True
+                return False
+
+    async def _wait_for_request(self) -> bool:
+        """Keep-alive: the next request's first bytes, within ``keep_alive_timeout``; False
+        at its end, when the client closes, or when a drain closes idle connections."""
+        server = self.server
+        if server.closing:
+            return False
+        scope = trio.CancelScope(
+            deadline=trio.current_time() + self.daemon.config.server.keep_alive_timeout
+        )
+        server.idle.add(scope)
+        try:
+            with scope:
+                return await self._receive()
+            return False
+        finally:
+            server.idle.discard(scope)
+
+    async def _read_head(self, deadline: float) -> int | None:
+        """The length of the request head at the start of the buffer, blank line included;
+        0 when it is over ``max_header_bytes`` (hypercorn answers that); None when the client
+        left or did not finish it by ``deadline``."""
+        limit = self.daemon.config.server.max_header_bytes
+        searched = 0
+        with trio.move_on_at(deadline):
+            while True:
+                end = self.buf.find(b"\r\n\r\n", max(0, searched - 3))
+                if end >= 0:
+                    return end + 4 if end <= limit else 0
+                if len(self.buf) > limit:
+                    return 0
+                searched = len(self.buf)
+                if not await self._receive():
+                    return None
+        return None
+
+    async def _read_body(self, length: int, deadline: float) -> bytes | None:
+        with trio.move_on_at(deadline):
+            while len(self.buf) < length:
+                if not await self._receive():
+                    return None
+            body = bytes(self.buf[:length])
+            del self.buf[:length]
+            return body
+        return None
+
+    async def _receive(self) -> bool:
+        """Read what the client sent into the buffer; False at its end (or a reset)."""
+        try:
+            data = await self.sock.receive_some()
+        except trio.BrokenResourceError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    async def _serve(
+        self, head: RequestHead, head_end: int, request: StreamRequest, deadline: float
+    ) -> bool:
+        """Answer one request; True when the connection may serve another."""
+        daemon = self.daemon
+        cfg = daemon.config
+        request_id = next_request_id()
+        structlog.contextvars.bind_contextvars(req=request_id)
+        del self.buf[:head_end]
+        keep = head.keep_alive
+        query = head.query
+        subscription: Subscription | None = None
+        try:
+            try:
+                if request.body_length > cfg.http.max_body_bytes:
+                    keep = False  # the body stays unread: the connection is unusable after
+                    self._authorize(head, query)
+                    raise TooLarge(
+                        f"request body is over the limit of {cfg.http.max_body_bytes} bytes"
+                    )
+                body = await self._read_body(request.body_length, deadline)
+                if body is None:
+                    return False
+                self._authorize(head, query)
+                if request.stream_id is None:
+                    stream_id = start_stream(daemon, body, request_id).id
+                    after = 0
+                else:
+                    stream_id = request.stream_id
+                    after = replay_after(head.headers, query)
+                # Registered before the head goes out: not_found, gone and a bad `after`
+                # are answered with their status, as on the ASGI path.
+                subscription = entered = daemon.streams.subscribe(stream_id, after)
+                await entered.__aenter__()
+            except RaafdError as err:
+                daemon.metrics.errors.labels(err.code).inc()
+                return await self._answer(head.method, error_response(err), keep)
+            except Exception:
+                log.exception("unhandled error in an HTTP request", path=head.path)
+                return await self._answer(
+                    head.method, error_response(RaafdError("internal error")), False
+                )
+            return await self._respond(head.method, stream_id, entered, request, keep)
+        finally:
+            if subscription is not None:
+                subscription.close()  # detaches: the stream's detach grace applies
+
+    def _authorize(self, head: RequestHead, query: dict[str, str]) -> None:
+        check_http(
+            head.method,
+            head.path,
+            head.headers,
+            query,
+            self.daemon.tokens(),
+            public_metrics=self.daemon.config.http.public_metrics,
+        )
+
+    async def _answer(self, method: str, response: Response, keep: bool) -> bool:
+        """A whole (error) response; True when the connection may serve another request."""
+        if response.headers.get("connection") == "close":
+            keep = False
+        headers = [("content-type", response.content_type), *response.headers.items()]
+        headers.append(("content-length", str(len(response.body))))
+        if not keep and "connection" not in response.headers:
+            headers.append(("connection", "close"))
+        await self._send(response_head(response.status, headers) + response.body)
+        self.daemon.metrics.http_requests.labels(method, str(response.status)).inc()
+        self.linger = not keep
+        return keep
+
+    async def _send(self, data: bytes) -> None:
+        """Queue ``data`` behind what is queued; ``TooSlowError`` when the socket took
+        nothing for ``http.send_timeout`` and the queue stayed full."""
+        with trio.fail_after(self.daemon.config.http.send_timeout):
+            await self.out.write(data)
+        self._last_write = trio.current_time()
+
+    # --- streaming responses ------------------------------------------------------------------
+
+    async def _respond(
+        self,
+        method: str,
+        stream_id: str,
+        subscription: Subscription,
+        request: StreamRequest,
+        keep: bool,
+    ) -> bool:
+        framing = request.framing
+        headers = [
+            ("content-type", framing.content_type),
+            ("x-raafd-stream", stream_id),
+            ("cache-control", "no-cache"),
+            ("x-accel-buffering", "no"),
+            ("transfer-encoding", "chunked") if keep else ("connection", "close"),
+        ]
+        await self._send(response_head(200, headers))
+        self.daemon.metrics.http_requests.labels(method, "200").inc()
+        ended = False
+        async with trio.open_nursery() as response:
+            response.start_soon(self._watch_client, response.cancel_scope)
+            ended = await self._deliver(subscription, framing, chunked=keep)
+            response.cancel_scope.cancel()
+        if self.eof or not ended:
+            return False  # the client left, or the stream could not be delivered to its end
+        self.linger = not keep
+        return keep
+
+    async def _watch_client(self, response: trio.CancelScope) -> None:
+        """While a response streams: keep what the client sends (pipelined requests) and end
+        the response the moment it closes or resets the connection."""
+        cfg = self.daemon.config
+        while len(self.buf) <= cfg.server.max_header_bytes + cfg.http.max_body_bytes:
+            if not await self._receive():
+                response.cancel()
+                return
+        # A whole next request is waiting: read no more until this response ends.
+        await trio.sleep_forever()
+
+    async def _deliver(
+        self, subscription: Subscription, framing: Framing, *, chunked: bool
+    ) -> bool:
+        """Replay, live events and heartbeats until the terminal event; True once it (and the
+        body's end) is handed to the output."""
+        out = self.out
+        frame = framing.frame
+        sent = self.daemon.metrics.events_sent.labels(framing.transport)
+        interval = self.daemon.config.http.heartbeat_interval
+        heartbeat = chunk(framing.heartbeat) if chunked else framing.heartbeat
+        tail = LAST_CHUNK if chunked else b""
+        ended = False
+
+        def push(event: StreamEvent) -> bool:
+            # In the stream's task: straight to the socket as one chunk (the last chunk right
+            # behind a terminal event), or refused (queue full, closing) and left to the pull.
+            # It must not raise into the stream: a failure here refuses, and the pull path
+            # meets it again in this connection's task, where it costs this connection only.
+            nonlocal ended
+            try:
+                data = frame(event)
+                if chunked:
+                    end = tail if event.terminal else b""
+                    data = b"%x\r\n%s\r\n%s" % (len(data), data, end)
+                if not out.write_nowait(data):
+                    return False
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            except Exception:
+                log.exception("pushing a stream event failed")
+                return False
+            sent.inc()
+            self._last_write = trio.current_time()
+            if event.terminal:
+                ended = True
+            return True
+
+        subscription.push = push
+        batches = subscription.__aiter__()
+        try:
+            while not ended:
+                batch = None
+                with trio.move_on_at(self._last_write + interval):
+                    try:
+                        batch = await batches.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if batch is None:
+                    if trio.current_time() >= self._last_write + interval:
+                        await self._send(heartbeat)
+                    continue
+                data = b"".join([frame(e) for e in batch])
+                terminal = batch[-1].terminal
+                if chunked:
+                    data = chunk(data) + (tail if terminal else b"")
+                await self._send(data)
+                sent.inc(len(batch))
+                ended = terminal
+        except RaafdError as err:  # slow_consumer on a shared stream, gone while replaying
+            log.info("HTTP stream delivery ended", code=err.code, cursor=subscription.cursor)
+            return False
+        finally:
+            subscription.push = None
+        return ended
+
+    async def _linger(self) -> None:
+        """After a last response: half-close, then read (briefly, boundedly) what the client
+        still sends, so the kernel does not answer unread input with a reset that could
+        destroy the response before the client has read it."""
+        with trio.move_on_after(_LINGER_SECONDS):
+            try:
+                self.sock.sock.shutdown(socket.SHUT_WR)
+                drained = 0
+                while drained < _LINGER_BYTES:
+                    data = await self.sock.receive_some()
+                    if not data:
+                        return
+                    drained += len(data)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
