@@ -23,6 +23,7 @@ import orjson
 import structlog
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WSFrames
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -101,7 +102,7 @@ class Connection:
     ) -> None:
         self.gateway = gateway
         self.stream = RawSocket(stream, prefix)
-        self.head = head
+        self.head: RequestHead | None = head  # dropped once authenticated (idle memory)
         self.id = f"c_{next(_conn_ids)}_{secrets.token_hex(3)}"
         self.user = "anonymous"
         self.authenticated = False
@@ -110,7 +111,9 @@ class Connection:
         self.started_at = trio.current_time()
         self.last_seen = self.started_at
         self.events_sent = 0
-        self._ws = WSConnection(ConnectionType.SERVER)
+        # The handshake, then (from the upgrade on) only the frame protocol: the handshake's
+        # h11 state would otherwise stay with every idle connection.
+        self._ws: WSConnection | WSFrames = WSConnection(ConnectionType.SERVER)
         self._out = Output(self.stream, gateway.config().websocket.send_queue)
         self._work: trio.Nursery | None = None
         self._writer_done = trio.Event()
@@ -211,9 +214,12 @@ class Connection:
             await self.stream.send_all(self._ws.send(AcceptConnection(subprotocol=subprotocol)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
+        assert isinstance(self._ws, WSConnection) and self._ws.connection is not None
+        self._ws = self._ws.connection  # takes the bytes read past the handshake along
         return True
 
     async def _reject(self, status: int, message: str) -> None:
+        assert isinstance(self._ws, WSConnection)
         body = orjson.dumps({"error": {"code": "unavailable", "message": message}})
         data = self._ws.send(
             RejectConnection(
@@ -232,7 +238,14 @@ class Connection:
                 pass
 
     async def _after_handshake(self) -> None:
+        try:
+            await self._check_access()
+        finally:
+            self.head = None  # not needed again
+
+    async def _check_access(self) -> None:
         cfg = self.gateway.config()
+        assert self.head is not None
         origin = self.head.headers.get("origin")
         allowed = cfg.websocket.allowed_origins
         if origin is not None and allowed and origin not in allowed:
@@ -252,6 +265,7 @@ class Connection:
         # else: the first frame must be a `hello` with a token, within auth_timeout.
 
     def _token_from_request(self) -> str | None:
+        assert self.head is not None
         return bearer_token(self.head.headers, self.head.query)
 
     async def _welcome(self) -> None:
