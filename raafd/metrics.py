@@ -87,6 +87,9 @@ class LoopCounter:
         return child
 
     def inc(self, amount: float = 1.0) -> None:
+        """Add to an unlabelled counter (a labelled one counts through ``labels(...)``)."""
+        if self._labelnames:
+            raise ValueError(f"{self._name} takes labels {self._labelnames}: use labels()")
         self._children[()].value += amount
 
     def describe(self) -> list[Metric]:

@@ -59,3 +59,9 @@ def test_gc_pauses_are_timed_while_observed_and_not_after() -> None:
     assert metrics._on_gc not in gc.callbacks
     gc.collect(2)
     assert sample(metrics, "raafd_gc_pause_seconds_count", generation="2") == first
+
+
+def test_a_labelled_loop_counter_counts_only_through_its_labels() -> None:
+    metrics = Metrics()
+    with pytest.raises(ValueError, match="use labels"):
+        metrics.events_sent.inc()

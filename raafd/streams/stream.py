@@ -435,7 +435,17 @@ class Stream:
         solo = self._solo
         return solo is not None and self.log.head - solo._cursor >= self.config.subscriber_buffer
 
+    def _go_on_now(self) -> bool:
+        """``_wait_ready``'s common case, synchronously: running, no need to wait and no yield
+        due (the call is counted towards the next yield). Every token's path."""
+        if self._unyielded < _YIELD_EVERY - 1 and not self.log.closed and not self._must_wait():
+            self._unyielded += 1
+            return True
+        return False
+
     async def _wait_ready(self) -> None:
+        if self._go_on_now():
+            return
         if not self._must_wait():
             # A checkpoint per token costs a reschedule (several µs of a ~40 µs budget), and a
             # network provider yields on every upstream read anyway; so only every
@@ -443,10 +453,8 @@ class Stream:
             # (a burst already in the socket buffer) can do before others run. Once ended from
             # elsewhere (cancel, timeout) the body's scope is cancelled and the checkpoint
             # raises Cancelled before anything is appended after the terminal event.
-            self._unyielded += 1
-            if self._unyielded >= _YIELD_EVERY or self.finished:
-                self._unyielded = 0
-                await trio.lowlevel.checkpoint()
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
             return
         self._hold()
         try:
@@ -660,14 +668,7 @@ class _Writer:
             return
         if kind in _TOKEN_KINDS:
             stream._progress(content=kind == "content")
-        # _wait_ready's common case inline (running, no wait, no yield due): every token's path.
-        if (
-            stream._unyielded < _YIELD_EVERY - 1
-            and not stream.log.closed
-            and not stream._must_wait()
-        ):
-            stream._unyielded += 1
-        else:
+        if not stream._go_on_now():
             await stream._wait_ready()
         stream._append(kind, **fields)
 
