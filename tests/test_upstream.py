@@ -29,6 +29,7 @@ from raafd.providers.upstream import (
     UpstreamClient,
     UpstreamTransportError,
     open_upstream_client,
+    parse_response_head,
 )
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -144,6 +145,91 @@ def test_a_line_without_its_end_is_bounded_too() -> None:
         for _ in range(5000):
             decoder.feed(b"a")
     assert info.value.kind == "protocol"
+
+
+# --- the response head (pure) -----------------------------------------------------------------
+
+HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream\r\n"
+    b"X-Folded: one\r\n"
+    b"\t two \r\n"
+    b"Transfer-Encoding: chunked\r\n"
+    b"X-Empty:\r\n"
+    b"\r\n"
+)
+
+
+def test_a_response_head_is_read_whole_or_not_at_all() -> None:
+    for cut in range(len(HEAD)):
+        assert parse_response_head(HEAD[:cut]) is None
+    parsed = parse_response_head(HEAD + b"5\r\nhello")
+    assert parsed is not None
+    head, end = parsed
+    assert (head.http_version, head.status_code, head.reason) == (b"1.1", 200, b"OK")
+    assert head.headers == [
+        (b"content-type", b"text/event-stream"),
+        (b"x-folded", b"one two"),
+        (b"transfer-encoding", b"chunked"),
+        (b"x-empty", b""),
+    ]
+    assert (HEAD + b"5\r\nhello")[end:] == b"5\r\nhello"
+
+
+def test_interim_heads_are_skipped_and_bare_lf_is_read() -> None:
+    wire = b"HTTP/1.1 100 Continue\n\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+    assert parse_response_head(wire) is None  # the final head has not come yet
+    wire += b"HTTP/1.0 404\ncontent-length: 2\n\nno"
+    parsed = parse_response_head(wire)
+    assert parsed is not None
+    head, end = parsed
+    assert (head.http_version, head.status_code, head.reason) == (b"1.0", 404, b"")
+    assert head.headers == [(b"content-length", b"2")]
+    assert wire[end:] == b"no"
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"HTTP/1.1 OK\r\n\r\n",  # no status code
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad name: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n folded first\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\x00b\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3, 4\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: " + b"v" * 70000,  # no end in sight past MAX_HEAD
+    ],
+    ids=[
+        "no-code",
+        "http2",
+        "short-code",
+        "no-colon",
+        "bad-name",
+        "fold-first",
+        "nul",
+        "101",
+        "gzip",
+        "hex-length",
+        "two-lengths",
+        "length-list",
+        "too-long",
+    ],
+)
+def test_a_malformed_response_head_is_a_protocol_error(wire: bytes) -> None:
+    with pytest.raises(UpstreamTransportError) as info:
+        parse_response_head(wire)
+    assert info.value.kind == "protocol"
+
+
+def test_repeated_equal_lengths_are_one_length() -> None:
+    parsed = parse_response_head(b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n")
+    assert parsed is not None and parsed[0].headers == [(b"content-length", b"3, 3")]
 
 
 @pytest.mark.parametrize(
@@ -576,6 +662,32 @@ async def test_bad_urls_are_config_errors(upstream: UpstreamClient, url: str) ->
     with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
         await post(upstream, url)
     assert info.value.kind == "config"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"authorization": "Bearer sk-secret\n"}, {"x-key": "sk-secret\r\nx: y"}, {"bad name": "v"}],
+    ids=["trailing-newline", "injected-header", "bad-name"],
+)
+async def test_a_header_http_cannot_carry_is_a_config_error_without_its_value(
+    serve: Any, upstream: UpstreamClient, headers: dict[str, str]
+) -> None:
+    server = await serve()
+    with trio.fail_after(5), pytest.raises(UpstreamTransportError) as info:
+        await post(upstream, f"http://127.0.0.1:{server.port}/", headers=headers)
+    assert info.value.kind == "config"
+    assert "secret" not in info.value.message
+    assert server.connections == 0  # refused before connecting
+
+
+def test_a_request_head_is_written_exactly() -> None:
+    head = upstream_module._RequestHead.serialize(
+        "POST", "/v1/chat?x=1", [("Host", "h:1"), ("X-Key", " \tk v\t"), ("content-length", "2")]
+    )
+    assert (
+        head
+        == b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: h:1\r\nX-Key: k v\r\ncontent-length: 2\r\n\r\n"
+    )
 
 
 async def test_a_malformed_head_or_framing_is_a_protocol_error(

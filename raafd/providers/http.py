@@ -107,14 +107,15 @@ async def open_body(response: httpx.Response) -> AsyncIterator[AsyncIterator[byt
                     pass
 
 
-async def drain(chunks: AsyncIterator[bytes]) -> None:
+async def drain(response: UpstreamResponse) -> None:
     """Read the end of a complete answer's body (normally here already), so that its connection
     can be reused; a server that holds the body open longer, or sends more than
-    :data:`ERROR_BODY_LIMIT` bytes of it, gets the connection closed instead. ``chunks`` is an
-    :class:`~raafd.providers.upstream.UpstreamResponse` (or an httpx body's chunks)."""
+    :data:`ERROR_BODY_LIMIT` bytes of it, gets the connection closed instead."""
+    if response.ended:
+        return  # the usual case, without the cost of a deadline
     left = ERROR_BODY_LIMIT
     with trio.move_on_after(DRAIN_TIMEOUT):
-        async for chunk in chunks:
+        async for chunk in response:
             left -= len(chunk)
             if left <= 0:
                 break
