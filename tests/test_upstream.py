@@ -681,13 +681,10 @@ async def test_a_header_http_cannot_carry_is_a_config_error_without_its_value(
 
 
 def test_a_request_head_is_written_exactly() -> None:
-    head = upstream_module._RequestHead.serialize(
+    head = upstream_module._request_head(
         "POST", "/v1/chat?x=1", [("Host", "h:1"), ("X-Key", " \tk v\t"), ("content-length", "2")]
     )
-    assert (
-        head
-        == b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: h:1\r\nX-Key: k v\r\ncontent-length: 2\r\n\r\n"
-    )
+    assert head == b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: h:1\r\nX-Key: k v\r\ncontent-length: 2\r\n"
 
 
 async def test_a_malformed_head_or_framing_is_a_protocol_error(

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import trio
-from attrs import define, evolve, field
+from attrs import define, field
 
 from raafd.agents.base import AgentResult, Tool, ToolError, ToolSpec
 from raafd.config import AgentConfig, StreamsConfig
@@ -370,21 +370,21 @@ class AgentLoop:
         names a model of its own provider; a fallback uses its provider's default model."""
         cfg = agent.config
         chain: list[tuple[Provider, ProviderRequest]] = []
-        base = ProviderRequest(
-            model="",
-            messages=list(conversation),  # a snapshot: the loop appends to its own list
-            instructions=cfg.instructions,
-            temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens,
-            tools=agent.specs,
-        )
+        snapshot = list(conversation)  # the loop appends to its own list
         for i, name in enumerate([cfg.provider, *cfg.fallback]):
             provider = self._providers.get(name)
             if provider is None:
                 log.warning("provider not available; skipped", provider=name, agent=agent.name)
                 continue
-            model = cfg.model if i == 0 and cfg.model else default_model(provider)
-            chain.append((provider, evolve(base, model=model)))
+            request = ProviderRequest(
+                model=cfg.model if i == 0 and cfg.model else default_model(provider),
+                messages=snapshot,
+                instructions=cfg.instructions,
+                temperature=cfg.temperature,
+                max_tokens=cfg.max_tokens,
+                tools=agent.specs,
+            )
+            chain.append((provider, request))
         if not chain:
             raise Unavailable(f"agent {agent.name!r} has no available provider", field="agent")
         return chain

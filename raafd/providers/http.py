@@ -30,6 +30,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
+from types import TracebackType
 from typing import Any
 
 import httpx
@@ -37,7 +38,12 @@ import trio
 
 from raafd.config import ProviderConfig
 from raafd.providers.base import ProviderError
-from raafd.providers.upstream import UpstreamClient, UpstreamResponse, UpstreamTransportError
+from raafd.providers.upstream import (
+    Exchange,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamTransportError,
+)
 
 __all__ = [
     "ERROR_BODY_LIMIT",
@@ -121,6 +127,41 @@ async def drain(response: UpstreamResponse) -> None:
                 break
 
 
+class _Post:
+    """:meth:`HttpProvider._post`'s context manager (a class: see
+    :class:`~raafd.providers.upstream.Exchange`)."""
+
+    __slots__ = ("_exchange", "_provider")
+
+    def __init__(self, provider: HttpProvider, exchange: Exchange) -> None:
+        self._provider = provider
+        self._exchange = exchange
+
+    async def __aenter__(self) -> UpstreamResponse:
+        exchange = self._exchange
+        try:
+            response = await exchange.__aenter__()
+            if response.is_success:
+                return response
+            try:
+                error = await self._provider._http_error(response)
+            finally:
+                await exchange.__aexit__(None, None, None)
+        except UpstreamTransportError as exc:
+            raise self._provider._transport_error(exc) from None
+        raise error
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._exchange.__aexit__(exc_type, exc, tb)
+        if isinstance(exc, UpstreamTransportError):
+            raise self._provider._transport_error(exc) from None
+
+
 class HttpProvider(abc.ABC):
     """An upstream reached by one streamed ``POST`` of JSON. ``client`` is the daemon's shared
     upstream client (see :func:`raafd.providers.upstream.open_upstream_client`)."""
@@ -178,25 +219,18 @@ class HttpProvider(abc.ABC):
 
     # --- the exchange -------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _post(
-        self, body: bytes, headers: Mapping[str, str]
-    ) -> AsyncIterator[UpstreamResponse]:
-        """The upstream's successful response to ``body``, still streaming. Any other answer,
-        and every transport failure while the block reads, is raised as a :class:`ProviderError`."""
-        try:
-            async with self._client.post(
-                self._url,
-                headers=headers,
-                body=body,
-                connect_timeout=self.config.connect_timeout,
-                read_timeout=self.config.read_timeout,
-            ) as response:
-                if not response.is_success:
-                    raise await self._http_error(response)
-                yield response
-        except UpstreamTransportError as exc:
-            raise self._transport_error(exc) from None
+    def _post(self, body: bytes, headers: Mapping[str, str]) -> _Post:
+        """``async with self._post(body, headers) as response``: the upstream's successful
+        response to ``body``, still streaming. Any other answer, and every transport failure
+        while the block reads, is raised as a :class:`ProviderError`."""
+        exchange = self._client.post(
+            self._url,
+            headers=headers,
+            body=body,
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.read_timeout,
+        )
+        return _Post(self, exchange)
 
     def _transport_error(self, exc: UpstreamTransportError) -> ProviderError:
         detail = exc.message or exc.kind

@@ -9,7 +9,8 @@ upstream sees a cancelled stream end within a loop iteration and stops generatin
 Why not httpx on this path: per streamed token, httpcore scans its pool on each request and
 runs every body chunk through about six nested async iterators, and h11 alone costs about 10 µs
 per chunked-body chunk; that was half of raafd's CPU per token. Here the request head is
-written by :class:`_RequestHead`, the response head read by :func:`parse_response_head`
+written by :func:`_request_head` (once per URL and header set), the response head read by
+:func:`parse_response_head`
 (about 11 µs for both, where a fresh h11 connection per request cost about 43), and the body
 decoded by :class:`BodyDecoder` and its subclasses; all are pure (bytes in, bytes or values
 out, no I/O), and a body chunk costs about 1 µs. Plain ``http://`` goes through a raw
@@ -45,6 +46,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Literal, Protocol
 
 import certifi
@@ -59,6 +61,7 @@ __all__ = [
     "ChunkedBody",
     "CloseDelimitedBody",
     "ContentLengthBody",
+    "Exchange",
     "Headers",
     "ResponseHead",
     "UpstreamClient",
@@ -746,7 +749,7 @@ async def _open_tunnel(transport: _Transport, target: _Target, proxy: _Proxy) ->
     headers = [("host", authority)]
     if proxy.authorization:
         headers.append(("proxy-authorization", proxy.authorization))
-    request = _RequestHead.serialize("CONNECT", authority, headers)
+    request = _request_head("CONNECT", authority, headers) + b"\r\n"
     try:
         await transport.send_all(request)
         head, after = await _receive_head(transport)
@@ -933,6 +936,42 @@ def _decoder_for(head: ResponseHead) -> BodyDecoder:
     return CloseDelimitedBody() if length is None else ContentLengthBody(length)
 
 
+class Exchange:
+    """One ``POST`` as an async context manager (see :meth:`UpstreamClient.post`): a class,
+    because a generator-based one costs a generator and its bookkeeping on every request."""
+
+    __slots__ = ("_args", "_client", "_conn", "_response")
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self._client = client
+        self._args = (url, headers, body, connect_timeout, read_timeout)
+        self._conn: _Connection | None = None
+        self._response: UpstreamResponse | None = None
+
+    async def __aenter__(self) -> UpstreamResponse:
+        if self._conn is not None:
+            raise RuntimeError("an exchange is entered once")
+        self._conn, self._response = await self._client._open(*self._args)
+        return self._response
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._conn is not None and self._response is not None:
+            self._client._release(self._conn, self._response)
+
+
 class UpstreamClient:
     """A pool of HTTP/1.1 connections to upstreams; see the module docstring. Made by
     :func:`open_upstream_client`."""
@@ -955,6 +994,7 @@ class UpstreamClient:
         self._proxies = urllib.request.getproxies() if trust_env else {}
         self._tls_context = _tls_context(trust_env)
         self._targets: dict[str, _Target] = {}
+        self._heads: dict[tuple[object, ...], bytes] = {}
         self._user_agent = f"raafd/{__version__}"
         self._timers = Timers()  # run by open_upstream_client
 
@@ -964,8 +1004,7 @@ class UpstreamClient:
 
     # --- the exchange -------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def post(
+    def post(
         self,
         url: str,
         *,
@@ -973,13 +1012,24 @@ class UpstreamClient:
         body: bytes,
         connect_timeout: float,
         read_timeout: float,
-    ) -> AsyncIterator[UpstreamResponse]:
-        """``POST body`` to ``url``; the response with its head read, its body streaming.
+    ) -> Exchange:
+        """``POST body`` to ``url``: ``async with client.post(...) as response`` gives the
+        response with its head read, its body streaming.
 
         Leaving the block before the body's end closes the connection at once; a complete
         body's connection goes back to the pool. Failures are :class:`UpstreamTransportError`."""
+        return Exchange(self, url, headers, body, connect_timeout, read_timeout)
+
+    async def _open(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> tuple[_Connection, UpstreamResponse]:
         target = self._target(url)
-        request = _RequestHead(target, headers, len(body), self._user_agent)
+        request = self._head(url, target, headers) + b"content-length: %d\r\n\r\n" % len(body)
         fresh = False
         while True:
             conn = await self._checkout(target, connect_timeout, fresh=fresh)
@@ -992,23 +1042,22 @@ class UpstreamClient:
                 if response is None:
                     self._close(conn)
             if response is not None:
-                break
-        try:
-            yield response
-        finally:
-            if response.reusable:
-                self._checkin(conn)
-            else:
-                self._close(conn)
+                return conn, response
+
+    def _release(self, conn: _Connection, response: UpstreamResponse) -> None:
+        if response.reusable:
+            self._checkin(conn)
+        else:
+            self._close(conn)
 
     async def _exchange(
-        self, conn: _Connection, request: _RequestHead, body: bytes, read_timeout: float
+        self, conn: _Connection, request: bytes, body: bytes, read_timeout: float
     ) -> UpstreamResponse:
         transport = conn.transport
         assert transport is not None
         transport.timeout = read_timeout
         try:
-            await transport.send_all(request.head + body)
+            await transport.send_all(request + body)
         except UpstreamTransportError as exc:
             if conn.reused and exc.kind == "disconnect":
                 raise _StaleConnection from None
@@ -1026,6 +1075,32 @@ class UpstreamClient:
         decoder = _decoder_for(head)
         keep_alive = _keep_alive(head) and not isinstance(decoder, CloseDelimitedBody)
         return UpstreamResponse(conn, transport, head, decoder, keep_alive, initial)
+
+    def _head(self, url: str, target: _Target, headers: Mapping[str, str]) -> bytes:
+        """The request line and headers of a ``POST`` to ``url``, all but ``content-length``
+        and the blank line; written once per URL and header set (a provider sends the same
+        ones on every request)."""
+        key = (url, *headers.items())
+        head = self._heads.get(key)
+        if head is None:
+            merged: dict[str, tuple[str, str]] = {
+                "host": ("host", target.host_header),
+                "user-agent": ("user-agent", self._user_agent),
+            }
+            if target.authorization:
+                merged["authorization"] = ("authorization", target.authorization)
+            for name, value in headers.items():
+                merged[name.lower()] = (name, value)
+            merged.pop("transfer-encoding", None)
+            merged.pop("content-length", None)
+            proxy = target.proxy
+            if proxy is not None and not target.tls and proxy.authorization:
+                merged["proxy-authorization"] = ("proxy-authorization", proxy.authorization)
+            head = _request_head("POST", target.target, merged.values())
+            if len(self._heads) >= _TARGET_CACHE:
+                self._heads.clear()
+            self._heads[key] = head
+        return head
 
     def _target(self, url: str) -> _Target:
         target = self._targets.get(url)
@@ -1184,49 +1259,24 @@ _REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
 _BLANKS = " \t"
 
 
-class _RequestHead:
-    """The request line and headers of one ``POST``, written once and sent on each attempt."""
-
-    __slots__ = ("head",)
-
-    def __init__(
-        self, target: _Target, headers: Mapping[str, str], length: int, user_agent: str
-    ) -> None:
-        merged: dict[str, tuple[str, str]] = {
-            "host": ("host", target.host_header),
-            "user-agent": ("user-agent", user_agent),
-        }
-        if target.authorization:
-            merged["authorization"] = ("authorization", target.authorization)
-        for name, value in headers.items():
-            merged[name.lower()] = (name, value)
-        merged.pop("transfer-encoding", None)
-        merged["content-length"] = ("content-length", str(length))
-        proxy = target.proxy
-        if proxy is not None and not target.tls and proxy.authorization:
-            merged["proxy-authorization"] = ("proxy-authorization", proxy.authorization)
-        self.head = self.serialize("POST", target.target, merged.values())
-
-    @staticmethod
-    def serialize(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
-        """``METHOD target HTTP/1.1``, the headers, the blank line. A header name that is not a
-        token or a value with a control character (a newline at the end of an API key read
-        from a file, say) is a ``config`` error that names the header, not its value (it may
-        be a key); values lose surrounding blanks. Only ASCII is sent."""
-        if not _REQUEST_TARGET.fullmatch(target):
-            raise UpstreamTransportError("config", "the request target is not plain ASCII")
-        lines = [f"{method} {target} HTTP/1.1"]
-        for name, value in headers:
-            if not _FIELD_NAME.fullmatch(name):
-                raise UpstreamTransportError("config", f"bad request header name {name[:64]!r}")
-            if not _FIELD_VALUE.fullmatch(value):
-                raise UpstreamTransportError(
-                    "config",
-                    f"the request header {name!r} has a character HTTP does not allow in it",
-                )
-            lines.append(f"{name}: {value.strip(_BLANKS)}")
-        lines.append("\r\n")
-        return "\r\n".join(lines).encode("ascii")
+def _request_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    """``METHOD target HTTP/1.1`` and the header lines, without the blank line that ends a
+    head. A header name that is not a token or a value with a control character (a newline at
+    the end of an API key read from a file, say) is a ``config`` error that names the header,
+    not its value (it may be a key); values lose surrounding blanks. Only ASCII is sent."""
+    if not _REQUEST_TARGET.fullmatch(target):
+        raise UpstreamTransportError("config", "the request target is not plain ASCII")
+    lines = [f"{method} {target} HTTP/1.1"]
+    for name, value in headers:
+        if not _FIELD_NAME.fullmatch(name):
+            raise UpstreamTransportError("config", f"bad request header name {name[:64]!r}")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise UpstreamTransportError(
+                "config", f"the request header {name!r} has a character HTTP does not allow in it"
+            )
+        lines.append(f"{name}: {value.strip(_BLANKS)}")
+    lines.append("")
+    return "\r\n".join(lines).encode("ascii")
 
 
 def _tls_context(trust_env: bool) -> ssl.SSLContext:
