@@ -154,9 +154,11 @@ class Stream:
         # Bounded by the gateway's per-connection limits; a dict keeps attach order.
         self._subs: dict[Subscription, None] = {}
         self._solo: Subscription | None = None  # the subscriber, while there is exactly one
-        self._room = trio.lowlevel.ParkingLot()  # producer: a reader advanced or left, resume
+        # Made when first needed (most streams never wait, and objects built per stream cost
+        # several times their hot cost on the cold path of a stream's start):
+        self._room: trio.lowlevel.ParkingLot | None = None  # producer: a reader moved, resume
         self._scope = trio.CancelScope()  # around the body; cancelled by _finish
-        self._done = trio.Event()
+        self._done: trio.Event | None = None  # set at the terminal event, for wait()
         self._ran = False
         self._paused = False
         # The timers (see raafd.timers): due times as plain floats, inf when off; the earliest
@@ -212,6 +214,11 @@ class Stream:
 
     async def wait(self) -> None:
         """Return once the stream has its terminal event."""
+        if self.log.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._done is None:
+            self._done = trio.Event()
         await self._done.wait()
 
     def info(self) -> dict[str, Any]:
@@ -279,7 +286,7 @@ class Stream:
         self._set_status("running")
         self._append("resumed")
         self._release()
-        self._room.unpark_all()
+        self._wake_producer()
         return True
 
     # --- running ------------------------------------------------------------------------------
@@ -414,8 +421,9 @@ class Stream:
         self.ended_at = time.time()
         self._ended_clock = trio.current_time()
         self._metrics.streams_ended.labels(kind).inc()
-        self._done.set()
-        self._room.unpark_all()
+        if self._done is not None:
+            self._done.set()
+        self._wake_producer()
         if self._on_finish is not None:
             self._on_finish(self)
         return True
@@ -459,12 +467,18 @@ class Stream:
         self._hold()
         try:
             while self._must_wait():
+                if self._room is None:
+                    self._room = trio.lowlevel.ParkingLot()
                 await self._room.park()
         finally:
             self._release()
         if self.finished:
             # Woken by the end: the body's scope is cancelled, so this raises Cancelled.
             await trio.lowlevel.checkpoint()
+
+    def _wake_producer(self) -> None:
+        if self._room:  # None, or empty (unpark_all on an empty lot costs ~2 µs)
+            self._room.unpark_all()
 
     def _hold(self) -> None:
         self._holds += 1
@@ -504,13 +518,13 @@ class Stream:
         self._solo = sub if len(self._subs) == 1 else None
         self._detached_since = None
         sub._attach_head = self.log.head
-        self._room.unpark_all()
+        self._wake_producer()
 
     def _unregister(self, sub: Subscription) -> None:
         if sub in self._subs:
             del self._subs[sub]
             self._solo = next(iter(self._subs)) if len(self._subs) == 1 else None
-            self._room.unpark_all()
+            self._wake_producer()
             if not self._subs:
                 self._detached_since = trio.current_time()  # the grace starts (again)
                 self._arm()
@@ -541,8 +555,7 @@ class Stream:
             raise
         sub._cursor = events[-1].seq
         sub._done = events[-1].terminal
-        if self._room:
-            self._room.unpark_all()
+        self._wake_producer()
         return self._coalesced(events) if lagging else events
 
     def _coalesced(self, events: list[StreamEvent]) -> list[StreamEvent]:
@@ -578,7 +591,8 @@ class Subscription:
         self._state: Literal["new", "open", "closed"] = "new"
         self._error: RaafdError | None = None
         self._done = False
-        self._wake = trio.lowlevel.ParkingLot()  # the reader: the log grew or the stream ended
+        # The reader: the log grew or the stream ended (made on its first wait).
+        self._wake: trio.lowlevel.ParkingLot | None = None
         self._held = False  # a batch was handed out and its reader has not asked for more yet
         # Called (synchronously, from the producer) when the subscriber is dropped for lagging,
         # so a reader blocked on a stalled socket can be closed now rather than on its next read.
@@ -605,7 +619,8 @@ class Subscription:
     def _drop(self, error: RaafdError) -> None:
         self._error = error
         self._state = "closed"
-        self._wake.unpark_all()
+        if self._wake:
+            self._wake.unpark_all()
         if self.on_drop is not None:
             self.on_drop(error)
 
@@ -649,6 +664,8 @@ class Subscription:
                 batch = stream._next_batch(self)
                 self._held = True
                 return batch
+            if self._wake is None:
+                self._wake = trio.lowlevel.ParkingLot()
             await self._wake.park()
 
 
