@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 from collections.abc import Iterable
 from http import HTTPStatus
 from urllib.parse import parse_qsl
@@ -118,8 +119,20 @@ def response_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
     """A response's status line and headers, ``date`` included, ending in the blank line."""
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
     lines += [f"{name}: {value}" for name, value in headers]
-    lines.append(f"date: {email.utils.formatdate(usegmt=True)}")
+    lines.append(f"date: {_http_date()}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The ``date`` header's value, formatted once per second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
 
 
 def chunk(data: bytes) -> bytes:

@@ -330,8 +330,11 @@ class _Connection:
     async def _send(self, data: bytes) -> None:
         """Queue ``data`` behind what is queued; ``TooSlowError`` when the socket took
         nothing for ``http.send_timeout`` and the queue stayed full."""
-        with trio.fail_after(self.daemon.config.http.send_timeout):
-            await self.out.write(data)
+        if self.out.write_nowait(data):  # the usual case, without the cost of a deadline
+            await trio.lowlevel.checkpoint()
+        else:
+            with trio.fail_after(self.daemon.config.http.send_timeout):
+                await self.out.write(data)
         self._last_write = trio.current_time()
 
     # --- streaming responses ------------------------------------------------------------------
