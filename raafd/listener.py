@@ -245,7 +245,9 @@ class PublicListener:
                 with trio.move_on_after(1):
                     await _send_and_close(stream, _DRAINING)
                 return
-            await self.websocket_handler(stream, bytes(buf), head)
+            serving = self.websocket_handler(stream, bytes(buf), head)
+            del buf, head  # not kept in this frame for the connection's life (idle memory)
+            await serving
             return
         if not buf:
             with contextlib.suppress(OSError), trio.move_on_after(1):

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -428,3 +429,148 @@ async def test_a_bug_in_one_connection_costs_only_that_connection(
         await start_stream(other)
         assert_contiguous(await read_events(other))
     assert len(rd.daemon.gateway.connections) == 0
+
+
+# --- the connection's tasks and its output ------------------------------------------------------
+
+
+async def _raw_client(address: str, rcvbuf: int) -> tuple[trio.SocketStream, bytearray]:
+    """A raw WebSocket client (tiny receive buffer) after the handshake, with the bytes that
+    came after the response head."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    host, port = address.rsplit(":", 1)
+    await sock.connect((host, int(port)))
+    stream = trio.SocketStream(sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    await stream.send_all(
+        (
+            f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    received = bytearray()
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some(4096)
+    head, _, rest = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    return stream, bytearray(rest)
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked frame in ``data``, which ends on a frame boundary."""
+    frames = []
+    i = 0
+    while i < len(data):
+        opcode, n = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if n >= 126:
+            size = 2 if n == 126 else 8
+            n = int.from_bytes(data[i : i + size], "big")
+            i += size
+        frames.append((opcode, data[i : i + n]))
+        i += n
+    assert i == len(data)
+    return frames
+
+
+async def _until(condition: Any) -> None:
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 - the daemon's state, no event to wait on
+            await trio.sleep(0.01)
+
+
+async def test_an_idle_connection_is_one_task(start_daemon: Any) -> None:
+    rd = await start_daemon(**FAST)
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        (conn,) = rd.daemon.gateway.connections.values()
+        # The reader runs in the connection's own task; no writer waits while nothing is
+        # queued (memory: each idle connection is one parked task).
+        assert conn._work is not None and not conn._work.child_tasks
+        await start_stream(ws)
+        assert_contiguous(await read_events(ws))
+        await _until(lambda: not conn._work.child_tasks)  # the delivery task ended with it
+
+
+async def test_queued_frames_go_out_in_order_then_the_close_frame(start_daemon: Any) -> None:
+    from raafd.gateway.frames import close_frame
+    from tests.test_frames import client_frame
+
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 100_000.0, "reply_words": 0}},
+        websocket={"send_queue": 4},
+    )
+    client, received = await _raw_client(rd.address, 4096)
+    start = json.dumps({"type": "stream.start", "input": "[words:20000]"}).encode()
+    await client.send_all(_masked_text(start))
+    (conn,) = rd.daemon.gateway.connections.values()
+    # The client reads nothing: the socket fills, then the output's queue, which a drain
+    # task waits to send; the stream waits on it (backpressure).
+    await _until(lambda: not conn._out.idle and len(conn._work.child_tasks) == 2)
+    rd.daemon.gateway.kick(conn.id)
+    closing = close_frame(1008, "kicked by an administrator")
+    with trio.fail_after(10):
+        while chunk := await client.receive_some(65536):
+            received += chunk
+            if received.endswith(closing):  # our side of the closing handshake
+                await client.send_all(client_frame(0x8, closing[2:]))
+    await client.aclose()
+    frames = _server_frames(bytes(received))
+    messages = [json.loads(payload) for opcode, payload in frames[:-1]]
+    assert [opcode for opcode, _ in frames[:-1]] == [0x1] * len(messages)
+    assert [m["type"] for m in messages[:2]] == ["welcome", "stream.started"]
+    events = messages[2:]
+    assert len(events) > 10 and [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    opcode, payload = frames[-1]  # the close frame, after everything that was queued
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1008
+
+
+async def test_a_client_reset_while_frames_are_queued_ends_the_connection(
+    start_daemon: Any,
+) -> None:
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 100_000.0, "reply_words": 0}},
+        websocket={"send_queue": 4},
+        streams={"detach_grace": 60.0},
+    )
+    client, _ = await _raw_client(rd.address, 4096)
+    start = json.dumps({"type": "stream.start", "input": "[words:20000]"}).encode()
+    await client.send_all(_masked_text(start))
+    (conn,) = rd.daemon.gateway.connections.values()
+    await _until(lambda: not conn._out.idle and len(conn._work.child_tasks) == 2)
+    # Close with unread bytes and no lingering: the server's next send or read gets a reset.
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.aclose()
+    await _until(lambda: not rd.daemon.gateway.connections)
+    assert conn._out.broken
+    (info,) = rd.daemon.streams.list_streams()
+    assert info["status"] == "running"  # the stream waits for a resume, within its grace
+
+
+async def test_fragments_control_frames_between_them_and_protocol_errors(
+    start_daemon: Any,
+) -> None:
+    from tests.test_frames import client_frame
+
+    rd = await start_daemon(**FAST)
+    client, received = await _raw_client(rd.address, 65536)
+    ping = json.dumps({"type": "ping", "ref": "p"}).encode()
+    data = (
+        client_frame(0x1, ping[:5], fin=False)
+        + client_frame(0x9, b"are you there")
+        + client_frame(0x0, ping[5:])
+    )
+    for i in range(0, len(data), 3):  # in pieces, as a slow network might deliver them
+        await client.send_all(data[i : i + 3])
+    await client.send_all(client_frame(0x1, b"not masked", masked=False))
+    with trio.fail_after(10):
+        while chunk := await client.receive_some(65536):
+            received += chunk
+    await client.aclose()
+    frames = _server_frames(bytes(received))
+    assert json.loads(frames[0][1])["type"] == "welcome"
+    assert frames[1:3] == [(0xA, b"are you there"), (0x1, b'{"type":"pong","ref":"p"}')]
+    assert frames[3][0] == 0x8 and int.from_bytes(frames[3][1][:2], "big") == 1002
+    assert len(frames) == 4

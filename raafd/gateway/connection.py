@@ -1,14 +1,18 @@
-"""One WebSocket connection: handshake, then a reader (which also sends the heartbeat), a writer
-and one delivery task per attached stream, all in the connection's own nursery.
+"""One WebSocket connection: handshake, then the reader (which also sends the heartbeat) in the
+connection's own task, as the body of its one nursery, which also holds a delivery task per
+attached stream and, only while something is queued, the output's drain task. An idle
+connection is one task: tens of thousands of them are what the memory goes on.
 
 Ordering rule of this file: everything the connection sends goes through ``_out``
 (:class:`~raafd.gateway.sockio.Output`), which writes straight to the socket when nothing is
-queued and otherwise queues, bounded, for the writer task; so frames never interleave and a
-slow socket pushes back on whatever feeds it (for a private stream, all the way to the
-provider's read). A live event reaches a caught-up subscriber through ``push``, in the stream's
-own task, without waking the delivery task; the delivery task pulls only replay and what a full
-queue refused. Closing stops the work nursery first, then queues the close frame behind what is
-already queued, so the client always sees the last events before the close.
+queued and otherwise queues, bounded, for a drain task; so frames never interleave and a slow
+socket pushes back on whatever feeds it (for a private stream, all the way to the provider's
+read). A live event reaches a caught-up subscriber through ``push``, in the stream's own task,
+without waking the delivery task; the delivery task pulls only replay and what a full queue
+refused. Closing ends the nursery first (a drain task cancelled while it waits loses nothing:
+the queue keeps what the socket did not take), then queues the close frame behind what is still
+queued and sends it all from the connection's task, bounded: the client always sees the last
+events before the close.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import orjson
 import structlog
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection as WSFrames
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -37,7 +40,7 @@ from wsproto.events import (
 from raafd.agents.workflows import start_workflow
 from raafd.auth import bearer_token, token_ok
 from raafd.errors import BadRequest, Conflict, NotFound, RaafdError
-from raafd.gateway.frames import close_frame, ping_frame, pong_frame, text_frame
+from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
 from raafd.gateway.sockio import Output, RawSocket
 from raafd.listener import RequestHead
 from raafd.logging import get_logger
@@ -97,6 +100,27 @@ def _user_for(token: str | None) -> str:
 
 
 class Connection:
+    __slots__ = (
+        "_close",
+        "_message",
+        "_message_size",
+        "_out",
+        "_peer_closed",
+        "_work",
+        "_ws",
+        "attachments",
+        "authenticated",
+        "draining",
+        "events_sent",
+        "gateway",
+        "head",
+        "id",
+        "last_seen",
+        "started_at",
+        "stream",
+        "user",
+    )
+
     def __init__(
         self, gateway: Gateway, stream: trio.SocketStream, prefix: bytes, head: RequestHead
     ) -> None:
@@ -111,15 +135,15 @@ class Connection:
         self.started_at = trio.current_time()
         self.last_seen = self.started_at
         self.events_sent = 0
-        # The handshake, then (from the upgrade on) only the frame protocol: the handshake's
-        # h11 state would otherwise stay with every idle connection.
-        self._ws: WSConnection | WSFrames = WSConnection(ConnectionType.SERVER)
+        # wsproto for the handshake, then (from the upgrade on) only raafd's frame parser: the
+        # handshake's h11 state and wsproto's frame protocol would otherwise stay with every
+        # idle connection (see raafd.gateway.frames).
+        self._ws: WSConnection | ClientFrames = WSConnection(ConnectionType.SERVER)
         self._out = Output(self.stream, gateway.config().websocket.send_queue)
         self._work: trio.Nursery | None = None
-        self._writer_done = trio.Event()
         self._close: _Close | None = None
         self._peer_closed = False
-        self._message: list[str] = []
+        self._message: list[str] | None = None  # the parts of a fragmented message
         self._message_size = 0
 
     # --- entry point --------------------------------------------------------------------------
@@ -130,22 +154,24 @@ class Connection:
             return
         self.gateway.metrics.connections_total.labels("websocket").inc()
         try:
-            async with trio.open_nursery() as outer:
-                outer.start_soon(self._writer)
-                try:
-                    async with trio.open_nursery() as work:
-                        self._work = work
-                        await self._after_handshake()
-                        work.start_soon(self._reader)
-                except* _Close as group:
-                    self._close = group.exceptions[0]  # type: ignore[assignment]
-                except* (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                except* Exception as group:
-                    # A bug must cost this connection, never the daemon or other clients.
-                    log.error("connection failed", exc_info=group)
-                    self._close = _Close(CloseCode.INTERNAL, "internal error")
-                await self._finish(outer)
+            try:
+                async with trio.open_nursery() as work:
+                    self._work = self._out.nursery = work
+                    await self._after_handshake()
+                    await self._reader()
+                    # The client sent EOF: its streams go on to their end, then it closes.
+                    self._end_if_done()
+            except* _Close as group:
+                self._close = group.exceptions[0]  # type: ignore[assignment]
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except* Exception as group:
+                # A bug must cost this connection, never the daemon or other clients.
+                log.error("connection failed", exc_info=group)
+                self._close = _Close(CloseCode.INTERNAL, "internal error")
+            finally:
+                self._work = self._out.nursery = None
+            await self._finish()
         finally:
             self.stream.close()
             log.debug("connection closed", code=self._close.code if self._close else None)
@@ -157,18 +183,28 @@ class Connection:
         if self._work is not None:
             self._work.cancel_scope.cancel()
 
-    async def _finish(self, outer: trio.Nursery) -> None:
+    def _end_if_done(self) -> None:
+        # Draining, or the client sent EOF: close once no stream is attached any more. (After
+        # an EOF the work is cancelled rather than left to end by itself: a drain task would
+        # wait as long as a client that does not read; _finish sends the rest, bounded.)
+        if self.attachments:
+            return
+        if self.draining:
+            self.close(CloseCode.GOING_AWAY, "server going away")
+        elif self._peer_closed and self._work is not None:
+            self._work.cancel_scope.cancel()
+
+    async def _finish(self) -> None:
         close = self._close or _Close(CloseCode.NORMAL, "")
         with trio.move_on_after(2) as scope:
+            # The close frame goes behind what is queued; what a drain task (cancelled with
+            # the work) did not send is sent from here.
+            self._out.close(close_frame(close.code, close.reason))
             try:
-                await self._out.write(close_frame(close.code, close.reason))
+                await self._out.flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-            self._out.close()
-            # The writer drains what was queued, the close frame last, then returns.
-            await self._writer_done.wait()
         if scope.cancelled_caught:
-            outer.cancel_scope.cancel()
             return
         if not self._peer_closed:
             # RFC 6455 §7.1.1: after our close frame, wait (briefly) for the client's, so it
@@ -193,14 +229,16 @@ class Connection:
 
     async def _handshake(self) -> bool:
         cfg = self.gateway.config()
+        handshake = self._ws
+        assert isinstance(handshake, WSConnection)
         request: Request | None = None
         with trio.move_on_after(cfg.server.header_timeout):
             while request is None:
                 data = await self.stream.receive_some()
                 if not data:
                     return False
-                self._ws.receive_data(data)
-                for event in self._ws.events():
+                handshake.receive_data(data)
+                for event in handshake.events():
                     if isinstance(event, Request):
                         request = event
                         break
@@ -211,11 +249,12 @@ class Connection:
             return False
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.subprotocols else None
         try:
-            await self.stream.send_all(self._ws.send(AcceptConnection(subprotocol=subprotocol)))
+            await self.stream.send_all(handshake.send(AcceptConnection(subprotocol=subprotocol)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
-        assert isinstance(self._ws, WSConnection) and self._ws.connection is not None
-        self._ws = self._ws.connection  # takes the bytes read past the handshake along
+        # Bytes the client sent past its request (it must wait for our response first, RFC
+        # 6455 §4.1) are dropped with the handshake, as wsproto's own server handshake does.
+        self._ws = ClientFrames()
         return True
 
     async def _reject(self, status: int, message: str) -> None:
@@ -286,19 +325,11 @@ class Connection:
 
     # --- tasks --------------------------------------------------------------------------------
 
-    async def _writer(self) -> None:
-        try:
-            await self._out.run_writer()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if self._work is not None:
-                self._work.cancel_scope.cancel()
-        finally:
-            self._writer_done.set()
-
     async def _reader(self) -> None:
-        """Reads client frames; also the heartbeat: a ping every ``heartbeat_interval`` and
-        close 4408 once the client has been silent for ``heartbeat_timeout`` (one task, one
-        deadline, instead of a heartbeat task per idle connection)."""
+        """Reads client frames, in the connection's own task; also the heartbeat: a ping every
+        ``heartbeat_interval`` and close 4408 once the client has been silent for
+        ``heartbeat_timeout`` (one deadline, instead of a heartbeat task per idle connection).
+        Returns at the client's EOF."""
         cfg = self.gateway.config()
         auth_deadline = self.started_at + cfg.websocket.auth_timeout
         interval = cfg.websocket.heartbeat_interval
@@ -343,11 +374,16 @@ class Connection:
         self._message_size += len(event.data)
         if self._message_size > max_frame:
             raise _Close(CloseCode.TOO_BIG, f"message over {max_frame} bytes")
-        self._message.append(event.data)
-        if not event.message_finished:
-            return
-        text = "".join(self._message)
-        self._message.clear()
+        if event.message_finished and self._message is None:
+            text = event.data  # a message in one frame: the usual case
+        else:
+            if self._message is None:
+                self._message = []
+            self._message.append(event.data)
+            if not event.message_finished:
+                return
+            text = "".join(self._message)
+            self._message = None
         self._message_size = 0
         await self._command(text)
 
@@ -503,8 +539,7 @@ class Connection:
         finally:
             if self.attachments.get(stream_id) is scope:
                 del self.attachments[stream_id]
-            if self.draining and not self.attachments:
-                self.close(CloseCode.GOING_AWAY, "server going away")
+            self._end_if_done()
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -528,5 +563,4 @@ class Connection:
             self._out.write_nowait(text_frame(orjson.dumps(message)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # a client this far behind (a full queue) learns from the 1001 close
-        if not self.attachments:
-            self.close(CloseCode.GOING_AWAY, "server going away")
+        self._end_if_done()

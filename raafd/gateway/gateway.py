@@ -39,6 +39,9 @@ class Gateway:
 
     async def handle(self, stream: trio.SocketStream, prefix: bytes, head: RequestHead) -> None:
         connection = Connection(self, stream, prefix, head)
+        # Not kept in this frame for the connection's life: the connection reads the prefix
+        # once and drops the head once authenticated (memory of idle connections).
+        del prefix, head
         self.connections[connection.id] = connection
         gauge = self.metrics.connections.labels("websocket")
         gauge.inc()

@@ -1,0 +1,257 @@
+"""Memory per idle WebSocket connection, and where it goes.
+
+A quicker, finer twin of the idle case of ``bench/stream_bench.py``: it prints figures; it is not
+a pass/fail test. A child process runs the daemon in-process (as ``raafd serve`` does: a frozen
+heap, the collector observed) on a free port; ``bench/loadgen.mjs idle`` opens the connections,
+each of which completes the handshake, gets its ``welcome`` and then stays silent (answering
+pings). Two load-generator runs: a warm-up batch (``--warm``), after which the child marks its
+RSS, then ``--n`` more; the growth of RSS divided by ``--n`` is the figure, so one-time costs
+(lazily made metric children, first-use caches) do not count.
+
+With ``--trace`` the child also runs ``tracemalloc`` (which inflates RSS; its own figure is the
+Python heap) and prints the largest allocation sites per connection, by line (or by call chain
+with ``--frames``), and the growth in the count of objects the collector tracks, by type.
+
+    .venv/bin/python bench/idle_memory.py --n 15000
+    .venv/bin/python bench/idle_memory.py --n 2000 --trace --top 30
+
+Needs Node.js on ``PATH`` and an open-files limit above ``--warm`` + ``--n``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gc
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADGEN = ROOT / "bench" / "loadgen.mjs"
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# --- the child: the daemon, and measurements on request ----------------------------------------
+
+
+def _types() -> collections.Counter[str]:
+    return collections.Counter(
+        f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()
+    )
+
+
+def serve(trace: bool, frames: int, top: int) -> None:
+    import trio
+
+    from raafd.config import parse_config
+    from raafd.daemon import Daemon
+    from raafd.logging import configure_logging
+    from raafd.metrics import observing_gc
+
+    state = Path(tempfile.mkdtemp(prefix="raafd-idle-"))
+    config = parse_config(
+        {
+            "server": {
+                "host": "127.0.0.1",
+                "port": 0,
+                "max_connections": 60_000,
+                "backlog": 4096,
+                "shutdown_grace": 1.0,
+            },
+            "websocket": {"heartbeat_timeout": 3600.0},
+            "logging": {"level": "warning", "format": "json"},
+            "admin": {"enabled": False, "socket": str(state / "admin.sock")},
+            "state": {"dir": str(state / "var")},
+        }
+    )
+    configure_logging(config.logging.level, config.logging.format)
+
+    def reply(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    async def main() -> None:
+        daemon = Daemon(config, environ={})
+        gc.collect()
+        gc.freeze()
+        mark: dict[str, Any] = {}
+        with observing_gc(daemon.metrics):
+            async with trio.open_nursery() as nursery:
+                address = await nursery.start(daemon.run)
+                reply({"port": int(address.rsplit(":", 1)[1])})
+                while True:
+                    line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+                    words = line.split()
+                    if not words or words[0] == "quit":
+                        nursery.cancel_scope.cancel()
+                        return
+                    await trio.sleep(0.5)  # let the last handshakes settle
+                    gc.collect()
+                    if words[0] == "mark":
+                        mark = {"rss": _rss(), "types": _types()}
+                        if trace:
+                            tracemalloc.start(frames)
+                            mark["heap"] = tracemalloc.get_traced_memory()[0]
+                        reply({"rss": mark["rss"], "open": len(daemon.gateway.connections)})
+                    elif words[0] == "report":
+                        n = int(words[1])
+                        result: dict[str, Any] = {
+                            "open": len(daemon.gateway.connections),
+                            "rss_per_conn": (_rss() - mark["rss"]) / n,
+                            "objects_per_conn": [
+                                (name, round(count / n, 2))
+                                for name, count in (_types() - mark["types"]).most_common(top)
+                            ],
+                        }
+                        if trace:
+                            snapshot = tracemalloc.take_snapshot()
+                            heap = tracemalloc.get_traced_memory()[0] - mark["heap"]
+                            tracemalloc.stop()
+                            result["heap_per_conn"] = heap / n
+                            key = "lineno" if frames == 1 else "traceback"
+                            stats = snapshot.statistics(key)
+                            result["sites"] = [
+                                (
+                                    round(s.size / n, 1),
+                                    round(s.count / n, 2),
+                                    " <- ".join(
+                                        f"{Path(f.filename).name}:{f.lineno}" for f in s.traceback
+                                    ),
+                                )
+                                for s in stats[:top]
+                            ]
+                        reply(result)
+
+    trio.run(main)
+
+
+# --- the parent: the load generator --------------------------------------------------------------
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    import selectors
+
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=1.0):
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{proc.args!r} exited early")
+                if line.startswith("{"):
+                    return dict(json.loads(line))
+    raise RuntimeError(f"{proc.args!r} did not answer in time")
+
+
+def _open(port: int, n: int) -> subprocess.Popen[str]:
+    """``n`` idle connections, held until the generator's stdin closes."""
+    proc = subprocess.Popen(
+        [
+            "node",
+            str(LOADGEN),
+            "idle",
+            "--port",
+            str(port),
+            "--n",
+            str(n),
+            "--sources",
+            str(max(1, math.ceil(n / 5000))),
+            "--concurrency",
+            "200",
+            "--hold",
+            "600",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    ready = _readline(proc, timeout=300)
+    if ready.get("open") != n:
+        raise RuntimeError(f"opened {ready.get('open')} of {n}: {ready}")
+    return proc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--n", type=int, default=2000, help="connections measured (2000)")
+    ap.add_argument("--warm", type=int, default=200, help="connections opened before (200)")
+    ap.add_argument("--trace", action="store_true", help="tracemalloc: allocation sites")
+    ap.add_argument("--frames", type=int, default=1, help="call-chain depth with --trace (1)")
+    ap.add_argument("--top", type=int, default=25, help="rows of each table (25)")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.trace, args.frames, args.top)
+        return 0
+
+    child_args = ["--serve", "--frames", str(args.frames), "--top", str(args.top)]
+    child = subprocess.Popen(
+        [sys.executable, __file__, *child_args, *(["--trace"] if args.trace else [])],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    gens: list[subprocess.Popen[str]] = []
+    assert child.stdin is not None
+
+    def ask(command: str) -> dict[str, Any]:
+        assert child.stdin is not None
+        child.stdin.write(command + "\n")
+        child.stdin.flush()
+        return _readline(child, timeout=300)
+
+    try:
+        port = _readline(child, timeout=30)["port"]
+        gens.append(_open(port, args.warm))
+        ask("mark")
+        started = time.monotonic()
+        gens.append(_open(port, args.n))
+        opened_in = time.monotonic() - started
+        result = ask(f"report {args.n}")
+    finally:
+        for proc in [*gens, child]:
+            with contextlib.suppress(OSError, ValueError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+        for proc in [*gens, child]:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    print(
+        f"{args.n} idle connections (after {args.warm}) opened in {opened_in:.1f} s; "
+        f"{result['open']} open at the report"
+    )
+    note = " (inflated by tracemalloc)" if args.trace else ""
+    print(f"RSS per connection: {result['rss_per_conn']:,.0f} bytes{note}")
+    if args.trace:
+        print(f"Python heap per connection (tracemalloc): {result['heap_per_conn']:,.0f} bytes")
+        print("\nbytes  blocks  allocation site (per connection)")
+        for size, count, where in result["sites"]:
+            print(f"{size:7,.1f} {count:6.2f}  {where}")
+    print("\nobjects tracked by the collector, growth per connection")
+    for name, count in result["objects_per_conn"]:
+        print(f"{count:6.2f}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
