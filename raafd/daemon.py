@@ -142,6 +142,7 @@ class Daemon:
             if self.notifier.watchdog_interval() is not None:
                 await nursery.start(self.notifier.run_watchdog)
             await nursery.start(self.streams.run)
+            await nursery.start(self.gateway.run)  # the connections' heartbeats
             self.address = await nursery.start(self.listener.run)
             self.notifier.ready()
             self.notifier.status(f"serving on {self.address}")

@@ -1,7 +1,10 @@
-"""One WebSocket connection: handshake, then the reader (which also sends the heartbeat) in the
-connection's own task, as the body of its one nursery, which also holds a delivery task per
-attached stream and, only while something is queued, the output's drain task. An idle
-connection is one task: tens of thousands of them are what the memory goes on.
+"""One WebSocket connection: handshake, then the reader in the connection's own task, as the
+body of its one nursery, which also holds a delivery task per attached stream and, only while
+something is queued, the output's drain task. An idle connection is one task: tens of
+thousands of them are what the memory goes on. Its heartbeat (a ping every
+``heartbeat_interval``, close 4408 after ``heartbeat_timeout`` of silence or an
+``auth_timeout`` without authentication) is a timer in the gateway's shared heap
+(:mod:`raafd.timers`), not a deadline around each read: a read costs no cancel scope.
 
 Ordering rule of this file: everything the connection sends goes through ``_out``
 (:class:`~raafd.gateway.sockio.Output`), which writes straight to the socket when nothing is
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -106,6 +110,8 @@ class Connection:
         "_message_size",
         "_out",
         "_peer_closed",
+        "_ping_at",
+        "_timer_at",
         "_work",
         "_ws",
         "attachments",
@@ -135,6 +141,8 @@ class Connection:
         self.started_at = trio.current_time()
         self.last_seen = self.started_at
         self.events_sent = 0
+        self._ping_at = math.inf  # the next heartbeat ping (armed once the reader runs)
+        self._timer_at = math.inf  # the heartbeat's armed time (raafd.timers keeps it)
         # wsproto for the handshake, then (from the upgrade on) only raafd's frame parser: the
         # handshake's h11 state and wsproto's frame protocol would otherwise stay with every
         # idle connection (see raafd.gateway.frames).
@@ -171,6 +179,7 @@ class Connection:
                 self._close = _Close(CloseCode.INTERNAL, "internal error")
             finally:
                 self._work = self._out.nursery = None
+                self.gateway.timers.disarm(self)
             await self._finish()
         finally:
             self.stream.close()
@@ -326,37 +335,16 @@ class Connection:
     # --- tasks --------------------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        """Reads client frames, in the connection's own task; also the heartbeat: a ping every
-        ``heartbeat_interval`` and close 4408 once the client has been silent for
-        ``heartbeat_timeout`` (one deadline, instead of a heartbeat task per idle connection).
-        Returns at the client's EOF."""
-        cfg = self.gateway.config()
-        auth_deadline = self.started_at + cfg.websocket.auth_timeout
-        interval = cfg.websocket.heartbeat_interval
-        ping_at = self.started_at + interval
+        """Reads client frames, in the connection's own task, until the client's EOF; the
+        heartbeat runs beside it (:meth:`_on_timer`)."""
+        self._ping_at = self.started_at + self.gateway.config().websocket.heartbeat_interval
+        self._on_timer(trio.current_time())  # arms the heartbeat
         while True:
-            if self.authenticated:
-                deadline = self.last_seen + cfg.websocket.heartbeat_timeout
-            else:
-                deadline = auth_deadline
-            data: bytes | None = None
-            with trio.move_on_at(min(deadline, ping_at)):
-                data = await self.stream.receive_some()
-            now = trio.current_time()
-            if now >= ping_at:
-                ping_at = now + interval
-                # A client whose queue is full is behind anyway; it gets the next one.
-                self._out.write_nowait(ping_frame(b"hb"))
-            if data is None:
-                if now < deadline:
-                    continue
-                if self.authenticated:
-                    raise _Close(CloseCode.TIMEOUT, "no frame from the client within the timeout")
-                raise _Close(CloseCode.TIMEOUT, "authentication timed out")
+            data = await self.stream.receive_some()
             if not data:
                 self._peer_closed = True
                 return
-            self.last_seen = trio.current_time()
+            self.last_seen = trio.current_time()  # moves the silence deadline: a float store
             self._ws.receive_data(data)
             for event in self._ws.events():
                 if isinstance(event, TextMessage):
@@ -368,6 +356,33 @@ class Connection:
                 elif isinstance(event, CloseConnection):
                     self._peer_closed = True
                     raise _Close(event.code if event.code != 1005 else 1000, "")
+
+    def _heartbeat_deadline(self) -> float:
+        cfg = self.gateway.config().websocket
+        if self.authenticated:
+            return self.last_seen + cfg.heartbeat_timeout
+        return self.started_at + cfg.auth_timeout
+
+    def _on_timer(self, now: float) -> None:
+        """The heartbeat, in the gateway's timer task: a ping when one is due, close 4408 past
+        the silence (or authentication) deadline, else armed again for the next of the two."""
+        if self._work is None or self._close is not None:
+            return
+        if now >= self._ping_at:
+            self._ping_at = now + self.gateway.config().websocket.heartbeat_interval
+            try:
+                # A client whose queue is full is behind anyway; it gets the next one.
+                self._out.write_nowait(ping_frame(b"hb"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the reader or the delivery meets it and ends the connection
+        deadline = self._heartbeat_deadline()
+        if now >= deadline:
+            if self.authenticated:
+                self.close(CloseCode.TIMEOUT, "no frame from the client within the timeout")
+            else:
+                self.close(CloseCode.TIMEOUT, "authentication timed out")
+            return
+        self.gateway.timers.arm(self, min(deadline, self._ping_at))
 
     async def _on_text(self, event: TextMessage) -> None:
         max_frame = self.gateway.config().websocket.max_frame

@@ -1,4 +1,5 @@
-"""The WebSocket gateway: owns the set of live connections and what applies to all of them."""
+"""The WebSocket gateway: owns the set of live connections and what applies to all of them,
+their heartbeat timers included (one :class:`~raafd.timers.Timers` heap and task for all)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from raafd.config import Config
 from raafd.gateway.connection import Connection
 from raafd.listener import RequestHead
 from raafd.metrics import Metrics
+from raafd.timers import Timers
 
 if TYPE_CHECKING:
     from raafd.streams import StreamManager
@@ -21,7 +23,8 @@ __all__ = ["Gateway"]
 class Gateway:
     """Serves ``/v1/ws`` connections handed over by the public listener. Each connection runs
     in the listener's per-connection task; the gateway only keeps the registry (bounded by the
-    listener's ``max_connections``) for drain, stats and admin."""
+    listener's ``max_connections``) for drain, stats and admin, and the connections'
+    heartbeat timers: :meth:`run` must run (in the daemon's nursery) for them to fire."""
 
     def __init__(
         self,
@@ -36,6 +39,11 @@ class Gateway:
         self.tokens = tokens
         self.connections: dict[str, Connection] = {}
         self.draining = False
+        self.timers = Timers()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fire the connections' heartbeat timers until cancelled."""
+        await self.timers.run(task_status=task_status)
 
     async def handle(self, stream: trio.SocketStream, prefix: bytes, head: RequestHead) -> None:
         connection = Connection(self, stream, prefix, head)
