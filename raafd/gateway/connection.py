@@ -561,14 +561,21 @@ class Connection:
     async def send_json(self, message: dict[str, Any]) -> None:
         if message.get("ref", 0) is None:
             del message["ref"]
-        await self._out.write(text_frame(orjson.dumps(message)))
+        await self._send(text_frame(orjson.dumps(message)))
 
     async def send_error(self, err: RaafdError, ref: str | None = None) -> None:
         self.gateway.metrics.errors.labels(err.code).inc()
         body: dict[str, Any] = {"type": "error", **err.to_dict()}
         if ref is not None:
             body["ref"] = ref
-        await self._out.write(text_frame(orjson.dumps(body)))
+        await self._send(text_frame(orjson.dumps(body)))
+
+    async def _send(self, frame: bytes) -> None:
+        # A reply the socket takes (or the queue holds) at once does not yield: the reader
+        # yields at its next read anyway, and a stream it just started then gets the loop
+        # without the reader's rest of the command in between. A full queue waits for room.
+        if not self._out.write_nowait(frame):
+            await self._out.write(frame)
 
     def notify_shutdown(self, reconnect_after: float) -> None:
         """Tell the client the server is draining; close 1001 once its streams end."""

@@ -41,7 +41,7 @@ Backpressure (DESIGN invariant 3):
 from __future__ import annotations
 
 import math
-import secrets
+import os
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -84,7 +84,7 @@ _YIELD_EVERY: Final = 8  # see Stream._wait_ready
 
 def new_stream_id() -> str:
     """A fresh stream id: ``st_`` and 24 random hex digits."""
-    return "st_" + secrets.token_hex(12)
+    return "st_" + os.urandom(12).hex()  # what secrets.token_hex does, in one call
 
 
 class SlowConsumer(RaafdError):
@@ -165,7 +165,7 @@ class Stream:
         # is armed with the manager's shared Timers (_timer_at is theirs to keep).
         self._timers = timers
         self._timer_at = math.inf
-        self._detached_since: float | None = trio.current_time()  # no subscriber since
+        self._detached_since: float | None = self._t0  # no subscriber since
         self._paused_since: float | None = None
         self._total_due = math.inf  # max_duration, while the body runs
         # The first-token/idle timer runs while the body does (_gap_on). A token moves
