@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import random
+import re
 import socket
 import struct
 from typing import Any
@@ -293,6 +294,31 @@ async def test_silent_client_is_closed_4408(
     assert b"\x89\x02hb" in received  # pings were sent
     close = received[received.rindex(b"\x88") :]
     assert int.from_bytes(close[2:4], "big") == 4408
+
+
+async def test_each_client_frame_moves_the_silence_deadline(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The heartbeat is a timer in the gateway's heap armed at the earlier of the next ping and
+    # the silence deadline; a frame only moves last_seen, and the timer finds it when it fires.
+    autojump_clock.autojump_threshold = 0.02
+    rd = await start_daemon(websocket={"heartbeat_interval": 4.0, "heartbeat_timeout": 15.0})
+    stream = await _raw_ws(rd.address, 65536)
+    for _ in range(3):  # 12 s apart: under the timeout each time
+        await trio.sleep(12)
+        await stream.send_all(_masked_text(b'{"type":"ping","ref":"p"}'))
+    last_frame = trio.current_time()
+    received = b""
+    with trio.fail_after(60):
+        while not re.search(rb"\x88[\x02-\x7d]\x11\x38", received):  # close, 4408
+            chunk = await stream.receive_some(65536)
+            assert chunk
+            received += chunk
+    closed = trio.current_time()
+    await stream.aclose()
+    assert received.count(b'"type":"pong"') == 3
+    assert received.count(b"\x89\x02hb") >= 10  # a ping every 4 s for about 51 s
+    assert last_frame + 15 <= closed < last_frame + 15.5  # 15 s after the last frame
 
 
 async def test_drain_sends_shutdown_then_closes_1001(start_daemon: Any) -> None:
