@@ -10,13 +10,12 @@ Why not httpx on this path: per streamed token, httpcore scans its pool on each 
 runs every body chunk through about six nested async iterators, and h11 alone costs about 10 µs
 per chunked-body chunk; that was half of raafd's CPU per token. Here the request head is
 written by :func:`_request_head` (once per URL and header set), the response head read by
-:func:`parse_response_head`
-(about 11 µs for both, where a fresh h11 connection per request cost about 43), and the body
-decoded by :class:`BodyDecoder` and its subclasses; all are pure (bytes in, bytes or values
-out, no I/O), and a body chunk costs about 1 µs. Plain ``http://`` goes through a raw
-non-blocking socket (a syscall first, a wait only when it would block), ``https://`` through
-:class:`trio.SSLStream`; both hide
-behind one tiny transport interface (``receive_some`` / ``send_all`` / ``close``).
+:func:`parse_response_head` (about 11 µs for both, where a fresh h11 connection per request
+cost about 43), and the body decoded by :class:`BodyDecoder` and its subclasses; all are pure
+(bytes in, bytes or values out, no I/O), and a body chunk costs about 1 µs. Plain ``http://``
+goes through a raw non-blocking socket (a syscall first, a wait only when it would block),
+``https://`` through :class:`trio.SSLStream`; both hide behind one tiny transport interface
+(``receive_some`` / ``send_all`` / ``close``).
 
 The pool keeps idle connections per origin (scheme, host, port, proxy), checks them cheaply
 before reuse (a non-blocking ``MSG_PEEK``: data or EOF means the server is done with it), and
