@@ -321,6 +321,33 @@ async def test_each_client_frame_moves_the_silence_deadline(
     assert last_frame + 15 <= closed < last_frame + 15.5  # 15 s after the last frame
 
 
+async def test_a_read_full_of_frames_shares_the_loop(start_daemon: Any) -> None:
+    # Command replies do not yield; the reader yields every few frames instead, so one client
+    # sending many small frames in one write cannot hold the loop for the whole read.
+    rd = await start_daemon()
+    stream = await _raw_ws(rd.address, 1 << 20)
+    turns = 0
+    flooding = True
+
+    async def other_task() -> None:
+        nonlocal turns
+        while flooding:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    frames = 400
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await stream.send_all(_masked_text(b'{"type":"ping","ref":"f"}') * frames)
+        received = b""
+        with trio.fail_after(10):
+            while received.count(b'"type":"pong"') < frames:
+                received += await stream.receive_some(65536)
+        flooding = False
+    await stream.aclose()
+    assert turns >= frames // 16  # the other task ran while the frames were answered
+
+
 async def test_drain_sends_shutdown_then_closes_1001(start_daemon: Any) -> None:
     rd = await start_daemon(providers={"demo": {"tokens_per_second": 200.0, "reply_words": 40}})
     async with open_websocket_url(rd.ws_url) as ws:

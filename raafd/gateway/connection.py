@@ -69,6 +69,7 @@ log = get_logger("raafd.gateway")
 _conn_ids = itertools.count(1)
 SUBPROTOCOL = "raafd.v1"
 _EVENT_PREFIX = b'{"type":"stream.event",'
+_FRAMES_PER_YIELD = 8
 
 
 class CloseCode:
@@ -346,7 +347,11 @@ class Connection:
                 return
             self.last_seen = trio.current_time()  # moves the silence deadline: a float store
             self._ws.receive_data(data)
-            for event in self._ws.events():
+            for n, event in enumerate(self._ws.events(), 1):
+                if n % _FRAMES_PER_YIELD == 0:
+                    # Replies do not yield (see _send): a read full of small frames shares the
+                    # loop every few frames instead of holding it for the whole read.
+                    await trio.lowlevel.checkpoint()
                 if isinstance(event, TextMessage):
                     await self._on_text(event)
                 elif isinstance(event, BytesMessage):
