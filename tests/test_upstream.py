@@ -21,15 +21,15 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from raafd.providers import upstream as upstream_module
-from raafd.providers.upstream import (
+from raafd.providers.upstream import UpstreamClient, open_upstream_client
+from raafd.providers.wire import (
     BodyDecoder,
     ChunkedBody,
     CloseDelimitedBody,
     ContentLengthBody,
-    UpstreamClient,
     UpstreamTransportError,
-    open_upstream_client,
     parse_response_head,
+    request_head,
 )
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -681,7 +681,7 @@ async def test_a_header_http_cannot_carry_is_a_config_error_without_its_value(
 
 
 def test_a_request_head_is_written_exactly() -> None:
-    head = upstream_module._request_head(
+    head = request_head(
         "POST", "/v1/chat?x=1", [("Host", "h:1"), ("X-Key", " \tk v\t"), ("content-length", "2")]
     )
     assert head == b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: h:1\r\nX-Key: k v\r\ncontent-length: 2\r\n"
