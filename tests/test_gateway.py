@@ -271,26 +271,11 @@ async def test_silent_client_is_closed_4408(
     autojump_clock.autojump_threshold = 0.02
     rd = await start_daemon(websocket={"heartbeat_interval": 5.0, "heartbeat_timeout": 15.0})
     # A raw client that completes the handshake and then never answers pings.
-    sock = trio.socket.socket()
-    host, port = rd.address.rsplit(":", 1)
-    await sock.connect((host, int(port)))
-    stream = trio.SocketStream(sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all(
-        (
-            f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    received = b""
+    stream, received = await _raw_client(rd.address)
     with trio.fail_after(60):
-        while True:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
+        while chunk := await stream.receive_some(65536):
             received += chunk
     await stream.aclose()
-    assert received.startswith(b"HTTP/1.1 101")
     assert b"\x89\x02hb" in received  # pings were sent
     close = received[received.rindex(b"\x88") :]
     assert int.from_bytes(close[2:4], "big") == 4408
@@ -303,7 +288,7 @@ async def test_each_client_frame_moves_the_silence_deadline(
     # the silence deadline; a frame only moves last_seen, and the timer finds it when it fires.
     autojump_clock.autojump_threshold = 0.02
     rd = await start_daemon(websocket={"heartbeat_interval": 4.0, "heartbeat_timeout": 15.0})
-    stream = await _raw_ws(rd.address, 65536)
+    stream, _ = await _raw_client(rd.address)
     for _ in range(3):  # 12 s apart: under the timeout each time
         await trio.sleep(12)
         await stream.send_all(_masked_text(b'{"type":"ping","ref":"p"}'))
@@ -325,7 +310,7 @@ async def test_a_read_full_of_frames_shares_the_loop(start_daemon: Any) -> None:
     # Command replies do not yield; the reader yields every few frames instead, so one client
     # sending many small frames in one write cannot hold the loop for the whole read.
     rd = await start_daemon()
-    stream = await _raw_ws(rd.address, 1 << 20)
+    stream, _ = await _raw_client(rd.address, 1 << 20)
     turns = 0
     flooding = True
 
@@ -384,8 +369,9 @@ async def test_too_many_streams_per_connection(start_daemon: Any) -> None:
         assert reply["code"] == "too_many_streams" and reply["ref"] == "t"
 
 
-async def _raw_ws(address: str, rcvbuf: int) -> trio.SocketStream:
-    """A WebSocket client with a tiny receive buffer that will never read (a stalled reader)."""
+async def _raw_client(address: str, rcvbuf: int = 65536) -> tuple[trio.SocketStream, bytearray]:
+    """A raw WebSocket client (tiny receive buffer) after the handshake, with the bytes that
+    came after the response head."""
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     host, port = address.rsplit(":", 1)
@@ -398,10 +384,13 @@ async def _raw_ws(address: str, rcvbuf: int) -> trio.SocketStream:
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
     )
+    received = bytearray()
     with trio.fail_after(5):
-        head = await stream.receive_some(4096)
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some(4096)
+    head, _, rest = bytes(received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101")
-    return stream
+    return stream, bytearray(rest)
 
 
 async def read_slowly(stream: trio.SocketStream, into: bytearray) -> None:
@@ -431,7 +420,7 @@ async def test_stalled_subscriber_is_coalesced_then_closed_4001_others_keep_pace
         await recv(owner)
         await recv(other)
         stream = await start_stream(owner, " ".join([word] * 1500))
-        stalled = await _raw_ws(rd.address, 4096)
+        stalled, _ = await _raw_client(rd.address, 4096)
         attach = json.dumps({"type": "stream.attach", "stream": stream, "after": 0}).encode()
         await stalled.send_all(_masked_text(attach))
         await send(other, type="stream.attach", stream=stream, after=0)
@@ -485,30 +474,6 @@ async def test_a_bug_in_one_connection_costs_only_that_connection(
 
 
 # --- the connection's tasks and its output ------------------------------------------------------
-
-
-async def _raw_client(address: str, rcvbuf: int) -> tuple[trio.SocketStream, bytearray]:
-    """A raw WebSocket client (tiny receive buffer) after the handshake, with the bytes that
-    came after the response head."""
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    host, port = address.rsplit(":", 1)
-    await sock.connect((host, int(port)))
-    stream = trio.SocketStream(sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all(
-        (
-            f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    received = bytearray()
-    with trio.fail_after(5):
-        while b"\r\n\r\n" not in received:
-            received += await stream.receive_some(4096)
-    head, _, rest = bytes(received).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101")
-    return stream, bytearray(rest)
 
 
 def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
