@@ -26,6 +26,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,15 +35,10 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from stream_bench import read_json_line, rss_bytes  # bench/ is on sys.path when run
+
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench" / "loadgen.mjs"
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # --- the child: the daemon, and measurements on request ----------------------------------------
@@ -102,7 +98,7 @@ def serve(trace: bool, frames: int, top: int) -> None:
                     await trio.sleep(0.5)  # let the last handshakes settle
                     gc.collect()
                     if words[0] == "mark":
-                        mark = {"rss": _rss(), "types": _types()}
+                        mark = {"rss": rss_bytes(os.getpid()), "types": _types()}
                         if trace:
                             tracemalloc.start(frames)
                             mark["heap"] = tracemalloc.get_traced_memory()[0]
@@ -111,7 +107,7 @@ def serve(trace: bool, frames: int, top: int) -> None:
                         n = int(words[1])
                         result: dict[str, Any] = {
                             "open": len(daemon.gateway.connections),
-                            "rss_per_conn": (_rss() - mark["rss"]) / n,
+                            "rss_per_conn": (rss_bytes(os.getpid()) - mark["rss"]) / n,
                             "objects_per_conn": [
                                 (name, round(count / n, 2))
                                 for name, count in (_types() - mark["types"]).most_common(top)
@@ -142,23 +138,6 @@ def serve(trace: bool, frames: int, top: int) -> None:
 # --- the parent: the load generator --------------------------------------------------------------
 
 
-def _readline(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    import selectors
-
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(timeout=1.0):
-                line = proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"{proc.args!r} exited early")
-                if line.startswith("{"):
-                    return dict(json.loads(line))
-    raise RuntimeError(f"{proc.args!r} did not answer in time")
-
-
 def _open(port: int, n: int) -> subprocess.Popen[str]:
     """``n`` idle connections, held until the generator's stdin closes."""
     proc = subprocess.Popen(
@@ -181,7 +160,7 @@ def _open(port: int, n: int) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    ready = _readline(proc, timeout=300)
+    ready = read_json_line(proc, timeout=300)
     if ready.get("open") != n:
         raise RuntimeError(f"opened {ready.get('open')} of {n}: {ready}")
     return proc
@@ -214,10 +193,10 @@ def main() -> int:
         assert child.stdin is not None
         child.stdin.write(command + "\n")
         child.stdin.flush()
-        return _readline(child, timeout=300)
+        return read_json_line(child, timeout=300)
 
     try:
-        port = _readline(child, timeout=30)["port"]
+        port = read_json_line(child, timeout=30)["port"]
         gens.append(_open(port, args.warm))
         ask("mark")
         started = time.monotonic()

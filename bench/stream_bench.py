@@ -127,7 +127,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -432,7 +432,7 @@ def stream_run(
     )
     if raafd is not None:
         result["server_alive"] = raafd.alive()
-        result["server_rss_mb"] = round(_rss_bytes(raafd.pid) / 2**20, 1) if raafd.alive() else 0
+        result["server_rss_mb"] = round(rss_bytes(raafd.pid) / 2**20, 1) if raafd.alive() else 0
     result["ok"] = _clean(result)
     return result
 
@@ -457,7 +457,7 @@ def _clean(r: dict[str, Any]) -> bool:
 def idle_run(n: int, raafd: Raafd) -> dict[str, Any]:
     """Open ``n`` idle WebSocket connections; raafd's RSS before, with them, and after."""
     time.sleep(1.0)
-    before = _rss_bytes(raafd.pid)
+    before = rss_bytes(raafd.pid)
     sources = max(1, math.ceil(n / 5000))
     proc = _spawn(
         _pinned(
@@ -484,20 +484,20 @@ def idle_run(n: int, raafd: Raafd) -> dict[str, Any]:
     assert proc.stdin is not None and proc.stdout is not None
     result: dict[str, Any] = {"n": n, "sources": sources, "rss_before": before}
     try:
-        ready = _read_json_line(proc, timeout=240)
+        ready = read_json_line(proc, timeout=240)
         result.update(ready)
         time.sleep(3.0)  # let the last handshakes settle
-        result["rss_with"] = _rss_bytes(raafd.pid)
+        result["rss_with"] = rss_bytes(raafd.pid)
         with contextlib.suppress(Exception):
             stats = raafd.stats()
             result["server_open"] = stats.get("connections", {}).get("open")
             result["server_fds"] = stats.get("process", {}).get("open_fds")
         proc.stdin.write("close\n")
         proc.stdin.flush()
-        closed = _read_json_line(proc, timeout=60)
+        closed = read_json_line(proc, timeout=60)
         result.update(closed)
         time.sleep(2.0)
-        result["rss_after_close"] = _rss_bytes(raafd.pid)
+        result["rss_after_close"] = rss_bytes(raafd.pid)
     finally:
         with contextlib.suppress(OSError):
             proc.stdin.close()
@@ -509,7 +509,8 @@ def idle_run(n: int, raafd: Raafd) -> dict[str, Any]:
     return result
 
 
-def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+def read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The next line of ``proc``'s output that is a JSON object (other lines are skipped)."""
     import selectors
 
     assert proc.stdout is not None
@@ -520,10 +521,10 @@ def _read_json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, An
             if sel.select(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
                 line = proc.stdout.readline()
                 if not line:
-                    raise RuntimeError("the idle load generator exited early")
+                    raise RuntimeError(f"{proc.args!r} exited early")
                 if line.startswith("{"):
                     return dict(json.loads(line))
-    raise RuntimeError("the idle load generator did not report in time")
+    raise RuntimeError(f"{proc.args!r} did not report in time")
 
 
 # --- profiling --------------------------------------------------------------------------------
