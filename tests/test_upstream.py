@@ -435,6 +435,25 @@ async def test_a_post_sends_its_body_and_reads_head_and_body(
     assert seen.headers["user-agent"].startswith("raafd/")
 
 
+async def test_the_cached_request_head_follows_the_headers_and_the_length(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    # The head is written once per URL and header set: a rotated key or another body length
+    # must still reach the server as sent.
+    server = await serve()
+    url = f"http://127.0.0.1:{server.port}/v1/chat"
+    with trio.fail_after(5):
+        for key, body in [("k1", b"{}"), ("k1", b'{"a": 1}'), ("k2", b"{}"), ("k1", b"{}")]:
+            await post(upstream, url, headers={"Authorization": f"Bearer {key}"}, body=body)
+    assert [(s.headers["authorization"], s.body) for s in server.seen] == [
+        ("Bearer k1", b"{}"),
+        ("Bearer k1", b'{"a": 1}'),
+        ("Bearer k2", b"{}"),
+        ("Bearer k1", b"{}"),
+    ]
+    assert [s.headers["content-length"] for s in server.seen] == ["2", "8", "2", "2"]
+
+
 async def test_chunks_are_forwarded_as_they_arrive(serve: Any, upstream: UpstreamClient) -> None:
     # One chunk, then the server waits: the chunk must reach the reader without the rest.
     server = await serve(chunked(b"first", then="hang", end=False))
