@@ -81,6 +81,13 @@ def _between(lo: float, hi: float) -> Callable[[Any, attrs.Attribute[Any], float
     return check
 
 
+def _gc_thresholds(_: Any, a: attrs.Attribute[Any], value: list[int]) -> None:
+    if len(value) != 3:
+        raise ValueError(f"must be three integers (young, middle, old), got {len(value)}")
+    if value[0] < 100 or value[1] < 1 or value[2] < 1:
+        raise ValueError(f"the first must be 100 or more and the others 1 or more, got {value}")
+
+
 def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute[Any], str], None]:
     def check(_: Any, a: attrs.Attribute[Any], value: str) -> None:
         if value not in choices:
@@ -97,7 +104,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 @frozen
 class ServerConfig:
-    """``[server]``: the public listener (HTTP, SSE, NDJSON and WebSocket on one port)."""
+    """``[server]``: the public listener (HTTP, SSE, NDJSON and WebSocket on one port) and the
+    process around it."""
 
     host: str = "127.0.0.1"
     port: int = field(default=8080, validator=_between(0, 65535))
@@ -110,6 +118,8 @@ class ServerConfig:
     max_header_bytes: int = field(default=16_384, validator=_between(1024, 1 << 20))
     keep_alive_timeout: float = field(default=5.0, validator=_positive)
     backlog: int = field(default=1024, validator=_positive)
+    # The garbage collector's thresholds (gc.set_threshold); see conf/raafd.toml.
+    gc_thresholds: list[int] = field(factory=lambda: [10_000, 50, 100], validator=_gc_thresholds)
 
 
 @frozen

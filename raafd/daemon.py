@@ -16,6 +16,7 @@ in-flight work gets ``shutdown_grace`` seconds, then everything left is cancelle
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Mapping
@@ -260,6 +261,9 @@ class Daemon:
             "process": {
                 "rss_bytes": snap.get("process_resident_memory_bytes"),
                 "open_fds": snap.get("process_open_fds"),
+                "gc_thresholds": list(gc.get_threshold()),
+                "gc_counts": list(gc.get_count()),
+                "gc_frozen": gc.get_freeze_count(),
             },
             "log_level": get_level(),
         }

@@ -52,6 +52,16 @@ def test_out_of_range_reports_every_problem() -> None:
         "server.port: must be between 0 and 65535, got 70000",
         "server.shutdown_grace: must be 0 or more, got -1.0",
     ]
+    assert problems("[server]\ngc_thresholds = [10000, 50]") == [
+        "server.gc_thresholds: must be three integers (young, middle, old), got 2"
+    ]
+    assert problems("[server]\ngc_thresholds = [50, 10, 10]") == [
+        "server.gc_thresholds: the first must be 100 or more and the others 1 or more,"
+        " got [50, 10, 10]"
+    ]
+    assert problems('[server]\ngc_thresholds = [1000, "a", 1]') == [
+        "server.gc_thresholds.1: expected an integer, got the string 'a'"
+    ]
     assert problems('[logging]\nlevel = "loud"') == [
         "logging.level: must be one of debug, info, warning, error, critical; got 'loud'"
     ]

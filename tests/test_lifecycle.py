@@ -53,6 +53,7 @@ def write_config(path: Path, tmp: Path, port: int, extra: str = "") -> None:
 port = {port}
 shutdown_grace = 5.0
 drain_delay = 1.0
+gc_thresholds = [12345, 7, 9]
 [state]
 dir = "{tmp / "var"}"
 [admin]
@@ -118,6 +119,8 @@ async def test_ready_watchdog_reload_and_sigterm_drain(served: Served) -> None:
             await served.wait_for("READY=1")
             stats = await _ctl_json(served, "stats")
             assert stats["log_level"] == "debug"
+            assert stats["process"]["gc_thresholds"] == [12345, 7, 9]
+            assert stats["process"]["gc_frozen"] > 0  # what existed at start is out of sight
 
             # SIGHUP with a bad file: rejected, the running config stays.
             served.config.write_text(text.replace('level = "debug"', 'level = "loud"'))
