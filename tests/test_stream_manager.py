@@ -8,7 +8,9 @@ once when the test would otherwise hang).
 from __future__ import annotations
 
 import math
+import os
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,7 +35,7 @@ from raafd.providers.base import (
 )
 from raafd.providers.breaker import Breakers
 from raafd.providers.demo import DemoProvider
-from raafd.streams import SlowConsumer, Stream, StreamManager
+from raafd.streams import SlowConsumer, Stream, StreamManager, new_stream_id
 from raafd.timers import Timers
 
 LIMIT = 1000  # clock seconds: the absolute timeout around every wait
@@ -243,6 +245,25 @@ def metric(manager: StreamManager, key: str) -> float:
 
 
 # --- a whole stream ---------------------------------------------------------------------------
+
+
+def test_stream_ids_are_distinct_across_refills_and_in_a_forked_child() -> None:
+    # 1,000 ids take 12,000 bytes: the 4 KiB pool is refilled twice.
+    ids = [new_stream_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"st_[0-9a-f]{24}", i) for i in ids)
+    # A child forked mid-pool must not hand out the parent's next bytes.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, new_stream_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert re.fullmatch(r"st_[0-9a-f]{24}", child)
+    assert child != new_stream_id()
 
 
 async def test_demo_stream_is_contiguous_and_ends_once(
