@@ -6,6 +6,7 @@ path."""
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -13,14 +14,24 @@ import trio.testing
 
 from raafd.gateway.sockio import Output, RawSocket
 
+Pair = tuple[RawSocket, socket.socket]
 
-def _pair() -> tuple[RawSocket, socket.socket]:
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    """Our end (a :class:`RawSocket` whose first bytes are ``hello``) and the peer's, both
+    closed after the test, whatever it did with them."""
     ours, theirs = trio.socket.socketpair()
     # A small send buffer, so the kernel refuses part of a write soon and the queue is used.
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer = socket.socket(fileno=theirs.detach())
     peer.setblocking(False)
-    return RawSocket(trio.SocketStream(ours), b"hello"), peer
+    sock = RawSocket(trio.SocketStream(ours), b"hello")
+    try:
+        yield sock, peer
+    finally:
+        sock.close()
+        peer.close()
 
 
 async def _drain(peer: socket.socket, want: int) -> bytes:
@@ -39,8 +50,8 @@ def _messages() -> list[bytes]:
     return [b"%06d" % i * 50 for i in range(2000)]  # 300 bytes each, 600 KB in all
 
 
-async def test_direct_and_queued_writes_arrive_in_order() -> None:
-    sock, peer = _pair()
+async def test_direct_and_queued_writes_arrive_in_order(pair: Pair) -> None:
+    sock, peer = pair
     out = Output(sock, limit=10_000)
     messages = _messages()
     with trio.fail_after(10):
@@ -53,12 +64,10 @@ async def test_direct_and_queued_writes_arrive_in_order() -> None:
             received = await _drain(peer, sum(map(len, messages)))
             out.close()
     assert received == b"".join(messages)
-    sock.close()
-    peer.close()
 
 
-async def test_a_drain_task_runs_only_while_something_is_queued() -> None:
-    sock, peer = _pair()
+async def test_a_drain_task_runs_only_while_something_is_queued(pair: Pair) -> None:
+    sock, peer = pair
     out = Output(sock, limit=10_000)
     messages = _messages()
     received = bytearray()
@@ -77,12 +86,10 @@ async def test_a_drain_task_runs_only_while_something_is_queued() -> None:
             assert len(nursery.child_tasks) == 1
             await _read_into(peer, received, sum(map(len, messages)))
     assert bytes(received) == b"direct" + b"".join(messages) * 2
-    sock.close()
-    peer.close()
 
 
-async def test_a_cancelled_drain_loses_nothing_and_close_goes_last() -> None:
-    sock, peer = _pair()
+async def test_a_cancelled_drain_loses_nothing_and_close_goes_last(pair: Pair) -> None:
+    sock, peer = pair
     out = Output(sock, limit=10_000)
     messages = _messages()
     with trio.fail_after(10):
@@ -102,14 +109,12 @@ async def test_a_cancelled_drain_loses_nothing_and_close_goes_last() -> None:
             nursery.start_soon(_read_into, peer, received, sum(map(len, messages)) + 7)
             await out.flush()
     assert bytes(received) == b"".join(messages) + b"<close>"
-    sock.close()
-    peer.close()
 
 
-async def test_writes_after_the_nursery_closed_wait_for_flush() -> None:
+async def test_writes_after_the_nursery_closed_wait_for_flush(pair: Pair) -> None:
     # A connection's nursery closes (its last task gone) a moment before the connection stops
     # handing the output over (a shutdown notice, say): what gets queued then waits for flush.
-    sock, peer = _pair()
+    sock, peer = pair
     out = Output(sock, limit=10_000)
     messages = _messages()
     with trio.fail_after(10):
@@ -124,12 +129,10 @@ async def test_writes_after_the_nursery_closed_wait_for_flush() -> None:
             nursery.start_soon(_read_into, peer, received, sum(map(len, messages)))
             await out.flush()
     assert bytes(received) == b"".join(messages)
-    sock.close()
-    peer.close()
 
 
-async def test_a_full_queue_refuses_without_taking_and_write_waits_for_room() -> None:
-    sock, peer = _pair()
+async def test_a_full_queue_refuses_without_taking_and_write_waits_for_room(pair: Pair) -> None:
+    sock, peer = pair
     out = Output(sock, limit=2)
     big = b"x" * 1_000_000
     received = bytearray()
@@ -142,12 +145,10 @@ async def test_a_full_queue_refuses_without_taking_and_write_waits_for_room() ->
             nursery.start_soon(_read_into, peer, received, len(big) + 2)
             await out.write(b"c")  # waits for room, then queues behind the rest
     assert bytes(received) == big + b"ac"
-    sock.close()
-    peer.close()
 
 
-async def test_a_closed_peer_breaks_both_paths() -> None:
-    sock, peer = _pair()
+async def test_a_closed_peer_breaks_both_paths(pair: Pair) -> None:
+    sock, peer = pair
     out = Output(sock, limit=4)
     peer.close()
     with trio.fail_after(10):
@@ -165,8 +166,8 @@ async def test_a_closed_peer_breaks_both_paths() -> None:
         await sock.receive_some()
 
 
-async def test_a_peer_gone_while_queued_breaks_the_drain_task() -> None:
-    sock, peer = _pair()
+async def test_a_peer_gone_while_queued_breaks_the_drain_task(pair: Pair) -> None:
+    sock, peer = pair
     out = Output(sock, limit=10_000)
     with trio.fail_after(10):
         with pytest.RaisesGroup(trio.BrokenResourceError):
@@ -178,4 +179,3 @@ async def test_a_peer_gone_while_queued_breaks_the_drain_task() -> None:
         assert out.broken and out.idle
         with pytest.raises(trio.BrokenResourceError):
             await out.write(b"more")
-    sock.close()
