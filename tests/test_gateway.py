@@ -512,21 +512,31 @@ async def test_an_idle_connection_is_one_task(start_daemon: Any) -> None:
         await _until(lambda: not conn._work.child_tasks)  # the delivery task ended with it
 
 
-async def test_queued_frames_go_out_in_order_then_the_close_frame(start_daemon: Any) -> None:
-    from raafd.gateway.frames import close_frame
-    from tests.test_frames import client_frame
-
+async def _backed_up(
+    start_daemon: Any, **config: Any
+) -> tuple[Any, trio.SocketStream, bytearray, Any]:
+    """A daemon with one raw WebSocket client that starts a long stream and reads nothing: the
+    socket fills, then the output's queue, which a drain task waits to send; the stream waits
+    on it (backpressure). Returns the daemon, the client, the bytes read so far and the
+    server's connection."""
     rd = await start_daemon(
         providers={"demo": {"tokens_per_second": 100_000.0, "reply_words": 0}},
         websocket={"send_queue": 4},
+        **config,
     )
     client, received = await _raw_client(rd.address, 4096)
     start = json.dumps({"type": "stream.start", "input": "[words:20000]"}).encode()
     await client.send_all(_masked_text(start))
     (conn,) = rd.daemon.gateway.connections.values()
-    # The client reads nothing: the socket fills, then the output's queue, which a drain
-    # task waits to send; the stream waits on it (backpressure).
     await _until(lambda: not conn._out.idle and len(conn._work.child_tasks) == 2)
+    return rd, client, received, conn
+
+
+async def test_queued_frames_go_out_in_order_then_the_close_frame(start_daemon: Any) -> None:
+    from raafd.gateway.frames import close_frame
+    from tests.test_frames import client_frame
+
+    rd, client, received, conn = await _backed_up(start_daemon)
     rd.daemon.gateway.kick(conn.id)
     closing = close_frame(1008, "kicked by an administrator")
     with trio.fail_after(10):
@@ -548,16 +558,7 @@ async def test_queued_frames_go_out_in_order_then_the_close_frame(start_daemon: 
 async def test_a_client_reset_while_frames_are_queued_ends_the_connection(
     start_daemon: Any,
 ) -> None:
-    rd = await start_daemon(
-        providers={"demo": {"tokens_per_second": 100_000.0, "reply_words": 0}},
-        websocket={"send_queue": 4},
-        streams={"detach_grace": 60.0},
-    )
-    client, _ = await _raw_client(rd.address, 4096)
-    start = json.dumps({"type": "stream.start", "input": "[words:20000]"}).encode()
-    await client.send_all(_masked_text(start))
-    (conn,) = rd.daemon.gateway.connections.values()
-    await _until(lambda: not conn._out.idle and len(conn._work.child_tasks) == 2)
+    rd, client, _, conn = await _backed_up(start_daemon, streams={"detach_grace": 60.0})
     # Close with unread bytes and no lingering: the server's next send or read gets a reset.
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await client.aclose()
