@@ -35,8 +35,11 @@ from raafd.providers.base import (
 )
 from raafd.providers.breaker import Breakers
 from raafd.providers.demo import DemoProvider
+from raafd.providers.openai import OpenAIProvider
+from raafd.providers.upstream import open_upstream_client
 from raafd.streams import SlowConsumer, Stream, StreamManager, new_stream_id
 from raafd.timers import Timers
+from tests.fakes import FakeOpenAI, Script
 
 LIMIT = 1000  # clock seconds: the absolute timeout around every wait
 
@@ -372,6 +375,47 @@ async def test_single_slow_subscriber_slows_the_provider_without_loss(
         f"w{i} " for i in range(200)
     ]
     assert trio.current_time() >= 200 / 8  # slowed to the reader's pace
+
+
+async def test_a_flooding_openai_upstream_is_read_at_the_slow_subscribers_pace_without_loss(
+    autojump_clock: trio.testing.MockClock, start_manager: StartManager, nursery: trio.Nursery
+) -> None:
+    # A real socket and the OpenAI provider: its tokens reach the stream from the upstream
+    # client's reactor (try_send) while the subscriber keeps up, and through the provider's
+    # task (send, which waits) once it does not; either way in order, none lost, and the
+    # producer never more than subscriber_buffer ahead. A pause in the middle stops appends.
+    autojump_clock.autojump_threshold = 0.02  # loopback I/O is never overtaken by the clock
+    fake = FakeOpenAI(Script(deltas=300, interval=0))
+    await nursery.start(fake.run)
+    async with open_upstream_client(trust_env=False) as upstream:
+        config = ProviderConfig(type="openai", base_url=fake.base_url, model="m")
+        flood = OpenAIProvider("flood", config, upstream, {})
+        manager = await start_manager(
+            providers={"flood": flood}, subscriber_buffer=8, idle_timeout=1000
+        )
+        stream = manager.start(agent="flood", messages=user())
+        events: list[StreamEvent] = []
+        with trio.fail_after(LIMIT):
+            async with manager.subscribe(stream.id, 0) as sub:
+                async for batch in sub:
+                    events.extend(batch)
+                    assert stream.head - sub.cursor <= 8
+                    if (
+                        len(events) > 100
+                        and stream.status == "running"
+                        and not any(e.kind == "paused" for e in events)
+                    ):
+                        assert manager.pause(stream.id)
+                        head = stream.head  # the paused event's seq
+                        await trio.sleep(5)
+                        assert stream.head == head  # nothing appended while paused
+                        assert manager.resume(stream.id)
+                    await trio.sleep(0.1)
+    end = assert_whole(events)
+    assert end.kind == "complete"
+    pieces = [e.fields["delta"] for e in events if e.kind == "content"]
+    assert pieces == list(Script(deltas=300).content_pieces)
+    assert [e.kind for e in events].count("paused") == 1
 
 
 async def test_shared_stream_stalled_subscriber_is_coalesced_then_dropped(

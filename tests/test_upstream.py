@@ -995,3 +995,183 @@ async def test_the_read_timeout_counts_from_the_last_byte(
             assert info.value.kind == "timeout"
             assert received == b"xxxxx"
             assert trio.current_time() - sent_last[-1] == pytest.approx(4.0, abs=0.1)
+
+
+# --- pumps: the body read in the client's reactor task ----------------------------------------
+
+
+@attrs.define(eq=False)
+class PacedServer:
+    """Answers each request with ``pieces`` as chunks, waiting on ``gates[i]`` (when not None)
+    before piece ``i``; ``ended`` is set once the whole body is sent. Keeps the connection."""
+
+    pieces: list[bytes]
+    gates: list[trio.Event | None]
+    ended: trio.Event = attrs.field(factory=trio.Event)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece, gate in zip(self.pieces, self.gates, strict=True):
+            if gate is not None:
+                await gate.wait()
+            await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await stream.send_all(b"0\r\n\r\n")
+        self.ended.set()
+        while await stream.receive_some(65536):  # until the client closes
+            pass
+
+    async def url(self, nursery: trio.Nursery) -> str:
+        listeners = await nursery.start(partial(trio.serve_tcp, self.handle, 0, host="127.0.0.1"))
+        return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+
+
+def exchange(client: UpstreamClient, url: str, read_timeout: float = 5.0) -> Any:
+    return client.post(url, headers={}, body=b"", connect_timeout=2.0, read_timeout=read_timeout)
+
+
+async def test_a_pump_stops_when_told_and_the_next_one_reads_what_came_meanwhile(
+    nursery: trio.Nursery, upstream: UpstreamClient
+) -> None:
+    # The reactor's epoll is edge-triggered: bytes that arrive while nobody pumps raise no
+    # event later, so the next pump must read them first, or the stream would hang.
+    server = PacedServer([b"one", b"two", b"three"], [None, trio.Event(), trio.Event()])
+    url = await server.url(nursery)
+    taken: list[bytes] = []
+
+    def take(data: bytes) -> bool:
+        taken.append(data)
+        if data == b"one":
+            assert server.gates[1] is not None
+            server.gates[1].set()  # "two" is sent while this pump waits in the reactor
+        return data != b"two"
+
+    with trio.fail_after(5):
+        async with exchange(upstream, url) as response:
+            await response.pump(take)
+            assert taken == [b"one", b"two"] and not response.ended
+            assert server.gates[2] is not None
+            server.gates[2].set()
+            await server.ended.wait()  # "three" and the body's end wait in the socket now
+            await response.pump(take)
+            assert taken == [b"one", b"two", b"three"] and response.ended
+    assert upstream._idle  # the pumped connection went back to the pool, as a read one does
+
+
+async def test_a_flood_is_pumped_whole_and_in_order(
+    nursery: trio.Nursery, upstream: UpstreamClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reads of 64 bytes, two per turn: a 64 KiB body needs hundreds of turns. A socket left
+    # with bytes at the end of its turn gets no new edge once the server is done, so the
+    # reactor must come back to it by itself.
+    monkeypatch.setattr(upstream_module, "RECEIVE_SIZE", 64)
+    monkeypatch.setattr(upstream_module, "_READY_STREAK", 2)
+    pieces = [bytes([65 + i % 26]) * 1024 for i in range(64)]
+    server = PacedServer(pieces, [None] * len(pieces))
+    taken: list[bytes] = []
+
+    def take(data: bytes) -> bool:
+        taken.append(data)
+        return True
+
+    with trio.fail_after(10):
+        async with exchange(upstream, await server.url(nursery)) as response:
+            await response.pump(take)
+            assert response.ended
+    assert b"".join(taken) == b"".join(pieces)
+
+
+async def test_what_take_raises_comes_out_of_the_pump_and_the_connection_closes(
+    nursery: trio.Nursery, upstream: UpstreamClient
+) -> None:
+    closed_by_client = trio.Event()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await trio.sleep(0.01)  # the pump is waiting in the reactor by now
+        await stream.send_all(b"3\r\nbad\r\n")
+        assert await stream.receive_some(65536) == b""
+        closed_by_client.set()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+
+    def take(data: bytes) -> bool:
+        raise ValueError(data.decode())
+
+    with trio.fail_after(5):
+        with pytest.raises(ValueError, match="bad"):
+            async with exchange(upstream, url) as response:
+                await response.pump(take)
+        await closed_by_client.wait()
+
+
+async def test_a_pump_times_out_after_read_timeout_from_the_last_byte(
+    nursery: trio.Nursery, autojump_clock: MockClock
+) -> None:
+    jump(autojump_clock)
+    gate = trio.Event()  # never set: the server goes silent after the first piece
+    server = PacedServer([b"x", b"y"], [None, gate])
+    url = await server.url(nursery)
+    taken: list[tuple[bytes, float]] = []
+    async with open_upstream_client(trust_env=False) as client:
+        with trio.fail_after(60):
+            with pytest.raises(UpstreamTransportError) as info:
+                async with exchange(client, url, read_timeout=4.0) as response:
+                    await response.pump(
+                        lambda data: taken.append((data, trio.current_time())) is None
+                    )
+            assert info.value.kind == "timeout"
+            assert [data for data, _ in taken] == [b"x"]
+            assert trio.current_time() - taken[-1][1] == pytest.approx(4.0, abs=0.1)
+
+
+async def test_cancelling_a_pump_closes_the_connection_at_once(
+    serve: Any, upstream: UpstreamClient
+) -> None:
+    server = await serve(chunked(b"first", then="hang", end=False))
+    with trio.fail_after(5):
+        with trio.CancelScope() as scope:
+            async with exchange(upstream, f"http://127.0.0.1:{server.port}/") as response:
+
+                def take(data: bytes) -> bool:
+                    assert data == b"first"
+                    scope.cancel()  # from inside the reactor's call, as a stream's cancel is
+                    return True
+
+                cancelled_at = trio.current_time()
+                await response.pump(take)
+        assert scope.cancelled_caught
+        await server.wait_closed(1)
+    assert server.closed_at is not None and server.closed_at - cancelled_at < 0.1
+
+
+async def test_closing_the_client_ends_a_pump_with_a_disconnect(
+    nursery: trio.Nursery,
+) -> None:
+    gate = trio.Event()
+    server = PacedServer([b"x", b"y"], [None, gate])
+    url = await server.url(nursery)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as outside:
+            async with open_upstream_client(trust_env=False) as client:
+                pumping = trio.Event()
+                errors: list[UpstreamTransportError] = []
+
+                async def read() -> None:
+                    async with exchange(client, url) as response:
+                        try:
+                            await response.pump(lambda data: pumping.set() is None)
+                        except UpstreamTransportError as exc:
+                            errors.append(exc)
+
+                outside.start_soon(read)
+                await pumping.wait()
+                await trio.testing.wait_all_tasks_blocked()
+            await trio.testing.wait_all_tasks_blocked()
+            assert [e.kind for e in errors] == ["disconnect"]

@@ -147,16 +147,18 @@ async def read_turn(
     *,
     breakers: Breakers,
     metrics: Metrics,
-    emit: Emit | None = None,
+    agent: str | None = None,
 ) -> Turn:
     """Run one model turn: stream ``chain`` (with fallback) into ``out`` as ``content`` and
-    ``retry`` events and return what the model said. Tool calls are merged, not emitted.
-    Raises :class:`ProviderError`.
+    ``retry`` events (tagged with ``agent`` when given) and return what the model said. Tool
+    calls are merged, not emitted. Raises :class:`ProviderError`.
 
     The provider runs in this task and its sink appends straight to the stream: no channel and
     no second task per token. ``emit`` returns only once the stream takes more (not paused,
-    its single subscriber keeping up), so until then the provider does not read again."""
-    sink = _TurnSink(out, emit or out.emit)
+    its single subscriber keeping up), so until then the provider does not read again; a
+    provider that reads in a synchronous callback hands tokens on with the sink's
+    ``try_send``, which takes one only while the stream needs no wait."""
+    sink = _TurnSink(out, agent)
     await out.wait_ready()  # paused before the first token: do not even ask yet
     try:
         await stream_with_fallback(chain, sink, breakers=breakers, metrics=metrics)
@@ -176,25 +178,44 @@ class _TooManyCalls(Exception):
 
 class _TurnSink:
     """The provider's sink for one turn: merges deltas into the turn and emits text and
-    retries as they come."""
+    retries as they come, tagged with ``agent`` when given."""
 
-    __slots__ = ("_emit", "_out", "turn")
+    __slots__ = ("_agent", "_out", "turn")
 
-    def __init__(self, out: StreamWriter, emit: Emit) -> None:
+    def __init__(self, out: StreamWriter, agent: str | None) -> None:
         self._out = out
-        self._emit = emit
+        self._agent = agent
         self.turn = Turn()
 
     async def send(self, item: ProviderEvent, /) -> None:
+        out = self._out
         if isinstance(item, RetryNotice):
-            await self._emit(
-                "retry", attempt=item.attempt, reason=item.reason, retry_after=item.retry_after
-            )
+            retry: dict[str, Any] = {
+                "attempt": item.attempt,
+                "reason": item.reason,
+                "retry_after": item.retry_after,
+            }
+            await out.emit("retry", **self._tagged(retry))
             return
-        if not _merge(self._out, self.turn, item):
+        if not _merge(out, self.turn, item):
             raise _TooManyCalls
         if item.text:
-            await self._emit("content", delta=item.text)
+            await out.emit("content", **self._tagged({"delta": item.text}))
+
+    def try_send(self, delta: Delta, /) -> bool:
+        out = self._out
+        if delta.text and not out.ready_now():
+            return False
+        if not _merge(out, self.turn, delta):
+            raise _TooManyCalls
+        if delta.text:
+            out.emit_now("content", **self._tagged({"delta": delta.text}))
+        return True
+
+    def _tagged(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if self._agent is not None:
+            fields["agent"] = self._agent
+        return fields
 
 
 def _merge(out: StreamWriter, turn: Turn, delta: Delta) -> bool:
@@ -325,7 +346,7 @@ class AgentLoop:
                 self._chain(current, conversation),
                 breakers=self._breakers,
                 metrics=self._metrics,
-                emit=emit,
+                agent=current.name if tag else None,
             )
             if turn.usage is not None:
                 prompt_tokens += turn.usage.prompt_tokens

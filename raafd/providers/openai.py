@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from raafd.providers.base import Delta, ProviderRequest, Sink, ToolCallDelta, Usage
+from raafd.providers.base import Delta, ProviderRequest, Sink, ToolCallDelta, TrySend, Usage
 from raafd.providers.http import (
     MESSAGE_LIMIT,
     HttpProvider,
@@ -123,7 +123,11 @@ class OpenAIProvider(HttpProvider):
     async def _read_events(self, response: UpstreamResponse, send: Sink) -> None:
         parser = SSEParser()
         state = _ChunkState()
-        async for chunk in response:
+        try_send: TrySend | None = getattr(send, "try_send", None)
+        backlog: list[Delta] = []  # parsed, refused by try_send: for send, in order
+
+        def take(chunk: bytes) -> bool:
+            # Synchronous (see UpstreamResponse.pump): True while the sink takes everything.
             try:
                 events = parser.feed(chunk)
             except SSEError as exc:
@@ -131,12 +135,17 @@ class OpenAIProvider(HttpProvider):
             for event in events:
                 if event.data.strip() == "[DONE]":
                     state.done = True
-                    break
+                    return False
                 delta = self._chunk_delta(self._decode(event.data), state)
-                if delta is not None:
-                    await send.send(delta)
-            if state.done:
-                break
+                if delta is not None and (backlog or try_send is None or not try_send(delta)):
+                    backlog.append(delta)
+            return not backlog
+
+        while not state.done and not response.ended:
+            await response.pump(take)
+            for delta in backlog:
+                await send.send(delta)
+            backlog.clear()
         if state.done:
             await drain(response)
         if not state.done and state.finish_reason is None:

@@ -15,6 +15,13 @@ plain ``http://`` through a raw non-blocking socket (a syscall first, a wait onl
 block), ``https://`` through :class:`trio.SSLStream`, both behind one tiny transport interface
 (``receive_some`` / ``send_all`` / ``close``), and the pool.
 
+A streamed body is best read with :meth:`UpstreamResponse.pump`: a synchronous callback gets the
+body's bytes as they arrive. On plain TCP the calls come from the client's one reactor task
+(:class:`_Reactor`, a private edge-triggered epoll holding every pumping socket), so the
+stream's own task sleeps through the body instead of waking once per token; the pump returns
+when the callback asks for a wait (it returns False), at the body's end, or with what the
+callback raised.
+
 The pool keeps idle connections per origin (scheme, host, port, proxy), checks them cheaply
 before reuse (a non-blocking ``MSG_PEEK``: data or EOF means the server is done with it), and
 drops those idle longer than ``idle_expiry`` lazily, at checkout and checkin (no background
@@ -37,16 +44,18 @@ from __future__ import annotations
 import base64
 import math
 import os
+import select
 import socket
 import ssl
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Protocol
 
 import certifi
+import outcome
 import trio
 
 from raafd import __version__
@@ -112,6 +121,75 @@ def _timed_out(timeout: float) -> UpstreamTransportError:
     return UpstreamTransportError("timeout", f"the connection was idle for {timeout:g} s")
 
 
+Feed = Callable[[bytes], bool]
+"""What a pump calls with each read (``b""`` at the end of the stream): True to read on."""
+
+
+class _Reactor:
+    """The reads of pumping connections (:meth:`_SocketTransport.pump`), for all of them in one
+    task: a private edge-triggered epoll holds each plain-TCP upstream socket from its first
+    pump to its close, and trio waits on that epoll's own descriptor.
+
+    Why: a streamed token is one small read. Through ``trio.lowlevel.wait_readable`` each read
+    costs a wake-up of the stream's task (its whole coroutine chain resumed, an outcome, a
+    reschedule) and an ``epoll_ctl`` to re-arm the one-shot registration; here a readiness
+    event is a dict lookup and a call, the stream's task sleeps through the whole body, and the
+    registration is made once per connection."""
+
+    __slots__ = ("_again", "_epoll", "_pumps", "running")
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._pumps: dict[int, _SocketTransport] = {}  # registered sockets, by descriptor
+        self._again: list[_SocketTransport] = []  # stopped on the streak limit, data left
+        self.running = False
+
+    def register(self, transport: _SocketTransport) -> None:
+        assert self._epoll is not None
+        fd = transport.sock.fileno()
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self._pumps[fd] = transport
+
+    def unregister(self, transport: _SocketTransport) -> None:
+        fd = transport.sock.fileno()
+        if self._pumps.pop(fd, None) is not None and self._epoll is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def again(self, transport: _SocketTransport) -> None:
+        self._again.append(transport)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve readiness events until cancelled."""
+        self._epoll = epoll = select.epoll()
+        self.running = True
+        task_status.started()
+        pumps = self._pumps
+        try:
+            while True:
+                if self._again:
+                    await trio.lowlevel.checkpoint()
+                    again, self._again = self._again, []
+                    for waiting in again:
+                        waiting._on_readable()
+                else:
+                    await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _ in epoll.poll(0, 1024):
+                    transport = pumps.get(fd)
+                    if transport is not None:
+                        transport._on_readable()
+        finally:
+            self.running = False
+            closed = UpstreamTransportError("disconnect", "the upstream client was closed")
+            for transport in list(pumps.values()):
+                transport._end_pump(outcome.Error(closed))
+            pumps.clear()
+            self._epoll = None
+            epoll.close()
+
+
 class _SocketTransport:
     """Plain TCP straight on the socket: the syscall first, a wait only when it would block
     (trio's SocketStream adds a checkpoint to every successful operation).
@@ -119,9 +197,14 @@ class _SocketTransport:
     A read's wait is bounded by the client's shared :class:`~raafd.timers.Timers`, not by a
     cancel scope per wait (one per token, about 6 µs): the wait records when it began, and the
     timer, armed at most once per ``timeout`` while reads keep coming, wakes a wait that has
-    lasted ``timeout`` with ``notify_closing`` (the connection is then closed, never reused)."""
+    lasted ``timeout`` with ``notify_closing`` (the connection is then closed, never reused);
+    a pump's wait is ended with the ``timeout`` error the same way."""
 
     __slots__ = (
+        "_feed",
+        "_pumper",
+        "_reactor",
+        "_registered",
         "_streak",
         "_timed_out",
         "_timer_at",
@@ -131,7 +214,7 @@ class _SocketTransport:
         "timeout",
     )
 
-    def __init__(self, sock: socket.socket, timers: Timers) -> None:
+    def __init__(self, sock: socket.socket, timers: Timers, reactor: _Reactor | None) -> None:
         self.sock = sock
         self.timeout = 0.0
         self._streak = _READY_STREAK  # the first read is a response head: it has to wait
@@ -139,6 +222,10 @@ class _SocketTransport:
         self._timer_at = math.inf
         self._waiting_since: float | None = None
         self._timed_out = False
+        self._reactor = reactor
+        self._registered = False
+        self._feed: Feed | None = None  # while a pump runs
+        self._pumper: trio.lowlevel.Task | None = None  # the task waiting in pump()
 
     def _on_timer(self, now: float) -> None:
         since = self._waiting_since
@@ -146,9 +233,82 @@ class _SocketTransport:
             return  # not waiting now: the next wait arms again
         if now >= since + self.timeout:
             self._timed_out = True
-            trio.lowlevel.notify_closing(self.sock)  # the wait raises ClosedResourceError
+            if self._pumper is not None:
+                self._end_pump(outcome.Error(_timed_out(self.timeout)))
+            else:
+                trio.lowlevel.notify_closing(self.sock)  # the wait raises ClosedResourceError
         else:
             self._timers.arm(self, since + self.timeout)
+
+    # --- the pump ---------------------------------------------------------------------------
+
+    async def pump(self, feed: Feed) -> None:
+        """Call ``feed`` with each read until it returns False (it is given ``b""`` at the end
+        of the stream) or raises; its exception is raised here. While the socket is empty this
+        task sleeps and the client's :class:`_Reactor` calls ``feed`` from its own task, so
+        ``feed`` must not block. Each wait is bounded by ``timeout`` like a read's."""
+        reactor = self._reactor
+        if reactor is None or not reactor.running:
+            while feed(await self.receive_some()):
+                pass
+            return
+        if self._timed_out:
+            raise _timed_out(self.timeout)
+        if self._drain(feed):  # what is there now (an edge-triggered epoll tells only of news)
+            return
+        if not self._registered:
+            reactor.register(self)
+            self._registered = True
+        self._feed = feed
+        self._pumper = trio.lowlevel.current_task()
+        self._waiting_since = now = trio.current_time()
+        self._timers.arm(self, now + self.timeout)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._feed = self._pumper = self._waiting_since = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _drain(self, feed: Feed) -> bool:
+        """Read and feed until the socket is empty (False) or the pump is done (True)."""
+        sock = self.sock
+        for _ in range(_READY_STREAK):
+            try:
+                data = sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise _broken(exc) from None
+            if not feed(data) or not data:
+                return True
+            if len(data) < RECEIVE_SIZE:
+                return False  # a short read emptied the socket; news comes as a new edge
+        if self._reactor is not None:
+            self._reactor.again(self)  # more is waiting: after the others have had a turn
+        return False
+
+    def _on_readable(self) -> None:
+        feed = self._feed
+        if feed is None:
+            return  # not pumping: the next pump reads first
+        try:
+            done = self._drain(feed)
+        except Exception as exc:
+            self._end_pump(outcome.Error(exc))
+            return
+        if self._feed is not feed:
+            return  # ended from inside feed (the stream was cancelled, the socket closed)
+        if done:
+            self._end_pump(outcome.Value(None))
+        else:
+            self._waiting_since = trio.current_time()
+
+    def _end_pump(self, result: outcome.Outcome[None]) -> None:
+        task = self._pumper
+        if task is not None:
+            self._feed = self._pumper = self._waiting_since = None
+            trio.lowlevel.reschedule(task, result)
 
     async def receive_some(self) -> bytes:
         # Read at once only while the last read filled its buffer (more is likely waiting), at
@@ -204,6 +364,12 @@ class _SocketTransport:
 
     def close(self) -> None:
         self._timers.disarm(self)
+        if self._registered and self._reactor is not None:
+            self._reactor.unregister(self)
+            self._registered = False
+        self._end_pump(
+            outcome.Error(UpstreamTransportError("disconnect", "the connection was closed"))
+        )
         _close_socket(self.sock)
 
 
@@ -588,6 +754,37 @@ class UpstreamResponse:
                 return payload
         return b""
 
+    async def pump(self, take: Feed) -> None:
+        """Call ``take`` with the body's bytes (non-empty, as they arrive) until it returns
+        False or the body ends. On a plain-TCP connection the calls come from the client's
+        reactor task, not this one (see :class:`_Reactor`), so ``take`` must not block; what it
+        raises is raised here."""
+        if self._pending:
+            data, self._pending = self._pending, b""
+            if not take(data):
+                return
+        decoder = self._decoder
+        if decoder.done:
+            return
+        if self._conn.closed:
+            raise UpstreamTransportError("disconnect", "the response was closed")
+
+        def feed(data: bytes) -> bool:
+            if not data:
+                decoder.eof()
+                return False
+            payload = decoder.feed(data)
+            if payload and not take(payload):
+                return False
+            return not decoder.done
+
+        transport = self._transport
+        if isinstance(transport, _SocketTransport):
+            await transport.pump(feed)
+        else:
+            while feed(await transport.receive_some()):
+                pass
+
     def __aiter__(self) -> UpstreamResponse:
         return self
 
@@ -659,6 +856,7 @@ class UpstreamClient:
         self._heads: dict[tuple[object, ...], bytes] = {}
         self._user_agent = f"raafd/{__version__}"
         self._timers = Timers()  # run by open_upstream_client
+        self._reactor = _Reactor()  # run by open_upstream_client
 
     @property
     def is_closed(self) -> bool:
@@ -846,7 +1044,7 @@ class UpstreamClient:
         try:
             if not target.tls and (proxy is None or not proxy.tls):
                 # To the upstream, or to a plain proxy.
-                transport = _SocketTransport(sock, self._timers)
+                transport = _SocketTransport(sock, self._timers, self._reactor)
                 return transport
             stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             if proxy is not None and proxy.tls:
@@ -948,6 +1146,7 @@ async def open_upstream_client(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._timers.run)  # the connections' read timeouts
+            await nursery.start(client._reactor.run)  # the pumps' reads
             yield client
             nursery.cancel_scope.cancel()
     finally:

@@ -143,6 +143,16 @@ class StreamWriter(Protocol):
         token for the first-token and idle timeouts."""
         ...
 
+    def ready_now(self) -> bool:
+        """Whether a non-terminal event would be taken now without a wait (the stream running,
+        not paused, its single subscriber keeping up): :meth:`emit_now`'s precondition."""
+        ...
+
+    def emit_now(self, kind: str, **fields: Any) -> None:
+        """Append a non-terminal event synchronously; only right after :meth:`ready_now` said
+        True (a provider's synchronous read callback, which must not wait)."""
+        ...
+
 
 Body = Callable[[StreamWriter], Awaitable[None]]
 
@@ -569,7 +579,7 @@ class Stream:
                 )
             )
             self._metrics.slow_consumers.inc()
-            log.info("slow consumer dropped", cursor=sub.cursor, head=self.log.head)
+            log.info("slow consumer dropped", stream=self.id, cursor=sub.cursor, head=self.log.head)
 
     def _next_batch(self, sub: Subscription) -> list[StreamEvent]:
         cfg = self.config
@@ -723,3 +733,15 @@ class _Writer:
 
     def progress(self) -> None:
         self._stream._progress(content=False)
+
+    def ready_now(self) -> bool:
+        stream = self._stream
+        return not stream.log.closed and not stream._must_wait()
+
+    def emit_now(self, kind: str, **fields: Any) -> None:
+        stream = self._stream
+        if kind in TERMINAL_KINDS or stream.log.closed:
+            raise RuntimeError(f"emit_now({kind!r}) on an ended stream or of a terminal event")
+        if kind in _TOKEN_KINDS:
+            stream._progress(content=kind == "content")
+        stream._append(kind, **fields)
