@@ -418,6 +418,31 @@ async def test_a_flooding_openai_upstream_is_read_at_the_slow_subscribers_pace_w
     assert [e.kind for e in events].count("paused") == 1
 
 
+async def test_tokens_queued_behind_a_slow_subscriber_go_out_before_the_upstreams_error(
+    autojump_clock: trio.testing.MockClock, start_manager: StartManager, nursery: trio.Nursery
+) -> None:
+    # The error line arrives in the same read as tokens the stream could not take yet: they
+    # are emitted first, then the error.
+    autojump_clock.autojump_threshold = 0.02
+    fake = FakeOpenAI(Script(deltas=60, interval=0, error_after=40))
+    await nursery.start(fake.run)
+    async with open_upstream_client(trust_env=False) as upstream:
+        config = ProviderConfig(type="openai", base_url=fake.base_url, model="m", max_retries=0)
+        provider = OpenAIProvider("up", config, upstream, {})
+        manager = await start_manager(providers={"up": provider}, subscriber_buffer=4)
+        stream = manager.start(agent="up", messages=user())
+        events: list[StreamEvent] = []
+        with trio.fail_after(LIMIT):
+            async with manager.subscribe(stream.id, 0) as sub:
+                async for batch in sub:
+                    events.extend(batch)
+                    await trio.sleep(0.1)
+    end = assert_whole(events)
+    assert end.kind == "error" and end.fields["error"]["code"] == "upstream_error"
+    pieces = [e.fields["delta"] for e in events if e.kind == "content"]
+    assert pieces == list(Script(deltas=60).content_pieces[:40])
+
+
 async def test_shared_stream_stalled_subscriber_is_coalesced_then_dropped(
     autojump_clock: trio.testing.MockClock, start_manager: StartManager, nursery: trio.Nursery
 ) -> None:

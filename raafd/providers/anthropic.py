@@ -43,6 +43,7 @@ only while no delta has been sent. A stream that ends before ``message_stop`` is
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, TypeGuard
 
 import orjson
@@ -55,7 +56,7 @@ from raafd.providers.base import (
     ToolCallDelta,
     Usage,
 )
-from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain
+from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, pump_deltas
 from raafd.providers.messages import content_text, read_tool_call
 from raafd.providers.sse import SSEError, SSEParser
 from raafd.providers.upstream import UpstreamResponse
@@ -218,7 +219,8 @@ class AnthropicProvider(HttpProvider):
     async def _read_events(self, response: UpstreamResponse, send: Sink) -> None:
         parser = SSEParser()
         state = _StreamState()
-        async for chunk in response:
+
+        def parse(chunk: bytes) -> Iterator[Delta]:
             try:
                 events = parser.feed(chunk)
             except SSEError as exc:
@@ -226,12 +228,12 @@ class AnthropicProvider(HttpProvider):
             for event in events:
                 delta = self._event_delta(event.event, event.data, state)
                 if delta is not None:
-                    await send.send(delta)
-                    state.sent = True
+                    state.sent = True  # it goes out before anything parse raises after it
+                    yield delta
                 if state.stopped:
-                    break
-            if state.stopped:
-                break
+                    return
+
+        await pump_deltas(response, send, parse, lambda: state.stopped)
         if state.stopped:
             await drain(response)
         if not state.stopped:

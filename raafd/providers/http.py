@@ -28,7 +28,7 @@ import email.utils
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any
@@ -37,7 +37,7 @@ import httpx
 import trio
 
 from raafd.config import ProviderConfig
-from raafd.providers.base import ProviderError
+from raafd.providers.base import Delta, ProviderError, Sink, TrySend
 from raafd.providers.upstream import (
     Exchange,
     UpstreamClient,
@@ -52,6 +52,7 @@ __all__ = [
     "drain",
     "open_body",
     "parse_retry_after",
+    "pump_deltas",
     "redact_secrets",
 ]
 
@@ -125,6 +126,45 @@ async def drain(response: UpstreamResponse) -> None:
             left -= len(chunk)
             if left <= 0:
                 break
+
+
+async def pump_deltas(
+    response: UpstreamResponse,
+    send: Sink,
+    parse: Callable[[bytes], Iterator[Delta]],
+    finished: Callable[[], bool],
+) -> None:
+    """Read a streamed body with :meth:`UpstreamResponse.pump` until ``finished()`` or the
+    body's end, turning each chunk into deltas with ``parse`` (synchronous: it runs in the
+    upstream client's reactor task).
+
+    Each delta goes on through the sink's ``try_send`` (no task switch) while it takes them; from
+    the first one it refuses (the stream must wait: paused, its subscriber behind), the rest of
+    the chunk's deltas queue in order, the pump stops, and this task hands them to ``send``,
+    which waits. What ``parse`` raises is raised once the deltas it yielded before went out."""
+    try_send: TrySend | None = getattr(send, "try_send", None)
+    backlog: list[Delta] = []
+    failed: list[Exception] = []
+
+    def take(chunk: bytes) -> bool:
+        try:
+            for delta in parse(chunk):
+                if backlog or try_send is None or not try_send(delta):
+                    backlog.append(delta)
+        except Exception as exc:
+            if not backlog:
+                raise
+            failed.append(exc)  # after the deltas before it
+            return False
+        return not backlog and not finished()
+
+    while not finished() and not response.ended:
+        await response.pump(take)
+        for delta in backlog:
+            await send.send(delta)
+        backlog.clear()
+        if failed:
+            raise failed[0]
 
 
 class _Post:

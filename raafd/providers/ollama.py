@@ -28,12 +28,19 @@ goes through :func:`redact_secrets`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
 from raafd.providers.base import Delta, ProviderRequest, Sink, ToolCallDelta, Usage
-from raafd.providers.http import MESSAGE_LIMIT, HttpProvider, drain, parse_retry_after
+from raafd.providers.http import (
+    MESSAGE_LIMIT,
+    HttpProvider,
+    drain,
+    parse_retry_after,
+    pump_deltas,
+)
 from raafd.providers.messages import content_text, read_tool_call
 from raafd.providers.ndjson import NDJSONError, NDJSONSplitter
 from raafd.providers.upstream import UpstreamResponse
@@ -126,21 +133,26 @@ class OllamaProvider(HttpProvider):
     async def _read_lines(self, response: UpstreamResponse, send: Sink) -> None:
         splitter = NDJSONSplitter(max_line=MAX_LINE)
         state = _StreamState()
-        async for chunk in response:
+
+        def parse(chunk: bytes) -> Iterator[Delta]:
             try:
                 lines = splitter.feed(chunk)
             except NDJSONError as exc:
                 raise self._error(f"bad NDJSON stream: {exc}", reason="protocol") from None
             for line in lines:
-                await self._line(line, state, send)
+                delta = self._line(line, state)
+                if delta is not None:
+                    yield delta
                 if state.done:
-                    break
-            if state.done:
-                break
-        else:
+                    return
+
+        await pump_deltas(response, send, parse, lambda: state.done)
+        if not state.done:
             # The body ended: a last line without its newline still counts.
             for line in splitter.close():
-                await self._line(line, state, send)
+                delta = self._line(line, state)
+                if delta is not None:
+                    await send.send(delta)
         if state.done:
             await drain(response)
         if not state.done:
@@ -151,7 +163,9 @@ class OllamaProvider(HttpProvider):
             )
         await send.send(Delta(usage=state.usage, finish_reason=state.finish_reason))
 
-    async def _line(self, line: bytes, state: _StreamState, send: Sink) -> None:
+    def _line(self, line: bytes, state: _StreamState) -> Delta | None:
+        """Fold one line into ``state``; the delta it carries, if any (counted as sent: it goes
+        out before anything raised after it)."""
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -170,8 +184,8 @@ class OllamaProvider(HttpProvider):
             )
         delta = state.take(doc)
         if delta is not None:
-            await send.send(delta)
             state.sent = True
+        return delta
 
 
 class _StreamState:

@@ -16,17 +16,19 @@ The HTTP exchange, its failures and the redaction of secrets are :mod:`raafd.pro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from raafd.providers.base import Delta, ProviderRequest, Sink, ToolCallDelta, TrySend, Usage
+from raafd.providers.base import Delta, ProviderRequest, Sink, ToolCallDelta, Usage
 from raafd.providers.http import (
     MESSAGE_LIMIT,
     HttpProvider,
     drain,
     open_body,
     parse_retry_after,
+    pump_deltas,
     redact_secrets,
 )
 from raafd.providers.sse import SSEError, SSEParser
@@ -123,11 +125,8 @@ class OpenAIProvider(HttpProvider):
     async def _read_events(self, response: UpstreamResponse, send: Sink) -> None:
         parser = SSEParser()
         state = _ChunkState()
-        try_send: TrySend | None = getattr(send, "try_send", None)
-        backlog: list[Delta] = []  # parsed, refused by try_send: for send, in order
 
-        def take(chunk: bytes) -> bool:
-            # Synchronous (see UpstreamResponse.pump): True while the sink takes everything.
+        def parse(chunk: bytes) -> Iterator[Delta]:
             try:
                 events = parser.feed(chunk)
             except SSEError as exc:
@@ -135,17 +134,12 @@ class OpenAIProvider(HttpProvider):
             for event in events:
                 if event.data.strip() == "[DONE]":
                     state.done = True
-                    return False
+                    return
                 delta = self._chunk_delta(self._decode(event.data), state)
-                if delta is not None and (backlog or try_send is None or not try_send(delta)):
-                    backlog.append(delta)
-            return not backlog
+                if delta is not None:
+                    yield delta
 
-        while not state.done and not response.ended:
-            await response.pump(take)
-            for delta in backlog:
-                await send.send(delta)
-            backlog.clear()
+        await pump_deltas(response, send, parse, lambda: state.done)
         if state.done:
             await drain(response)
         if not state.done and state.finish_reason is None:
