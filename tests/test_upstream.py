@@ -1175,3 +1175,56 @@ async def test_closing_the_client_ends_a_pump_with_a_disconnect(
                 await trio.testing.wait_all_tasks_blocked()
             await trio.testing.wait_all_tasks_blocked()
             assert [e.kind for e in errors] == ["disconnect"]
+
+
+async def test_an_https_body_is_pumped_in_the_callers_task(
+    serve_tls: Any,
+    authority: trustme.CA,
+    tmp_path: Any,
+    proxy_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # TLS bytes cannot be read from the raw socket: the pump reads through the SSLStream, and
+    # take stops it and a second pump goes on, as over plain TCP.
+    server = await serve_tls(chunked(b"one", b"two", b"three"))
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    proxy_env()
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    taken: list[bytes] = []
+
+    def take(data: bytes) -> bool:
+        taken.append(data)
+        return b"two" not in b"".join(taken)
+
+    async with open_upstream_client() as client:
+        with trio.fail_after(10):
+            async with exchange(client, f"https://localhost:{server.port}/v1") as response:
+                await response.pump(take)
+                await response.pump(take)
+                assert response.ended
+    assert b"".join(taken) == b"onetwothree"
+
+
+async def test_a_client_without_its_reactor_pumps_by_reads(nursery: trio.Nursery) -> None:
+    # An UpstreamClient used outside open_upstream_client has no reactor task: a pump that has
+    # to wait must read in the caller's task rather than wait for events that never come.
+    gate = trio.Event()
+    server = PacedServer([b"one", b"two"], [None, gate])
+    url = await server.url(nursery)
+    client = UpstreamClient(max_connections=4, max_idle=4, idle_expiry=30.0, trust_env=False)
+    taken: list[bytes] = []
+
+    def take(data: bytes) -> bool:
+        taken.append(data)
+        gate.set()  # "two" is sent only once "one" was taken: the pump must wait for it
+        return True
+
+    try:
+        with trio.fail_after(5):
+            async with exchange(client, url) as response:
+                await response.pump(take)
+                assert response.ended
+    finally:
+        client.close()
+    assert b"".join(taken) == b"onetwo"

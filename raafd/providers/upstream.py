@@ -125,6 +125,13 @@ Feed = Callable[[bytes], bool]
 """What a pump calls with each read (``b""`` at the end of the stream): True to read on."""
 
 
+async def _pump_by_reads(transport: _Transport, feed: Feed) -> None:
+    """A pump without the reactor (TLS, or a client whose reactor is not running): each read
+    in the calling task."""
+    while feed(await transport.receive_some()):
+        pass
+
+
 class _Reactor:
     """The reads of pumping connections (:meth:`_SocketTransport.pump`), for all of them in one
     task: a private edge-triggered epoll holds each plain-TCP upstream socket from its first
@@ -249,8 +256,7 @@ class _SocketTransport:
         ``feed`` must not block. Each wait is bounded by ``timeout`` like a read's."""
         reactor = self._reactor
         if reactor is None or not reactor.running:
-            while feed(await self.receive_some()):
-                pass
+            await _pump_by_reads(self, feed)
             return
         if self._timed_out:
             raise _timed_out(self.timeout)
@@ -782,8 +788,7 @@ class UpstreamResponse:
         if isinstance(transport, _SocketTransport):
             await transport.pump(feed)
         else:
-            while feed(await transport.receive_some()):
-                pass
+            await _pump_by_reads(transport, feed)
 
     def __aiter__(self) -> UpstreamResponse:
         return self
