@@ -211,6 +211,50 @@ async def test_compatible_stream_shapes_are_tolerated(
     assert events[-1] == Delta(usage=usage, finish_reason="stop")
 
 
+async def test_raw_event_stream_shapes_give_the_same_tokens(
+    nursery: trio.Nursery, upstream: UpstreamClient
+) -> None:
+    # Byte-exact bodies: one token per chunk (the read without building events), several
+    # tokens in one chunk, CRLF line endings and a split event (the full parser), and bytes
+    # that are not UTF-8 inside a JSON string (replaced, as the event-stream rules decode).
+    def token(text: str) -> bytes:
+        return b'{"choices":[{"index":0,"delta":{"content":%s}}]}' % json.dumps(text).encode()
+
+    bad = b'{"choices":[{"index":0,"delta":{"content":"x\xffy"}}]}'
+    chunks = [
+        b"data: " + token("a") + b"\n\n",
+        b"data: " + token("b") + b"\n\ndata: " + token("c") + b"\n\n",
+        b"data: " + token("d") + b"\r\n\r\n",
+        b"data: " + token("e")[:9],
+        token("e")[9:] + b"\n\n",
+        b"data: " + bad + b"\n\n",
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        await stream.send_all(head + b"transfer-encoding: chunked\r\n\r\n")
+        for chunk in chunks:
+            await stream.send_all(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await trio.sleep(0.002)  # one read per chunk, mostly
+        await stream.send_all(b"0\r\n\r\n")
+        while await stream.receive_some(65536):
+            pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    config = ProviderConfig(type="openai", base_url=f"http://127.0.0.1:{port}/v1", model="m")
+    provider = OpenAIProvider("up", config, upstream, {})
+    events, error = await run_stream(partial(provider.stream, REQUEST))
+    assert error is None
+    assert [d.text for d in content_deltas(events)] == ["a", "b", "c", "d", "e", "x\ufffdy"]
+    assert events[-1] == Delta(finish_reason="stop")
+
+
 async def test_a_server_that_ignores_stream_true_is_read_whole(
     fake: FakeOpenAI, upstream: UpstreamClient
 ) -> None:

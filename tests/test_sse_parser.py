@@ -168,6 +168,50 @@ def test_arbitrary_bytes_never_break_the_parser(data: bytes, cuts: list[int]) ->
     assert parse(*_cut(data, cuts)) == parse(data)
 
 
+def test_data_only_reads_whole_one_line_data_events() -> None:
+    parser = SSEParser()
+    assert parser.data_only(b"data: a\n\n") is None  # the first bytes: a BOM is checked by feed
+    assert parser.feed(b"data: a\n\n") == [ServerSentEvent(data="a")]
+    assert parser.data_only(b'data: {"x":1}\n\ndata: [DONE]\n\n') == [b'{"x":1}', b"[DONE]"]
+    assert parser.data_only(b"data: \n\n") == [b""]
+    refused = [
+        b"event: e\ndata: a\n\n",  # another field
+        b"data: a\ndata: b\n\n",  # two data lines, one event
+        b"data: a\r\n\r\n",  # CR
+        b"data: a\n",  # not ended
+        b"data:a\n\n",  # no space after the colon
+        b": ping\n\n",  # a comment
+        b"\n\n",
+    ]
+    assert [parser.data_only(chunk) for chunk in refused] == [None] * len(refused)
+    parser.feed(b"data: part")  # now the parser holds half a line
+    assert parser.data_only(b"data: a\n\n") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=sse_streams(), cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_data_only_agrees_with_feed(data: bytes, cuts: list[int]) -> None:
+    fast, slow = SSEParser(max_line=24), SSEParser(max_line=24)
+    got, want = [], []
+    for piece in [*_cut(data, cuts), b"data: tail\n\n"]:
+        values = fast.data_only(piece)
+        try:
+            want += [event.data for event in slow.feed(piece)]
+        except SSEError:
+            assert values is None  # what feed refuses is left to feed
+            return
+        if values is None:
+            got += [event.data for event in fast.feed(piece)]
+        else:
+            got += [value.decode("utf-8", "replace") for value in values]
+    assert got == want
+    assert (fast.last_event_id, fast.reconnection_time, fast.pending) == (
+        slow.last_event_id,
+        slow.reconnection_time,
+        slow.pending,
+    )
+
+
 _event_names = st.text(
     st.characters(codec="utf-8", exclude_characters="\r\n"), min_size=1, max_size=8
 )

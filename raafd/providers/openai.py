@@ -36,6 +36,7 @@ from raafd.providers.upstream import UpstreamResponse
 
 __all__ = ["OpenAIProvider", "open_body", "parse_retry_after", "redact_secrets"]
 
+_DONE = ("[DONE]", b"[DONE]")  # the data of the event that ends the stream
 JSON_BODY_LIMIT = 8 << 20  # bytes of a non-streamed answer (a server that ignored stream: true)
 
 
@@ -127,15 +128,17 @@ class OpenAIProvider(HttpProvider):
         state = _ChunkState()
 
         def parse(chunk: bytes) -> Iterator[Delta]:
-            try:
-                events = parser.feed(chunk)
-            except SSEError as exc:
-                raise self._error(f"bad event stream: {exc}", reason="protocol") from None
-            for event in events:
-                if event.data.strip() == "[DONE]":
+            datas: list[bytes] | list[str] | None = parser.data_only(chunk)
+            if datas is None:
+                try:
+                    datas = [event.data for event in parser.feed(chunk)]
+                except SSEError as exc:
+                    raise self._error(f"bad event stream: {exc}", reason="protocol") from None
+            for data in datas:
+                if data.strip() in _DONE:
                     state.done = True
                     return
-                delta = self._chunk_delta(self._decode(event.data), state)
+                delta = self._chunk_delta(self._decode(data), state)
                 if delta is not None:
                     yield delta
 
@@ -151,10 +154,12 @@ class OpenAIProvider(HttpProvider):
         if state.finish_reason is not None or state.usage is not None:
             await send.send(Delta(usage=state.usage, finish_reason=state.finish_reason))
 
-    def _decode(self, data: str) -> dict[str, Any]:
+    def _decode(self, data: str | bytes) -> dict[str, Any]:
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
+            if isinstance(data, bytes):  # not UTF-8? decoded as the event-stream rules say
+                return self._decode(data.decode("utf-8", "replace"))
             raise self._error(
                 "the upstream sent a data line that is not JSON", reason="protocol"
             ) from None

@@ -67,6 +67,34 @@ class SSEParser:
         """Whether bytes or fields of an event not yet ended by a blank line are buffered."""
         return bool(self._buf or self._data or self._event or self._retry is not None)
 
+    def data_only(self, chunk: bytes) -> list[bytes] | None:
+        """The ``data`` values of ``chunk``, undecoded, when feeding it would give events made
+        of one ``data`` line each and nothing else: the parser holds nothing, and ``chunk`` is
+        whole events of the shape ``data: VALUE\\n\\n`` (LF only). Else None, and nothing is
+        taken: feed ``chunk`` instead. Such events change no parser state (no ``id``, ``event``
+        or ``retry``), so this is :meth:`feed` without building the events: the shape of
+        nearly every streamed token (OpenAI-compatible servers send exactly this)."""
+        if self._buf or self._data or self._event or self._retry is not None:
+            return None  # pending (inlined: this runs for every token)
+        if self._skip_lf or not self._bom_checked:
+            return None
+        if len(chunk) > self.max_line or len(chunk) > self.max_event:
+            return None  # let feed raise
+        end = len(chunk) - 2
+        if chunk.find(b"\n") == end:  # one line, and the blank line after it
+            if chunk[:6] == b"data: " and chunk[-1:] == b"\n" and b"\r" not in chunk:
+                return [chunk[6:end]]
+            return None
+        if chunk[end:] != b"\n\n" or b"\r" in chunk:
+            return None
+        values = chunk[:end].split(b"\n\n")
+        if chunk.count(b"\n") != 2 * len(values):
+            return None  # a line that is not alone in its event
+        for value in values:
+            if value[:6] != b"data: ":
+                return None
+        return [value[6:] for value in values]
+
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Parse the next bytes of the stream; return the events they complete, in order."""
         if not chunk:
