@@ -180,11 +180,11 @@ class _TurnSink:
     """The provider's sink for one turn: merges deltas into the turn and emits text and
     retries as they come, tagged with ``agent`` when given."""
 
-    __slots__ = ("_agent", "_out", "turn")
+    __slots__ = ("_out", "_tag", "turn")
 
     def __init__(self, out: StreamWriter, agent: str | None) -> None:
         self._out = out
-        self._agent = agent
+        self._tag: dict[str, str] = {} if agent is None else {"agent": agent}
         self.turn = Turn()
 
     async def send(self, item: ProviderEvent, /) -> None:
@@ -195,12 +195,12 @@ class _TurnSink:
                 "reason": item.reason,
                 "retry_after": item.retry_after,
             }
-            await out.emit("retry", **self._tagged(retry))
+            await out.emit("retry", **retry, **self._tag)
             return
         if not _merge(out, self.turn, item):
             raise _TooManyCalls
         if item.text:
-            await out.emit("content", **self._tagged({"delta": item.text}))
+            await out.emit("content", delta=item.text, **self._tag)
 
     def try_send(self, delta: Delta, /) -> bool:
         out = self._out
@@ -209,13 +209,8 @@ class _TurnSink:
         if not _merge(out, self.turn, delta):
             raise _TooManyCalls
         if delta.text:
-            out.emit_now("content", **self._tagged({"delta": delta.text}))
+            out.emit_now("content", delta=delta.text, **self._tag)
         return True
-
-    def _tagged(self, fields: dict[str, Any]) -> dict[str, Any]:
-        if self._agent is not None:
-            fields["agent"] = self._agent
-        return fields
 
 
 def _merge(out: StreamWriter, turn: Turn, delta: Delta) -> bool:

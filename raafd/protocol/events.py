@@ -16,6 +16,7 @@ __all__ = [
     "EVENT_KINDS",
     "TERMINAL_KINDS",
     "StreamEvent",
+    "build_event",
     "coalesce",
     "make_event",
 ]
@@ -102,6 +103,12 @@ class StreamEvent:
 
 def make_event(stream: str, seq: int, kind: str, **fields: Any) -> StreamEvent:
     """Build and encode an event. ``kind`` must be one of :data:`EVENT_KINDS`."""
+    return build_event(stream, seq, kind, fields)
+
+
+def build_event(stream: str, seq: int, kind: str, fields: dict[str, Any]) -> StreamEvent:
+    """:func:`make_event` with the fields as a dict, which the event keeps as its ``fields``
+    (the caller must not change it afterwards)."""
     if kind not in EVENT_KINDS:
         raise ValueError(f"unknown stream event kind {kind!r}")
     return StreamEvent(stream, seq, kind, fields, _encode(stream, seq, kind, fields))

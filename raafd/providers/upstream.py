@@ -178,15 +178,17 @@ class _Reactor:
             while True:
                 if self._again:
                     await trio.lowlevel.checkpoint()
+                    now = trio.current_time()
                     again, self._again = self._again, []
                     for waiting in again:
-                        waiting._on_readable()
+                        waiting._on_readable(now)
                 else:
                     await trio.lowlevel.wait_readable(epoll.fileno())
+                    now = trio.current_time()
                 for fd, _ in epoll.poll(0, 1024):
                     transport = pumps.get(fd)
                     if transport is not None:
-                        transport._on_readable()
+                        transport._on_readable(now)
         finally:
             self.running = False
             closed = UpstreamTransportError("disconnect", "the upstream client was closed")
@@ -294,7 +296,8 @@ class _SocketTransport:
             self._reactor.again(self)  # more is waiting: after the others have had a turn
         return False
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, now: float) -> None:
+        """The reactor saw the socket readable at ``now`` (its turn's time)."""
         feed = self._feed
         if feed is None:
             return  # not pumping: the next pump reads first
@@ -308,7 +311,7 @@ class _SocketTransport:
         if done:
             self._end_pump(outcome.Value(None))
         else:
-            self._waiting_since = trio.current_time()
+            self._waiting_since = now
 
     def _end_pump(self, result: outcome.Outcome[None]) -> None:
         task = self._pumper

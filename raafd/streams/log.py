@@ -105,12 +105,21 @@ class EventLog:
             raise ValueError(f"expected seq {self._head + 1}, got {event.seq}")
         if self.closed:
             raise ValueError("the log already holds a terminal event")
-        self._blob += event.json
-        self._ends.append(len(self._blob))
+        blob, ends = self._blob, self._ends
+        blob += event.json
+        ends.append(len(blob))  # the blob starts at the oldest slot kept: its end is len(blob)
         self._kinds.append(_CODE[event.kind])
         self._stream = event.stream
         self._head = event.seq
         self.closed = event.kind in TERMINAL_KINDS
+        first = self._first
+        if len(ends) - first > self.max_events or (
+            len(blob) - (ends[first - 1] if first else 0) > self.max_bytes
+        ):
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest events until both bounds hold (never the newest one)."""
         while len(self) > 1 and (len(self) > self.max_events or self.nbytes > self.max_bytes):
             self._first += 1
         if self._first > 64 and self._first * 2 > len(self._ends):

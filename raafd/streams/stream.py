@@ -57,8 +57,8 @@ from raafd.protocol.events import (
     CANCEL_REASONS,
     TERMINAL_KINDS,
     StreamEvent,
+    build_event,
     coalesce,
-    make_event,
 )
 from raafd.streams.log import EventLog
 from raafd.timers import Timers
@@ -219,7 +219,7 @@ class Stream:
         self._first_token_at: float | None = None
         self._last_content_at: float | None = None
         metrics.streams.labels("running").inc()
-        self._append("start", agent=agent, model=model)
+        self._append("start", {"agent": agent, "model": model})
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -311,7 +311,7 @@ class Stream:
         self._arm()
         self._set_status("paused")
         self._hold()
-        self._append("paused")
+        self._append("paused", {})
         return True
 
     def resume(self) -> bool:
@@ -323,7 +323,7 @@ class Stream:
         self._paused = False
         self._paused_since = None
         self._set_status("running")
-        self._append("resumed")
+        self._append("resumed", {})
         self._release()
         self._wake_producer()
         return True
@@ -424,8 +424,8 @@ class Stream:
 
     # --- the one way in -----------------------------------------------------------------------
 
-    def _append(self, kind: str, **fields: Any) -> StreamEvent:
-        event = make_event(self.id, self.log.head + 1, kind, **fields)
+    def _append(self, kind: str, fields: dict[str, Any]) -> StreamEvent:
+        event = build_event(self.id, self.log.head + 1, kind, fields)
         self.log.append(event)  # refuses anything after the terminal event
         self._metrics.count_event(kind)
         if self._subs:
@@ -454,7 +454,7 @@ class Stream:
             return False
         self._scope.cancel()  # first: the upstream request closes now
         self._timers.disarm(self)
-        self._append(kind, **fields)
+        self._append(kind, fields)
         self._paused = False
         self._set_status(cast(Status, kind))
         self.ended_at = time.time()
@@ -726,7 +726,7 @@ class _Writer:
             stream._progress(content=kind == "content")
         if not stream._go_on_now():
             await stream._wait_ready()
-        stream._append(kind, **fields)
+        stream._append(kind, fields)
 
     async def wait_ready(self) -> None:
         await self._stream._wait_ready()
@@ -744,4 +744,4 @@ class _Writer:
             raise RuntimeError(f"emit_now({kind!r}) on an ended stream or of a terminal event")
         if kind in _TOKEN_KINDS:
             stream._progress(content=kind == "content")
-        stream._append(kind, **fields)
+        stream._append(kind, fields)
