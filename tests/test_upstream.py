@@ -1083,6 +1083,56 @@ async def test_a_flood_is_pumped_whole_and_in_order(
     assert b"".join(taken) == b"".join(pieces)
 
 
+async def test_a_reactor_turn_is_bounded_and_other_tasks_run_between_turns(
+    nursery: trio.Nursery, upstream: UpstreamClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four pumps whose sockets all become ready at once; with one event per poll and no time
+    # budget, each turn serves one socket and a ticking task gets a step between turns. An
+    # unbounded turn serves all four in one step of the reactor (one tick value for all).
+    monkeypatch.setattr(upstream_module, "_POLL_EVENTS", 1)
+    monkeypatch.setattr(upstream_module, "_TURN_BUDGET", 0.0)
+    gate = trio.Event()
+    servers = [PacedServer([b"head", b"body"], [None, gate]) for _ in range(4)]
+    urls = [await server.url(nursery) for server in servers]
+    ticks = 0
+    seen: list[int] = []
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async def pump(url: str) -> None:
+        first = True
+
+        def take(data: bytes) -> bool:
+            nonlocal first
+            if first:
+                first = False  # b"head": read with the response head, before any wait
+            else:
+                seen.append(ticks)
+            return True
+
+        async with exchange(upstream, url) as response:
+            await response.pump(take)
+            assert response.ended
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(tick)
+            async with trio.open_nursery() as pumps:
+                for url in urls:
+                    pumps.start_soon(pump, url)
+                await trio.sleep(0.05)  # every pump is waiting in the reactor
+                gate.set()  # the four servers send in one batch, before the reactor's turn
+            inner.cancel_scope.cancel()
+    # trio may run a batch's tasks in either order, so two turns can see the same tick; but
+    # between the first and the fourth turn the ticker ran in two whole batches at least.
+    assert len(seen) == 4
+    assert max(seen) - min(seen) >= 2, seen
+
+
 async def test_what_take_raises_comes_out_of_the_pump_and_the_connection_closes(
     nursery: trio.Nursery, upstream: UpstreamClient
 ) -> None:

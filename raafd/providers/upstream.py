@@ -47,6 +47,7 @@ import os
 import select
 import socket
 import ssl
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -87,6 +88,15 @@ RECEIVE_SIZE = 65536  # bytes asked of one recv
 # Successive reads that found data waiting without yielding to the scheduler: after this many,
 # the next read waits (a checkpoint), so a flood of bytes cannot starve other tasks.
 _READY_STREAK = 16
+# One turn of the upstream reactor reads ready sockets for at most this long (seconds), taking
+# _POLL_EVENTS readiness events at a time; what is still ready then waits for its next turn,
+# after every other runnable task has had its step. Unbounded, a turn under load grows with
+# the backlog (a turn serves everything ready, which took long enough for everything to be
+# ready again), and every other task waits a whole turn per step: a new stream's start needs
+# three or four steps before its first token (the command, the stream's task, the upstream's
+# answer), so its first token waited three or four long turns.
+_TURN_BUDGET = 0.005
+_POLL_EVENTS = 64
 _TARGET_CACHE = 256  # parsed URLs kept per client
 
 
@@ -141,7 +151,11 @@ class _Reactor:
     costs a wake-up of the stream's task (its whole coroutine chain resumed, an outcome, a
     reschedule) and an ``epoll_ctl`` to re-arm the one-shot registration; here a readiness
     event is a dict lookup and a call, the stream's task sleeps through the whole body, and the
-    registration is made once per connection."""
+    registration is made once per connection.
+
+    A turn is bounded in time (``_TURN_BUDGET``), so the other tasks get a step every few
+    milliseconds however many sockets are ready; ready sockets are served in the order epoll
+    reports them, which is the order they became ready."""
 
     __slots__ = ("_again", "_epoll", "_pumps", "running")
 
@@ -185,10 +199,17 @@ class _Reactor:
                 else:
                     await trio.lowlevel.wait_readable(epoll.fileno())
                     now = trio.current_time()
-                for fd, _ in epoll.poll(0, 1024):
-                    transport = pumps.get(fd)
-                    if transport is not None:
-                        transport._on_readable(now)
+                # A bounded turn: sockets still ready after it wait for the next one, which
+                # comes after every other runnable task has had its step (see _TURN_BUDGET).
+                deadline = time.perf_counter() + _TURN_BUDGET
+                while True:
+                    events = epoll.poll(0, _POLL_EVENTS)
+                    for fd, _ in events:
+                        transport = pumps.get(fd)
+                        if transport is not None:
+                            transport._on_readable(now)
+                    if len(events) < _POLL_EVENTS or time.perf_counter() >= deadline:
+                        break
         finally:
             self.running = False
             closed = UpstreamTransportError("disconnect", "the upstream client was closed")
