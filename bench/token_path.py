@@ -2,8 +2,8 @@
 Prints numbers; not a test.
 
 The path is the one a token of an OpenAI-compatible upstream takes through the upstream
-reactor: the HTTP chunk's framing (``ChunkedBody``), the event stream (``SSEParser``), the JSON
-(``OpenAIProvider._decode`` and ``_chunk_delta``, as ``_read_events`` calls them), the sinks'
+reactor: the HTTP chunk's framing (``ChunkedBody``), the event stream and the JSON
+(``OpenAIProvider._chunk_deltas``, what ``_read_events`` hands each read to), the sinks'
 ``try_send`` chain (``DeltaWatch`` → ``_TurnSink`` → the stream's writer), the append to the
 stream's log, and the WebSocket frame its single subscriber's ``push`` builds. The two system
 calls of a token (the upstream ``recv`` and the client ``send``) and the reactor's loop are left
@@ -11,7 +11,8 @@ out, as is everything a stream's start costs apart from building the ``Stream``.
 
 Streams run one after another, 64 tokens each, so the caches stay hot: under 500 concurrent
 streams the same path costs about 1.6 times as much (``bench/stream_bench.py --profile``). Use
-it to compare two trees of the hot path, quickly and with less noise than the full benchmark:
+it to compare two trees of the hot path (any tree whose OpenAI provider has
+``_chunk_deltas``), quickly and with less noise than the full benchmark:
 
     PYTHONPATH=<tree> .venv/bin/python bench/token_path.py [--streams 3000] [--runs 5]
 
@@ -24,7 +25,6 @@ import argparse
 import gc
 import statistics
 import time
-from collections.abc import Iterator
 
 import trio
 
@@ -34,7 +34,6 @@ from raafd.gateway.connection import event_frame
 from raafd.logging import configure_logging
 from raafd.metrics import Metrics
 from raafd.protocol.events import StreamEvent
-from raafd.providers.base import Delta
 from raafd.providers.openai import OpenAIProvider, _ChunkState
 from raafd.providers.retry import DeltaWatch
 from raafd.providers.sse import SSEParser
@@ -59,21 +58,6 @@ _ROLE = (
 
 def http_chunk(body: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(body), body)
-
-
-def parse(
-    provider: OpenAIProvider, parser: SSEParser, state: _ChunkState, chunk: bytes
-) -> Iterator[Delta]:
-    """What ``OpenAIProvider._read_events`` does with a chunk (an older tree's parser may lack
-    ``data_only``: then every chunk goes through ``feed``, as it did)."""
-    data_only = getattr(parser, "data_only", None)
-    datas: list[bytes] | list[str] | None = data_only(chunk) if data_only else None
-    if datas is None:
-        datas = [event.data for event in parser.feed(chunk)]
-    for data in datas:
-        delta = provider._chunk_delta(provider._decode(data), state)
-        if delta is not None:
-            yield delta
 
 
 async def run_streams(streams: int) -> float:
@@ -103,7 +87,7 @@ async def run_streams(streams: int) -> float:
             parser.feed(_ROLE)
 
             for chunk in wire:
-                for delta in parse(provider, parser, state, body.feed(chunk)):
+                for delta in provider._chunk_deltas(parser, state, body.feed(chunk)):
                     if not try_send(delta):
                         raise RuntimeError("the stream refused a token: the harness is wrong")
         stream.cancel()

@@ -17,6 +17,7 @@ The HTTP exchange, its failures and the redaction of secrets are :mod:`raafd.pro
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import orjson
@@ -126,22 +127,7 @@ class OpenAIProvider(HttpProvider):
     async def _read_events(self, response: UpstreamResponse, send: Sink) -> None:
         parser = SSEParser()
         state = _ChunkState()
-
-        def parse(chunk: bytes) -> Iterator[Delta]:
-            datas: list[bytes] | list[str] | None = parser.data_only(chunk)
-            if datas is None:
-                try:
-                    datas = [event.data for event in parser.feed(chunk)]
-                except SSEError as exc:
-                    raise self._error(f"bad event stream: {exc}", reason="protocol") from None
-            for data in datas:
-                if data.strip() in _DONE:
-                    state.done = True
-                    return
-                delta = self._chunk_delta(self._decode(data), state)
-                if delta is not None:
-                    yield delta
-
+        parse = partial(self._chunk_deltas, parser, state)
         await pump_deltas(response, send, parse, lambda: state.done)
         if state.done:
             await drain(response)
@@ -153,6 +139,22 @@ class OpenAIProvider(HttpProvider):
             )
         if state.finish_reason is not None or state.usage is not None:
             await send.send(Delta(usage=state.usage, finish_reason=state.finish_reason))
+
+    def _chunk_deltas(self, parser: SSEParser, state: _ChunkState, chunk: bytes) -> Iterator[Delta]:
+        """The deltas of one read of the event stream (``state.done`` once ``[DONE]`` came)."""
+        datas: list[bytes] | list[str] | None = parser.data_only(chunk)
+        if datas is None:
+            try:
+                datas = [event.data for event in parser.feed(chunk)]
+            except SSEError as exc:
+                raise self._error(f"bad event stream: {exc}", reason="protocol") from None
+        for data in datas:
+            if data.strip() in _DONE:
+                state.done = True
+                return
+            delta = self._chunk_delta(self._decode(data), state)
+            if delta is not None:
+                yield delta
 
     def _decode(self, data: str | bytes) -> dict[str, Any]:
         try:
