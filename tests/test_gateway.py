@@ -16,6 +16,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from raafd.gateway.sockio import RawSocket
 from tests.fakes.openai_upstream import FakeOpenAI, Script
 from tests.wsclient import open_ws as open_websocket_url
 
@@ -145,6 +146,42 @@ async def test_cancel_closes_the_upstream_request_at_once(
         rest = await read_events(ws)
         assert rest[-1]["event"] == "cancelled" and rest[-1]["reason"] == "client"
         assert_contiguous(events + rest)
+
+
+async def test_the_tokens_of_one_upstream_read_reach_the_client_in_one_write(
+    start_daemon: Any, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake writes four deltas at a time; raafd reads each write in one read and sends its
+    # four frames in one system call (raafd.held), whichever path delivers them.
+    offered: list[bytes] = []
+    for name in ("send_nowait", "send_many_nowait"):
+        real = getattr(RawSocket, name)
+
+        def spy(self: RawSocket, data: Any, _real: Any = real) -> int:
+            offered.append(b"".join(data) if isinstance(data, list) else bytes(data))
+            return int(_real(self, data))
+
+        monkeypatch.setattr(RawSocket, name, spy)
+    fake = FakeOpenAI(default=Script(deltas=12, burst=4, interval=0.1))
+    port = await nursery.start(fake.run)
+    rd = await start_daemon(
+        providers={"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
+        agents={"assistant": {"provider": "up"}},
+    )
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        await start_stream(ws)
+        events = await read_events(ws)
+    assert_contiguous(events)
+    content = [e["seq"] for e in events if e["event"] == "content"]
+    assert len(content) == 12
+
+    def write_of(seq: int) -> int:
+        pattern = re.compile(rb'"seq":%d[,}]' % seq)
+        return next(i for i, data in enumerate(offered) if pattern.search(data))
+
+    for burst in (content[0:4], content[4:8], content[8:12]):
+        assert len({write_of(seq) for seq in burst}) == 1, burst
 
 
 async def test_detach_grace_expiry_cancels_and_closes_upstream(

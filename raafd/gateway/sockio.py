@@ -36,6 +36,8 @@ import socket
 
 import trio
 
+from raafd.held import holding, later
+
 __all__ = ["Output", "RawSocket"]
 
 _RECV_SIZE = 65536
@@ -135,6 +137,7 @@ class Output:
     __slots__ = (
         "_closed",
         "_draining",
+        "_held",
         "_limit",
         "_queue",
         "_room",
@@ -150,6 +153,7 @@ class Output:
         self._queue: list[bytes | memoryview] = []
         self._closed = False
         self._draining = False  # a drain task is started and has not returned
+        self._held = False  # the queue holds frames for held.release() (see raafd.held)
         # Made when first needed: most connections never wait for either.
         self._writer: trio.lowlevel.ParkingLot | None = None  # run_writer: something to send
         self._room: trio.lowlevel.ParkingLot | None = None  # writers waiting for room
@@ -174,6 +178,11 @@ class Output:
             raise trio.BrokenResourceError("the connection broke")
         queue = self._queue
         if not queue:
+            if holding():  # sent with the rest of the burst at held.release()
+                queue.append(data)
+                self._held = True
+                later(self._send_held)
+                return True
             try:
                 sent = self._sock.send_nowait(data)
             except trio.BrokenResourceError:
@@ -186,6 +195,8 @@ class Output:
             return False
         else:
             queue.append(data)
+            if self._held:
+                return True
         self._queued()
         return True
 
@@ -293,6 +304,20 @@ class Output:
                 break
         if self._room is not None and len(queue) < self._limit:
             self._room.unpark_all()
+
+    def _send_held(self) -> None:
+        # At held.release(): send what was held in one system call; the rest (the socket is
+        # full) goes the way of any queued bytes. A break is left for the next write or the
+        # reader to find, as with any broken connection between two writes.
+        self._held = False
+        if self.broken or not self._queue:
+            return
+        try:
+            self._send_now()
+        except trio.BrokenResourceError:
+            return
+        if self._queue:
+            self._queued()
 
     def _break(self) -> None:
         self.broken = True

@@ -37,6 +37,7 @@ import httpx
 import trio
 
 from raafd.config import ProviderConfig
+from raafd.held import hold, release
 from raafd.providers.base import Delta, ProviderError, Sink, TrySend
 from raafd.providers.upstream import (
     Exchange,
@@ -147,6 +148,8 @@ async def pump_deltas(
     failed: list[Exception] = []
 
     def take(chunk: bytes) -> bool:
+        # The events of one read reach each client in one write (see raafd.held).
+        releases = hold()
         try:
             for delta in parse(chunk):
                 if backlog or try_send is None or not try_send(delta):
@@ -156,6 +159,9 @@ async def pump_deltas(
                 raise
             failed.append(exc)  # after the deltas before it
             return False
+        finally:
+            if releases:
+                release()
         return not backlog and not finished()
 
     while not finished() and not response.ended:

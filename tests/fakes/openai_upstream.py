@@ -52,12 +52,13 @@ class ToolCallScript:
 @attrs.frozen(cache_hash=True)
 class Script:
     """What the fake answers to one request. Counts (``close_after`` …) are in body deltas: the
-    content pieces, then the tool-call fragments."""
+    content pieces, then the tool-call fragments (in writes when ``burst`` > 1)."""
 
     deltas: int = 64
     interval: float = 0.02  # seconds between deltas
     pieces: tuple[str, ...] | None = None  # content pieces; default ``deltas`` generated words
     first_delay: float = 0.0  # seconds before the first delta
+    burst: int = 1  # body deltas per write (``interval`` is then between writes)
     model: str = "fake-model"
     tool_calls: tuple[ToolCallScript, ...] = ()
     finish_reason: str | None = None  # default "stop", or "tool_calls" when there are some
@@ -410,7 +411,10 @@ class FakeOpenAI:
             await trio.sleep(script.first_delay)
         next_at = trio.current_time()
         ending = frames.tail
-        for i, frame in enumerate(frames.body):
+        body = frames.body
+        if script.burst > 1:  # several deltas in one write: one read for the client, mostly
+            body = [b"".join(body[i : i + script.burst]) for i in range(0, len(body), script.burst)]
+        for i, frame in enumerate(body):
             if i == script.close_after:
                 return False  # the connection is closed mid-body
             if i == script.hang_after:
@@ -422,11 +426,11 @@ class FakeOpenAI:
                 next_at += script.interval
                 await trio.sleep_until(next_at)
             await stream.send_all(frame)
-            rec.deltas_sent += 1
+            rec.deltas_sent += min(script.burst, len(frames.body) - i * script.burst)
         else:
-            if script.close_after is not None and script.close_after >= len(frames.body):
+            if script.close_after is not None and script.close_after >= len(body):
                 return False
-            if script.hang_after is not None and script.hang_after >= len(frames.body):
+            if script.hang_after is not None and script.hang_after >= len(body):
                 await trio.sleep_forever()
         # The ending and the body's terminator in one write, as real servers flush them.
         await stream.send_all(ending + (conn.send(h11.EndOfMessage()) or b""))
