@@ -16,7 +16,6 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from raafd.gateway.sockio import RawSocket
 from tests.fakes.openai_upstream import FakeOpenAI, Script
 from tests.wsclient import open_ws as open_websocket_url
 
@@ -51,6 +50,20 @@ async def read_events(ws: WebSocketConnection, until_terminal: bool = True) -> l
         events.append(message)
         if until_terminal and message["event"] in ("complete", "error", "cancelled"):
             return events
+
+
+async def start_with_fake(
+    start_daemon: Any, nursery: trio.Nursery, script: Script, **sections: Any
+) -> tuple[Any, FakeOpenAI]:
+    """A daemon whose default agent streams from a fake OpenAI-compatible upstream."""
+    fake = FakeOpenAI(default=script)
+    port = await nursery.start(fake.run)
+    rd = await start_daemon(
+        providers={"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
+        agents={"assistant": {"provider": "up"}},
+        **sections,
+    )
+    return rd, fake
 
 
 def assert_contiguous(events: list[dict[str, Any]], first: int = 1) -> None:
@@ -122,12 +135,7 @@ async def test_dropped_client_resumes_with_exact_remainder(start_daemon: Any) ->
 async def test_cancel_closes_the_upstream_request_at_once(
     start_daemon: Any, nursery: trio.Nursery
 ) -> None:
-    fake = FakeOpenAI(default=Script(deltas=500, interval=0.02))
-    port = await nursery.start(fake.run)
-    rd = await start_daemon(
-        providers={"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
-        agents={"assistant": {"provider": "up"}},
-    )
+    rd, fake = await start_with_fake(start_daemon, nursery, Script(deltas=500, interval=0.02))
     async with open_websocket_url(rd.ws_url) as ws:
         await recv(ws)
         stream = await start_stream(ws)
@@ -149,25 +157,11 @@ async def test_cancel_closes_the_upstream_request_at_once(
 
 
 async def test_the_tokens_of_one_upstream_read_reach_the_client_in_one_write(
-    start_daemon: Any, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    start_daemon: Any, nursery: trio.Nursery, send_calls: list[bytes]
 ) -> None:
     # The fake writes four deltas at a time; raafd reads each write in one read and sends its
     # four frames in one system call (raafd.held), whichever path delivers them.
-    offered: list[bytes] = []
-    for name in ("send_nowait", "send_many_nowait"):
-        real = getattr(RawSocket, name)
-
-        def spy(self: RawSocket, data: Any, _real: Any = real) -> int:
-            offered.append(b"".join(data) if isinstance(data, list) else bytes(data))
-            return int(_real(self, data))
-
-        monkeypatch.setattr(RawSocket, name, spy)
-    fake = FakeOpenAI(default=Script(deltas=12, burst=4, interval=0.1))
-    port = await nursery.start(fake.run)
-    rd = await start_daemon(
-        providers={"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
-        agents={"assistant": {"provider": "up"}},
-    )
+    rd, _ = await start_with_fake(start_daemon, nursery, Script(deltas=12, burst=4, interval=0.1))
     async with open_websocket_url(rd.ws_url) as ws:
         await recv(ws)
         await start_stream(ws)
@@ -178,7 +172,7 @@ async def test_the_tokens_of_one_upstream_read_reach_the_client_in_one_write(
 
     def write_of(seq: int) -> int:
         pattern = re.compile(rb'"seq":%d[,}]' % seq)
-        return next(i for i, data in enumerate(offered) if pattern.search(data))
+        return next(i for i, data in enumerate(send_calls) if pattern.search(data))
 
     for burst in (content[0:4], content[4:8], content[8:12]):
         assert len({write_of(seq) for seq in burst}) == 1, burst
@@ -188,11 +182,10 @@ async def test_detach_grace_expiry_cancels_and_closes_upstream(
     start_daemon: Any, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     autojump_clock.autojump_threshold = 0.02  # let loopback I/O land before time jumps
-    fake = FakeOpenAI(default=Script(deltas=100_000, interval=0.5))
-    port = await nursery.start(fake.run)
-    rd = await start_daemon(
-        providers={"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
-        agents={"assistant": {"provider": "up"}},
+    rd, fake = await start_with_fake(
+        start_daemon,
+        nursery,
+        Script(deltas=100_000, interval=0.5),
         streams={"detach_grace": 30.0, "idle_timeout": 3600.0, "max_duration": 3600.0},
     )
     async with open_websocket_url(rd.ws_url) as ws:

@@ -6,8 +6,8 @@ path, and writes held for one burst (``raafd.held``) leave in one system call, i
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -186,19 +186,13 @@ async def test_a_peer_gone_while_queued_breaks_the_drain_task(pair: Pair) -> Non
 # --- writes held for one burst (raafd.held) ---------------------------------------------------
 
 
-@pytest.fixture
-def send_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """What each of RawSocket's send system calls was offered, in order."""
-    calls: list[bytes] = []
-    for name in ("send_nowait", "send_many_nowait"):
-        real = getattr(RawSocket, name)
-
-        def spy(self: RawSocket, data: Any, _real: Any = real) -> int:
-            calls.append(b"".join(data) if isinstance(data, list) else bytes(data))
-            return int(_real(self, data))
-
-        monkeypatch.setattr(RawSocket, name, spy)
-    return calls
+@contextmanager
+def held_writes() -> Iterator[None]:
+    assert held.hold()
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def _nothing_yet(peer: socket.socket) -> bool:
@@ -215,13 +209,10 @@ async def test_held_writes_leave_together_at_release(pair: Pair, send_calls: lis
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             out.nursery = nursery
-            assert held.hold()
-            try:
+            with held_writes():
                 assert all(out.write_nowait(m) for m in (b"one ", b"two ", b"three "))
                 assert not out.idle and not nursery.child_tasks  # held: no drain task either
                 assert _nothing_yet(peer) and not send_calls
-            finally:
-                held.release()
             assert send_calls == [b"one two three "] and out.idle
             assert out.write_nowait(b"four")  # after the release: straight to the socket
             assert await _drain(peer, 18) == b"one two three four"
@@ -238,12 +229,9 @@ async def test_held_writes_keep_the_bound_and_the_order_when_the_socket_is_full(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             out.nursery = nursery
-            assert held.hold()
-            try:
+            with held_writes():
                 assert all(out.write_nowait(m) for m in big)
                 assert not out.write_nowait(b"over")  # the bound holds while held
-            finally:
-                held.release()
             assert len(nursery.child_tasks) == 1  # the rest goes by a drain task
             nursery.start_soon(_read_into, peer, received, 600_004)
             await out.write(b"last")
@@ -256,12 +244,9 @@ async def test_a_close_while_held_goes_behind_the_held_frames(pair: Pair) -> Non
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             out.nursery = nursery
-            assert held.hold()
-            try:
+            with held_writes():
                 assert out.write_nowait(b"token ")
                 out.close(b"<close>")
-            finally:
-                held.release()
             assert await _drain(peer, 13) == b"token <close>"
 
 
@@ -269,11 +254,8 @@ async def test_a_peer_gone_while_held_is_found_by_the_next_write(pair: Pair) -> 
     sock, peer = pair
     out = Output(sock, limit=10)
     peer.close()
-    assert held.hold()
-    try:
+    with held_writes():  # the failed send is not raised at the release (made for others too)
         assert out.write_nowait(b"x")
-    finally:
-        held.release()  # the failed send is not raised here (it ran for another's output)
     assert out.broken and out.idle
     with pytest.raises(trio.BrokenResourceError):
         out.write_nowait(b"y")
