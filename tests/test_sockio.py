@@ -261,6 +261,16 @@ async def test_a_peer_gone_while_held_is_found_by_the_next_write(pair: Pair) -> 
         out.write_nowait(b"y")
 
 
+async def test_a_socket_closed_while_held_does_not_raise_at_release(pair: Pair) -> None:
+    sock, _ = pair
+    out = Output(sock, limit=10)
+    with held_writes():
+        assert out.write_nowait(b"x")
+        sock.close()  # the release runs for whichever stream made the burst: it must not raise
+    with pytest.raises(trio.ClosedResourceError):
+        sock.send_nowait(b"y")
+
+
 def test_only_the_outermost_hold_releases() -> None:
     flushed: list[str] = []
     assert not held.holding()

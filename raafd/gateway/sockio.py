@@ -307,14 +307,16 @@ class Output:
 
     def _send_held(self) -> None:
         # At held.release(): send what was held in one system call; the rest (the socket is
-        # full) goes the way of any queued bytes. A break is left for the next write or the
-        # reader to find, as with any broken connection between two writes.
+        # full) goes the way of any queued bytes. It must not raise (held.later): it runs for
+        # whichever stream made the burst. A break is left for the next write or the reader to
+        # find, as with any broken connection between two writes; a closed socket is the
+        # connection's own task ending it.
         self._held = False
         if self.broken or not self._queue:
             return
         try:
             self._send_now()
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         if self._queue:
             self._queued()
