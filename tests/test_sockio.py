@@ -238,6 +238,28 @@ async def test_held_writes_keep_the_bound_and_the_order_when_the_socket_is_full(
     assert bytes(received) == b"".join(big) + b"last"
 
 
+async def test_held_writes_with_a_writer_task(pair: Pair, send_calls: list[bytes]) -> None:
+    # The raw HTTP path's shape: a writer task for the connection's life. Held frames are sent
+    # at the release without waking it; what the socket does not take then is the writer's.
+    sock, peer = pair
+    out = Output(sock, limit=10)
+    big = b"y" * 600_000  # more than the socket takes at once
+    received = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.run_writer)
+            await trio.testing.wait_all_tasks_blocked()
+            with held_writes():
+                assert out.write_nowait(b"a") and out.write_nowait(b"b")
+            assert send_calls == [b"ab"] and out.idle
+            with held_writes():
+                assert out.write_nowait(big) and out.write_nowait(b"c")
+            assert not out.idle  # the rest waits for the writer
+            await _read_into(peer, received, 2 + len(big) + 1)
+            out.close()
+    assert bytes(received) == b"ab" + big + b"c"
+
+
 async def test_a_close_while_held_goes_behind_the_held_frames(pair: Pair) -> None:
     sock, peer = pair
     out = Output(sock, limit=10)

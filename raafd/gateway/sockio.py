@@ -25,6 +25,9 @@ Rules:
   socket pushes back on whoever feeds it.
 - One task at a time waits for the socket to take the queue (trio allows one waiter per
   direction): the writer, a drain task, or the caller of :meth:`Output.flush`.
+- While writes are held (:mod:`raafd.held`: one upstream read being turned into events), a
+  write that would go straight to the socket is queued instead and sent, with whatever comes
+  behind it, in one system call at the release; no writer or drain task is woken for it.
 - Reads (:meth:`RawSocket.receive_some`) always wait for readability first, so a client that
   floods us yields the loop on every read like any other task.
 """
@@ -169,7 +172,8 @@ class Output:
 
     def write_nowait(self, data: bytes) -> bool:
         """Hand ``data`` over without waiting: written now if the socket takes it and nothing
-        is ahead of it, else queued. False, with nothing taken, when the queue is full.
+        is ahead of it (at :func:`raafd.held.release` while writes are held), else queued.
+        False, with nothing taken, when the queue is full.
         Raises :class:`trio.ClosedResourceError` once closed, and
         :class:`trio.BrokenResourceError` when the connection broke."""
         if self._closed:
