@@ -12,8 +12,8 @@
 //   sse     POST /v1/streams with Accept: text/event-stream, on a keep-alive connection
 //   direct  POST /v1/chat/completions straight to the fake upstream (the baseline)
 // Every content delta carries "<index>@<upstream send ms>|" (bench/fake_upstream.mjs); on
-// receipt the generator records one-way latency (receipt - send), inter-delivery gaps per
-// stream, time to first token (first content receipt - request write), missing, duplicated and
+// receipt the generator records one-way latency (receipt - send), inter-token gaps per stream
+// (a delivery carrying several tokens counts its later ones as gap 0), time to first token (first content receipt - request write), missing, duplicated and
 // out-of-order indexes, and how each stream ended. It prints one JSON object and exits.
 //
 // idle: opens N WebSocket connections (source addresses 127.0.0.1..127.0.0.K, at most C
@@ -475,16 +475,6 @@ function streamMode() {
     onContent(text) {
       const t = this.rt;
       counts.deliveries++;
-      if (this.prevAt === 0) {
-        const first = t - this.reqAt;
-        ttft.push(first);
-        if (first > stallMs) counts.slow_first++;
-      } else {
-        const gap = t - this.prevAt;
-        gaps.push(gap);
-        if (gap > stallMs) counts.stalls++;
-      }
-      this.prevAt = t;
       lastTokenAt = t;
       let start = 0;
       for (;;) {
@@ -494,6 +484,18 @@ function streamMode() {
         const idx = Number(text.slice(start, at));
         const sent = Number(text.slice(at + 1, bar));
         start = bar + 1;
+        // Per token: the tokens of one delivery after its first arrived with it (gap 0), as
+        // tokens in separate events read from one TCP segment do.
+        if (this.prevAt === 0) {
+          const first = t - this.reqAt;
+          ttft.push(first);
+          if (first > stallMs) counts.slow_first++;
+        } else {
+          const gap = t - this.prevAt;
+          gaps.push(gap);
+          if (gap > stallMs) counts.stalls++;
+        }
+        this.prevAt = t;
         latency.push(t - sent);
         if (dump) dump.push(`${this.id}\t${this.streamNo}\t${idx}\t${sent.toFixed(3)}\t${t.toFixed(3)}\t${this.reqAt.toFixed(3)}`);
         counts.tokens++;

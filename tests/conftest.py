@@ -12,7 +12,6 @@ import trio
 import trio.testing
 
 from raafd.config import Config, parse_config
-from raafd.gateway.sockio import RawSocket
 from raafd.providers.registry import open_http_client, open_upstream_client
 from raafd.providers.upstream import UpstreamClient
 
@@ -31,22 +30,6 @@ async def upstream() -> AsyncIterator[UpstreamClient]:
     environment ignored)."""
     async with open_upstream_client(trust_env=False) as upstream_client:
         yield upstream_client
-
-
-@pytest.fixture
-def send_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """What each send system call of raafd's client sockets (``RawSocket``) was offered, in
-    order, recorded as the calls are made."""
-    calls: list[bytes] = []
-    for name in ("send_nowait", "send_many_nowait"):
-        real = getattr(RawSocket, name)
-
-        def spy(self: RawSocket, data: Any, _real: Any = real) -> int:
-            calls.append(b"".join(data) if isinstance(data, list) else bytes(data))
-            return int(_real(self, data))
-
-        monkeypatch.setattr(RawSocket, name, spy)
-    return calls
 
 
 @pytest.fixture

@@ -72,6 +72,17 @@ def text_of(events: list[ProviderEvent]) -> str:
     return "".join(e.text for e in events if isinstance(e, Delta))
 
 
+async def receive_text(recv: trio.MemoryReceiveChannel[ProviderEvent], text: str) -> None:
+    """Receive deltas until their texts make ``text``: the deltas of one upstream read come
+    joined, so a test waits for text, not for a number of deltas."""
+    received = ""
+    while received != text:
+        event = await recv.receive()
+        assert isinstance(event, Delta), event
+        received += event.text
+        assert text.startswith(received), received
+
+
 def merged_calls(events: list[ProviderEvent]) -> dict[int, dict[str, Any]]:
     """Tool-call fragments merged by index, as a consumer does."""
     calls: dict[int, dict[str, Any]] = {}

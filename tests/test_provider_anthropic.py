@@ -26,7 +26,15 @@ from raafd.providers.ollama import OllamaProvider
 from raafd.providers.registry import build_providers, open_upstream_client
 from raafd.providers.upstream import UpstreamClient
 from tests.fakes.anthropic_upstream import AnthropicScript, FakeAnthropic, ToolUse, output_tokens
-from tests.providers import Send, content_deltas, merged_calls, retrying, run_stream, text_of
+from tests.providers import (
+    Send,
+    content_deltas,
+    merged_calls,
+    receive_text,
+    retrying,
+    run_stream,
+    text_of,
+)
 
 SECRET = "sk-ant-api03-SECRETKEY-0123456789abcdef"
 KEY_ENV = "RAAFD_TEST_ANTHROPIC_KEY"
@@ -144,9 +152,8 @@ async def test_each_delta_is_forwarded_the_moment_its_event_arrives(
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(provider.stream, REQUEST, send)
-            got = [await recv.receive() for _ in range(3)]
+            await receive_text(recv, "tok0 tok1 tok2 ")
             nursery.cancel_scope.cancel()
-    assert [e.text for e in got if isinstance(e, Delta)] == ["tok0 ", "tok1 ", "tok2 "]
 
 
 async def test_tool_input_across_many_fragments_merges_into_whole_calls(
@@ -445,7 +452,7 @@ async def test_overloaded_529_is_retryable_and_retried(
     assert error is None
     notices = [e for e in events if isinstance(e, RetryNotice)]
     assert [(n.attempt, n.reason) for n in notices] == [(1, "server_error"), (2, "server_error")]
-    assert len(content_deltas(events)) == 16
+    assert text_of(events) == "".join(AnthropicScript().text_pieces)
     assert fake.request_count == 1 + 3
 
 
@@ -473,7 +480,7 @@ async def test_an_overloaded_error_event_before_the_first_delta_is_retried(
     events, error = await run_stream(with_retry(make_provider(fake, upstream)))
     assert error is None
     assert isinstance(events[0], RetryNotice) and events[0].reason == "server_error"
-    assert len(content_deltas(events)) == 16
+    assert text_of(events) == "".join(AnthropicScript().text_pieces)
     assert fake.request_count == 2
 
 

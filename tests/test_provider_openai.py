@@ -30,7 +30,15 @@ from raafd.providers.registry import build_providers, open_upstream_client
 from raafd.providers.retry import stream_with_retry
 from raafd.providers.upstream import UpstreamClient
 from tests.fakes import FakeOpenAI, Script, ToolCallScript
-from tests.providers import Send, content_deltas, retrying, run_stream, text_of
+from tests.providers import (
+    Send,
+    content_deltas,
+    merged_calls,
+    receive_text,
+    retrying,
+    run_stream,
+    text_of,
+)
 
 SECRET = "sk-test-SECRETKEY-0123456789abcdef"
 KEY_ENV = "RAAFD_TEST_OPENAI_KEY"
@@ -103,8 +111,7 @@ async def test_text_streams_in_order_with_usage_and_finish(
     fake.push(script)
     events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
     assert error is None
-    texts = [d.text for d in content_deltas(events)]
-    assert texts == list(script.content_pieces)
+    assert text_of(events) == script.text  # in order (the deltas of one read come joined)
     assert events[-1] == Delta(
         usage=Usage(prompt_tokens=7, completion_tokens=64), finish_reason="stop"
     )
@@ -150,10 +157,31 @@ async def test_each_delta_is_forwarded_the_moment_its_line_arrives(
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(provider.stream, REQUEST, send)
-            got = [await recv.receive() for _ in range(3)]
+            await receive_text(recv, "tok0 tok1 tok2 ")
             nursery.cancel_scope.cancel()
-    assert [e.text for e in got if isinstance(e, Delta)] == ["tok0 ", "tok1 ", "tok2 "]
     assert fake.requests[-1].deltas_sent == 3
+
+
+async def test_the_text_deltas_of_one_read_are_joined_and_nothing_else_is(
+    fake: FakeOpenAI, upstream: UpstreamClient, jump_clock: MockClock
+) -> None:
+    # Writes of four deltas, one virtual second apart: six content pieces, then a tool call's
+    # first chunk (id and name) and its two fragments, so the second write has text and calls.
+    arguments = json.dumps({"q": "x"})
+    script = Script(
+        deltas=6,
+        burst=4,
+        interval=1.0,
+        tool_calls=(ToolCallScript("lookup", arguments, id="call_a", fragments=2),),
+    )
+    fake.push(script)
+    events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))
+    assert error is None
+    deltas = content_deltas(events)
+    assert [d.text for d in deltas] == ["tok0 tok1 tok2 tok3 ", "tok4 tok5 ", "", "", ""]
+    assert [len(d.tool_calls) for d in deltas] == [0, 0, 1, 1, 1]  # calls are never joined
+    assert merged_calls(events) == {0: {"id": "call_a", "name": "lookup", "arguments": arguments}}
+    assert events[-1] == Delta(usage=Usage(7, 9), finish_reason="tool_calls")
 
 
 async def test_tool_call_fragments_merge_into_whole_calls(
@@ -251,7 +279,7 @@ async def test_raw_event_stream_shapes_give_the_same_tokens(
     provider = OpenAIProvider("up", config, upstream, {})
     events, error = await run_stream(partial(provider.stream, REQUEST))
     assert error is None
-    assert [d.text for d in content_deltas(events)] == ["a", "b", "c", "d", "e", "x\ufffdy"]
+    assert text_of(events) == "abcdex\ufffdy"
     assert events[-1] == Delta(finish_reason="stop")
 
 
@@ -353,7 +381,7 @@ async def test_rate_limit_retry_after_is_honoured_before_the_first_token(
     assert notice.attempt == 1 and notice.reason == "rate_limited"
     assert notice.retry_after >= 2.0
     assert all(isinstance(e, Delta) for e in events[1:])
-    assert len(content_deltas(events)) == 64
+    assert text_of(events) == Script().text
     first, second = fake.requests
     assert second.started_at - first.started_at >= 2.0
     assert metric(metrics, "raafd_upstream_retries_total", "rate_limited") == 1
@@ -403,7 +431,7 @@ async def test_a_disconnect_before_the_first_token_is_retried(
     events, error = await run_stream(with_retry(make_provider(fake, upstream), max_retries=1))
     assert error is None
     assert isinstance(events[0], RetryNotice) and events[0].reason == "disconnect"
-    assert len(content_deltas(events)) == 64
+    assert text_of(events) == Script().text
 
 
 async def test_a_failure_after_the_first_token_is_not_retried(

@@ -1,19 +1,17 @@
 """The gateway's socket output: direct writes and the queue keep one order (sent by a writer task
 or by drain tasks started only while something is queued), the queue's bound refuses without
-taking anything, a cancelled drain task loses nothing, a broken peer is reported to every
-path, and writes held for one burst (``raafd.held``) leave in one system call, in order."""
+taking anything, a cancelled drain task loses nothing, and a broken peer is reported to every
+path."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 import trio.testing
 
-from raafd import held
 from raafd.gateway.sockio import Output, RawSocket
 
 Pair = tuple[RawSocket, socket.socket]
@@ -181,127 +179,3 @@ async def test_a_peer_gone_while_queued_breaks_the_drain_task(pair: Pair) -> Non
         assert out.broken and out.idle
         with pytest.raises(trio.BrokenResourceError):
             await out.write(b"more")
-
-
-# --- writes held for one burst (raafd.held) ---------------------------------------------------
-
-
-@contextmanager
-def held_writes() -> Iterator[None]:
-    assert held.hold()
-    try:
-        yield
-    finally:
-        held.release()
-
-
-def _nothing_yet(peer: socket.socket) -> bool:
-    try:
-        peer.recv(1 << 20)
-    except BlockingIOError:
-        return True
-    return False
-
-
-async def test_held_writes_leave_together_at_release(pair: Pair, send_calls: list[bytes]) -> None:
-    sock, peer = pair
-    out = Output(sock, limit=10)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            out.nursery = nursery
-            with held_writes():
-                assert all(out.write_nowait(m) for m in (b"one ", b"two ", b"three "))
-                assert not out.idle and not nursery.child_tasks  # held: no drain task either
-                assert _nothing_yet(peer) and not send_calls
-            assert send_calls == [b"one two three "] and out.idle
-            assert out.write_nowait(b"four")  # after the release: straight to the socket
-            assert await _drain(peer, 18) == b"one two three four"
-    assert send_calls == [b"one two three ", b"four"]
-
-
-async def test_held_writes_keep_the_bound_and_the_order_when_the_socket_is_full(
-    pair: Pair,
-) -> None:
-    sock, peer = pair
-    out = Output(sock, limit=3)
-    big = [b"%d" % i * 200_000 for i in range(3)]  # more than the socket takes at once
-    received = bytearray()
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            out.nursery = nursery
-            with held_writes():
-                assert all(out.write_nowait(m) for m in big)
-                assert not out.write_nowait(b"over")  # the bound holds while held
-            assert len(nursery.child_tasks) == 1  # the rest goes by a drain task
-            nursery.start_soon(_read_into, peer, received, 600_004)
-            await out.write(b"last")
-    assert bytes(received) == b"".join(big) + b"last"
-
-
-async def test_held_writes_with_a_writer_task(pair: Pair, send_calls: list[bytes]) -> None:
-    # The raw HTTP path's shape: a writer task for the connection's life. Held frames are sent
-    # at the release without waking it; what the socket does not take then is the writer's.
-    sock, peer = pair
-    out = Output(sock, limit=10)
-    big = b"y" * 600_000  # more than the socket takes at once
-    received = bytearray()
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(out.run_writer)
-            await trio.testing.wait_all_tasks_blocked()
-            with held_writes():
-                assert out.write_nowait(b"a") and out.write_nowait(b"b")
-            assert send_calls == [b"ab"] and out.idle
-            with held_writes():
-                assert out.write_nowait(big) and out.write_nowait(b"c")
-            assert not out.idle  # the rest waits for the writer
-            await _read_into(peer, received, 2 + len(big) + 1)
-            out.close()
-    assert bytes(received) == b"ab" + big + b"c"
-
-
-async def test_a_close_while_held_goes_behind_the_held_frames(pair: Pair) -> None:
-    sock, peer = pair
-    out = Output(sock, limit=10)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            out.nursery = nursery
-            with held_writes():
-                assert out.write_nowait(b"token ")
-                out.close(b"<close>")
-            assert await _drain(peer, 13) == b"token <close>"
-
-
-async def test_a_peer_gone_while_held_is_found_by_the_next_write(pair: Pair) -> None:
-    sock, peer = pair
-    out = Output(sock, limit=10)
-    peer.close()
-    with held_writes():  # the failed send is not raised at the release (made for others too)
-        assert out.write_nowait(b"x")
-    assert out.broken and out.idle
-    with pytest.raises(trio.BrokenResourceError):
-        out.write_nowait(b"y")
-
-
-async def test_a_socket_closed_while_held_does_not_raise_at_release(pair: Pair) -> None:
-    sock, _ = pair
-    out = Output(sock, limit=10)
-    with held_writes():
-        assert out.write_nowait(b"x")
-        sock.close()  # the release runs for whichever stream made the burst: it must not raise
-    with pytest.raises(trio.ClosedResourceError):
-        sock.send_nowait(b"y")
-
-
-def test_only_the_outermost_hold_releases() -> None:
-    flushed: list[str] = []
-    assert not held.holding()
-    assert held.hold()
-    assert not held.hold()  # nested: the inner caller does not release
-    held.later(lambda: flushed.append("a"))
-    held.later(lambda: flushed.append("b"))
-    assert held.holding() and not flushed
-    held.release()
-    assert flushed == ["a", "b"] and not held.holding()
-    held.release()  # nothing held: nothing to do
-    assert flushed == ["a", "b"]

@@ -25,9 +25,6 @@ Rules:
   socket pushes back on whoever feeds it.
 - One task at a time waits for the socket to take the queue (trio allows one waiter per
   direction): the writer, a drain task, or the caller of :meth:`Output.flush`.
-- While writes are held (:mod:`raafd.held`: one upstream read being turned into events), a
-  write that would go straight to the socket is queued instead and sent, with whatever comes
-  behind it, in one system call at the release; no writer or drain task is woken for it.
 - Reads (:meth:`RawSocket.receive_some`) always wait for readability first, so a client that
   floods us yields the loop on every read like any other task.
 """
@@ -38,8 +35,6 @@ import errno
 import socket
 
 import trio
-
-from raafd.held import holding, later
 
 __all__ = ["Output", "RawSocket"]
 
@@ -140,7 +135,6 @@ class Output:
     __slots__ = (
         "_closed",
         "_draining",
-        "_held",
         "_limit",
         "_queue",
         "_room",
@@ -156,7 +150,6 @@ class Output:
         self._queue: list[bytes | memoryview] = []
         self._closed = False
         self._draining = False  # a drain task is started and has not returned
-        self._held = False  # the queue holds frames for held.release() (see raafd.held)
         # Made when first needed: most connections never wait for either.
         self._writer: trio.lowlevel.ParkingLot | None = None  # run_writer: something to send
         self._room: trio.lowlevel.ParkingLot | None = None  # writers waiting for room
@@ -172,8 +165,7 @@ class Output:
 
     def write_nowait(self, data: bytes) -> bool:
         """Hand ``data`` over without waiting: written now if the socket takes it and nothing
-        is ahead of it (at :func:`raafd.held.release` while writes are held), else queued.
-        False, with nothing taken, when the queue is full.
+        is ahead of it, else queued. False, with nothing taken, when the queue is full.
         Raises :class:`trio.ClosedResourceError` once closed, and
         :class:`trio.BrokenResourceError` when the connection broke."""
         if self._closed:
@@ -182,11 +174,6 @@ class Output:
             raise trio.BrokenResourceError("the connection broke")
         queue = self._queue
         if not queue:
-            if holding():  # sent with the rest of the burst at held.release()
-                queue.append(data)
-                self._held = True
-                later(self._send_held)
-                return True
             try:
                 sent = self._sock.send_nowait(data)
             except trio.BrokenResourceError:
@@ -199,8 +186,6 @@ class Output:
             return False
         else:
             queue.append(data)
-            if self._held:
-                return True
         self._queued()
         return True
 
@@ -308,22 +293,6 @@ class Output:
                 break
         if self._room is not None and len(queue) < self._limit:
             self._room.unpark_all()
-
-    def _send_held(self) -> None:
-        # At held.release(): send what was held in one system call; the rest (the socket is
-        # full) goes the way of any queued bytes. It must not raise (held.later): it runs for
-        # whichever stream made the burst. A break is left for the next write or the reader to
-        # find, as with any broken connection between two writes; a closed socket is the
-        # connection's own task ending it.
-        self._held = False
-        if self.broken or not self._queue:
-            return
-        try:
-            self._send_now()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        if self._queue:
-            self._queued()
 
     def _break(self) -> None:
         self.broken = True

@@ -37,7 +37,6 @@ import httpx
 import trio
 
 from raafd.config import ProviderConfig
-from raafd.held import hold, release
 from raafd.providers.base import Delta, ProviderError, Sink, TrySend
 from raafd.providers.upstream import (
     Exchange,
@@ -139,6 +138,11 @@ async def pump_deltas(
     body's end, turning each chunk into deltas with ``parse`` (synchronous: it runs in the
     upstream client's reactor task).
 
+    Adjacent text-only deltas of one chunk go on as one delta (their texts joined): they arrived
+    together, so joining them delays nothing, and the stream makes one ``content`` event of them
+    instead of several. An upstream that keeps pace sends one delta per read; one that raafd
+    reads late has several waiting, and what a token costs then falls instead of rising.
+
     Each delta goes on through the sink's ``try_send`` (no task switch) while it takes them; from
     the first one it refuses (the stream must wait: paused, its subscriber behind), the rest of
     the chunk's deltas queue in order, the pump stops, and this task hands them to ``send``,
@@ -147,21 +151,30 @@ async def pump_deltas(
     backlog: list[Delta] = []
     failed: list[Exception] = []
 
+    def put(delta: Delta) -> None:
+        if backlog or try_send is None or not try_send(delta):
+            backlog.append(delta)
+
     def take(chunk: bytes) -> bool:
-        # The events of one read reach each client in one write (see raafd.held).
-        releases = hold()
+        texts: list[Delta] = []  # adjacent text-only deltas of this chunk, not yet put
         try:
-            for delta in parse(chunk):
-                if backlog or try_send is None or not try_send(delta):
-                    backlog.append(delta)
+            try:
+                for delta in parse(chunk):
+                    if delta.text and _text_only(delta):
+                        texts.append(delta)
+                        continue
+                    if texts:
+                        put(_joined(texts))
+                        texts.clear()
+                    put(delta)
+            finally:
+                if texts:
+                    put(_joined(texts))
         except Exception as exc:
             if not backlog:
                 raise
             failed.append(exc)  # after the deltas before it
             return False
-        finally:
-            if releases:
-                release()
         return not backlog and not finished()
 
     while not finished() and not response.ended:
@@ -171,6 +184,14 @@ async def pump_deltas(
         backlog.clear()
         if failed:
             raise failed[0]
+
+
+def _text_only(delta: Delta) -> bool:
+    return not delta.tool_calls and delta.usage is None and delta.finish_reason is None
+
+
+def _joined(deltas: list[Delta]) -> Delta:
+    return deltas[0] if len(deltas) == 1 else Delta(text="".join([d.text for d in deltas]))
 
 
 class _Post:
