@@ -38,12 +38,8 @@ async def serve(config: Config, config_path: Path | None) -> int:
     # it out of the collector's sight, so that a full collection walks only what came later.
     gc.collect()
     gc.freeze()
-    # A young collection walks every young object still alive, and under load those are
-    # mostly the suspended coroutine chains of streams waiting for their next token (a new
-    # chain per token). At CPython's 700 it ran every few ms and walked them all each time:
-    # about 1.1 s of an 8 s run at 500 streams, against 0.2 s with the default here. Almost
-    # nothing raafd makes per stream is cyclic garbage (reference counting frees it), so
-    # rarer collections cost memory only for what is. See docs/performance.md.
+    # Each collection stops every stream. Young ones are kept small and frequent, middle ones
+    # (every running stream walked) rare; see conf/raafd.toml and docs/performance.md.
     gc.set_threshold(*config.server.gc_thresholds)
 
     async def handle_signals(receiver: AsyncIterator[int], cancel_scope: trio.CancelScope) -> None:

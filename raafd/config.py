@@ -119,7 +119,7 @@ class ServerConfig:
     keep_alive_timeout: float = field(default=5.0, validator=_positive)
     backlog: int = field(default=1024, validator=_positive)
     # The garbage collector's thresholds (gc.set_threshold); see conf/raafd.toml.
-    gc_thresholds: list[int] = field(factory=lambda: [10_000, 50, 100], validator=_gc_thresholds)
+    gc_thresholds: list[int] = field(factory=lambda: [1000, 1000, 10], validator=_gc_thresholds)
 
 
 @frozen
