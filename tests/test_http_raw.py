@@ -237,6 +237,30 @@ async def test_client_disconnect_detaches_at_once(
     assert stream.terminal is not None and stream.terminal.fields == {"reason": "detached"}
 
 
+async def test_a_client_sending_while_its_response_streams_is_read_one_request_deep(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The connection's reader keeps what a client sends during a response (the next request)
+    # up to one request's worth, then reads no more: a flood fills the kernel's buffers and
+    # stalls the client, not raafd's memory, and the response goes on.
+    rd = await start_daemon(
+        server={"max_header_bytes": 1024},
+        http={"max_body_bytes": 1024},
+        providers={"demo": {"tokens_per_second": 1.0, "reply_words": 1000}},
+        streams={"idle_timeout": 3600.0, "max_duration": 36000.0},
+    )
+    with trio.fail_after(120):
+        client = await RawClient.connect(rd.address)
+        await client.send(start_sse())
+        await client.read_head()
+        with trio.move_on_after(30) as flooding:
+            await client.send(b"x" * (64 << 20))  # far more than the kernel's buffers hold
+        assert flooding.cancelled_caught
+        chunks = [await client.read_chunk() for _ in range(3)]
+        assert b"event: content" in b"".join(chunks)
+        await client.aclose()
+
+
 async def test_heartbeats_while_waiting_for_the_first_token(
     start_daemon: Any, autojump_clock: trio.testing.MockClock
 ) -> None:

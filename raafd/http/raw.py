@@ -13,9 +13,11 @@ So this server stays small, and hypercorn remains the HTTP server for everything
 Rules of this file:
 
 - One connection, one nursery: the writer task of the connection's
-  :class:`~raafd.gateway.sockio.Output`, the request loop, and, while a response streams, a
-  reader that ends the response the moment the client closes or resets the connection (and
-  keeps what it sends, pipelined requests, for later).
+  :class:`~raafd.gateway.sockio.Output`, the request loop, and a reader that appends what the
+  client sends to the connection's buffer (pipelined requests included, up to one request's
+  worth) and ends a streaming response the moment the client closes or resets the connection.
+  The request loop waits on the reader, never on the socket, so a response needs no task of its
+  own to watch the client.
 - Everything the connection sends goes through its ``Output``, in order: a live event is pushed
   by the stream's task as one chunk (``Output.write_nowait``), or refused when the queue is full
   and then pulled by the delivery loop, which also sends replay, batches (several events of a
@@ -138,6 +140,10 @@ class _Connection:
         self.linger = False  # a last response went out: half-close and drain before closing
         self._writer_done = trio.Event()
         self._last_write = trio.current_time()
+        self._reading = trio.CancelScope()  # the reader's; cancelled once requests are over
+        self._arrived = trio.lowlevel.ParkingLot()  # the request loop waits here for bytes
+        self._taken = trio.lowlevel.ParkingLot()  # the reader waits here while the buffer is full
+        self._response: trio.CancelScope | None = None  # a streaming response, while it runs
 
     async def run(self) -> Handover | None:
         hand_over = False
@@ -145,9 +151,11 @@ class _Connection:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, nursery.cancel_scope)
+                    nursery.start_soon(self._reader)
                     try:
                         hand_over = await self._serve_requests()
                     finally:
+                        self._reading.cancel()  # what it read is in the buffer (handed over)
                         self.out.close()
                     # What is queued goes out before the socket is closed or handed over.
                     with trio.move_on_after(self.daemon.config.http.send_timeout):
@@ -168,6 +176,28 @@ class _Connection:
             return None
         finally:
             self.sock.close()  # no-op once released
+
+    async def _reader(self) -> None:
+        """Append what the client sends to the buffer, up to one request's worth beyond what
+        the request loop has taken; at the client's end, end a streaming response at once."""
+        cfg = self.daemon.config
+        limit = cfg.server.max_header_bytes + cfg.http.max_body_bytes
+        with self._reading:
+            while True:
+                while len(self.buf) > limit:
+                    await self._taken.park()
+                try:
+                    data = await self.sock.receive_some()
+                except trio.BrokenResourceError:
+                    data = b""
+                if not data:
+                    self.eof = True
+                    if self._response is not None:
+                        self._response.cancel()
+                    self._arrived.unpark_all()
+                    return
+                self.buf += data
+                self._arrived.unpark_all()
 
     async def _writer(self, connection: trio.CancelScope) -> None:
         try:
@@ -241,21 +271,20 @@ class _Connection:
                 if not await self._receive():
                     return None
             body = bytes(self.buf[:length])
-            del self.buf[:length]
+            self._take(length)
             return body
         return None
 
     async def _receive(self) -> bool:
-        """Read what the client sent into the buffer; False at its end (or a reset)."""
-        try:
-            data = await self.sock.receive_some()
-        except trio.BrokenResourceError:
-            data = b""
-        if not data:
-            self.eof = True
-            return False
-        self.buf += data
-        return True
+        """Wait until the reader added to the buffer; False at the client's end (or a reset)."""
+        if not self.eof:
+            await self._arrived.park()
+        return not self.eof
+
+    def _take(self, length: int) -> None:
+        """Drop the first ``length`` bytes of the buffer (served); the reader may read on."""
+        del self.buf[:length]
+        self._taken.unpark_all()
 
     async def _serve(
         self, head: RequestHead, head_end: int, request: StreamRequest, deadline: float
@@ -265,7 +294,7 @@ class _Connection:
         cfg = daemon.config
         request_id = next_request_id()
         structlog.contextvars.bind_contextvars(req=request_id)
-        del self.buf[:head_end]
+        self._take(head_end)
         keep = head.keep_alive
         query = head.query
         subscription: Subscription | None = None
@@ -358,25 +387,18 @@ class _Connection:
         await self._send(response_head(200, headers))
         self.daemon.metrics.http_requests.labels(method, "200").inc()
         ended = False
-        async with trio.open_nursery() as response:
-            response.start_soon(self._watch_client, response.cancel_scope)
-            ended = await self._deliver(subscription, framing, chunked=keep)
-            response.cancel_scope.cancel()
+        with trio.CancelScope() as response:  # cancelled by the reader when the client leaves
+            self._response = response
+            if self.eof:
+                response.cancel()
+            try:
+                ended = await self._deliver(subscription, framing, chunked=keep)
+            finally:
+                self._response = None
         if self.eof or not ended:
             return False  # the client left, or the stream could not be delivered to its end
         self.linger = not keep
         return keep
-
-    async def _watch_client(self, response: trio.CancelScope) -> None:
-        """While a response streams: keep what the client sends (pipelined requests) and end
-        the response the moment it closes or resets the connection."""
-        cfg = self.daemon.config
-        while len(self.buf) <= cfg.server.max_header_bytes + cfg.http.max_body_bytes:
-            if not await self._receive():
-                response.cancel()
-                return
-        # A whole next request is waiting: read no more until this response ends.
-        await trio.sleep_forever()
 
     async def _deliver(
         self, subscription: Subscription, framing: Framing, *, chunked: bool
