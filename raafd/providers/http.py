@@ -140,8 +140,8 @@ async def pump_deltas(
 
     Adjacent text-only deltas of one chunk go on as one delta (their texts joined): they arrived
     together, so joining them delays nothing, and the stream makes one ``content`` event of them
-    instead of several. An upstream that keeps pace sends one delta per read; one that raafd
-    reads late has several waiting, and what a token costs then falls instead of rising.
+    instead of several. While raafd keeps pace with the upstream it reads one delta at a time;
+    when it reads late, several are waiting, and what a token costs then falls instead of rising.
 
     Each delta goes on through the sink's ``try_send`` (no task switch) while it takes them; from
     the first one it refuses (the stream must wait: paused, its subscriber behind), the rest of
