@@ -237,6 +237,31 @@ async def test_client_disconnect_detaches_at_once(
     assert stream.terminal is not None and stream.terminal.fields == {"reason": "detached"}
 
 
+async def test_a_client_gone_before_its_response_starts_is_detached_at_once(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The request and the client's end of sending arrive together: the reader sees the end
+    # before the response starts, and the response ends as soon as it has begun.
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 1.0, "reply_words": 1000}},
+        streams={"detach_grace": 10.0, "idle_timeout": 3600.0, "max_duration": 36000.0},
+    )
+    manager = rd.daemon.streams
+    with trio.fail_after(60):
+        client = await RawClient.connect(rd.address)
+        await client.send(start_sse())
+        await client.stream.send_eof()
+        head = await client.read_head()
+        stream = manager.get(head.headers["x-raafd-stream"])
+        left = trio.current_time()
+        while stream.subscribers:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        assert trio.current_time() - left < 0.5
+        await stream.wait()
+        await client.aclose()
+    assert stream.terminal is not None and stream.terminal.fields == {"reason": "detached"}
+
+
 async def test_a_client_sending_while_its_response_streams_is_read_one_request_deep(
     start_daemon: Any, autojump_clock: trio.testing.MockClock
 ) -> None:

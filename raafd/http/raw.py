@@ -197,7 +197,8 @@ class _Connection:
                     self._arrived.unpark_all()
                     return
                 self.buf += data
-                self._arrived.unpark_all()
+                if self._arrived:  # the request loop waits (unpark_all on none costs ~2 µs)
+                    self._arrived.unpark_all()
 
     async def _writer(self, connection: trio.CancelScope) -> None:
         try:
@@ -284,7 +285,8 @@ class _Connection:
     def _take(self, length: int) -> None:
         """Drop the first ``length`` bytes of the buffer (served); the reader may read on."""
         del self.buf[:length]
-        self._taken.unpark_all()
+        if self._taken:
+            self._taken.unpark_all()
 
     async def _serve(
         self, head: RequestHead, head_end: int, request: StreamRequest, deadline: float
