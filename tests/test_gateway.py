@@ -558,6 +558,99 @@ async def _backed_up(
     return rd, client, received, conn
 
 
+def _take_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """The complete unmasked frames at the front of ``buffer``, removed from it."""
+    frames = []
+    while len(buffer) >= 2:
+        i, n = 2, buffer[1] & 0x7F
+        if n >= 126:
+            size = 2 if n == 126 else 8
+            if len(buffer) < i + size:
+                break
+            n = int.from_bytes(buffer[i : i + size], "big")
+            i += size
+        if len(buffer) < i + n:
+            break
+        frames.append((buffer[0] & 0x0F, bytes(buffer[i : i + n])))
+        del buffer[: i + n]
+    return frames
+
+
+async def test_a_caught_up_client_costs_no_task_per_stream(start_daemon: Any) -> None:
+    rd = await start_daemon(providers={"demo": {"tokens_per_second": 50.0, "reply_words": 40}})
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        await start_stream(ws)
+        await start_stream(ws)
+        (conn,) = rd.daemon.gateway.connections.values()
+        events = []
+        while len(events) < 10:
+            if (message := await recv(ws))["type"] == "stream.event":
+                events.append(message)
+        # Two live streams, each event pushed to the socket from its stream's task.
+        assert len(conn.attachments) == 2 and not conn._work.child_tasks
+
+
+async def test_a_puller_runs_only_while_the_client_is_behind(start_daemon: Any) -> None:
+    rd, client, received, conn = await _backed_up(start_daemon)
+    (info,) = rd.daemon.streams.list_streams()
+    stream = rd.daemon.streams.get(info["id"])
+    stream.pause()
+    events: list[dict[str, Any]] = []
+
+    async def read_all() -> None:
+        with trio.fail_after(30):
+            while chunk := await client.receive_some(65536):
+                received.extend(chunk)
+                for _opcode, payload in _take_frames(received):
+                    message = json.loads(payload)
+                    if message["type"] == "stream.event":
+                        events.append(message)
+                        if message["event"] == "complete":
+                            return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        # The client reads what was queued: the puller catches up and ends. The paused stream
+        # stays attached, with no task for it.
+        await _until(lambda: conn._out.idle and not conn._work.child_tasks)
+        assert list(conn.attachments) == [stream.id] and stream.subscribers == 1
+        assert events[-1]["event"] == "paused"
+        stream.resume()
+    assert_contiguous(events)
+    assert [e["event"] for e in events].count("resumed") == 1
+    await client.aclose()
+
+
+async def test_detaching_a_backed_up_stream_stops_its_puller(start_daemon: Any) -> None:
+    rd, client, received, conn = await _backed_up(start_daemon, streams={"detach_grace": 60.0})
+    (info,) = rd.daemon.streams.list_streams()
+    detach = json.dumps({"type": "stream.detach", "stream": info["id"], "ref": "d"}).encode()
+    await client.send_all(_masked_text(detach))
+    await _until(lambda: not conn.attachments and len(conn._work.child_tasks) == 1)
+    stream = rd.daemon.streams.get(info["id"])
+    assert stream.subscribers == 0 and stream.status == "running"  # within its grace
+    with trio.fail_after(10):
+        while b'"stream.detached"' not in received:
+            received.extend(await client.receive_some(65536))
+    await client.aclose()
+
+
+async def test_a_replay_longer_than_a_batch_is_delivered_whole(start_daemon: Any) -> None:
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 100_000.0, "reply_words": 300}},
+        streams={"subscriber_buffer": 8},
+    )
+    async with open_websocket_url(rd.ws_url) as ws:
+        await recv(ws)
+        stream = await start_stream(ws)
+        full = await read_events(ws)
+        await send(ws, type="stream.attach", stream=stream, after=0, ref="r")
+        assert (await recv(ws))["type"] == "stream.attached"
+        replay = await read_events(ws)
+    assert len(full) > 300 and replay == full
+
+
 async def test_queued_frames_go_out_in_order_then_the_close_frame(start_daemon: Any) -> None:
     from raafd.gateway.frames import close_frame
     from tests.test_frames import client_frame

@@ -1119,3 +1119,42 @@ async def test_a_refused_push_leaves_the_event_to_the_pull_path(
     assert_whole(events)
     assert len({e.seq for e in events}) == len(events)  # none twice
     assert pushed and any(e.kind == "content" for e in pulled[1:])  # both paths were used
+
+
+async def test_a_reader_without_a_task_takes_what_pushes_refused(
+    autojump_clock: trio.testing.MockClock, start_manager: StartManager
+) -> None:
+    # The gateway's way: open() synchronously, live events by push, and take_nowait() (which
+    # never waits) for what a push refused. A batch in hand holds the pushes back until the
+    # reader asks again.
+    manager = await start_manager(words=40, tps=20)
+    stream = manager.start(agent=None, messages=user(), detach_grace=math.inf)
+    sub = manager.subscribe(stream.id, 0)
+    sub.open()
+    taken: list[StreamEvent] = []
+    offers = 0
+
+    def push(event: StreamEvent) -> bool:
+        nonlocal offers
+        assert not sub._held and event.seq == sub.cursor + 1
+        offers += 1
+        if offers % 4 == 0:
+            return False  # refused: left for take_nowait
+        taken.append(event)
+        return True
+
+    sub.push = push
+    with trio.fail_after(LIMIT):
+        first = sub.take_nowait()
+        assert first is not None and [e.kind for e in first] == ["start"]
+        taken += first
+        await trio.sleep(0.2)  # events appended meanwhile wait: the batch is still in hand
+        assert offers == 0 and sub.behind
+        while not sub.done:
+            while (batch := sub.take_nowait()) is not None:
+                taken += batch
+            await trio.sleep(0.05)
+    sub.close()
+    assert sub.take_nowait() is None and stream.subscribers == 0
+    assert_whole(taken)
+    assert len({e.seq for e in taken}) == len(taken) and offers >= 20

@@ -1,21 +1,23 @@
 """One WebSocket connection: handshake, then the reader in the connection's own task, as the
-body of its one nursery, which also holds a delivery task per attached stream and, only while
-something is queued, the output's drain task. An idle connection is one task: tens of
-thousands of them are what the memory goes on. Its heartbeat (a ping every
-``heartbeat_interval``, close 4408 after ``heartbeat_timeout`` of silence or an
-``auth_timeout`` without authentication) is a timer in the gateway's shared heap
-(:mod:`raafd.timers`), not a deadline around each read: a read costs no cancel scope.
+body of its one nursery, which also holds, only while needed, a puller per attached stream that
+is behind (:class:`_Delivery`) and the output's drain task. An idle connection is one task:
+tens of thousands of them are what the memory goes on, and a connection whose client keeps up
+has no task per stream either. Its heartbeat (a ping every ``heartbeat_interval``, close 4408
+after ``heartbeat_timeout`` of silence or an ``auth_timeout`` without authentication) is a
+timer in the gateway's shared heap (:mod:`raafd.timers`), not a deadline around each read: a
+read costs no cancel scope.
 
 Ordering rule of this file: everything the connection sends goes through ``_out``
 (:class:`~raafd.gateway.sockio.Output`), which writes straight to the socket when nothing is
 queued and otherwise queues, bounded, for a drain task; so frames never interleave and a slow
 socket pushes back on whatever feeds it (for a private stream, all the way to the provider's
-read). A live event reaches a caught-up subscriber through ``push``, in the stream's own task,
-without waking the delivery task; the delivery task pulls only replay and what a full queue
-refused. Closing ends the nursery first (a drain task cancelled while it waits loses nothing:
-the queue keeps what the socket did not take), then queues the close frame behind what is still
-queued and sends it all from the connection's task, bounded: the client always sees the last
-events before the close.
+read). A live event reaches a caught-up subscriber through ``push``, in the stream's own task;
+the reply to ``stream.start``/``stream.attach`` goes out with the first batch of events in one
+write; a puller task pulls only replay past that batch and what a full queue refused, and ends
+once caught up. Closing ends the nursery first (a drain task cancelled while it waits loses
+nothing: the queue keeps what the socket did not take), unsubscribes every attachment, then
+queues the close frame behind what is still queued and sends it all from the connection's
+task, bounded: the client always sees the last events before the close.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from raafd.protocol.commands import (
     parse_command,
 )
 from raafd.protocol.events import StreamEvent
-from raafd.streams import SlowConsumer
+from raafd.streams import SlowConsumer, Subscription
 
 if TYPE_CHECKING:
     from raafd.gateway.gateway import Gateway
@@ -96,6 +98,17 @@ class _Close(Exception):
 def event_frame(event_json: bytes) -> bytes:
     """A stream event's JSON wrapped as a ``stream.event`` message, without re-encoding."""
     return text_frame(_EVENT_PREFIX + event_json[1:])
+
+
+def _reply(message: dict[str, Any]) -> bytes:
+    """A reply's frame; a ``ref`` that is None is left out."""
+    if message.get("ref", 0) is None:
+        del message["ref"]
+    return text_frame(orjson.dumps(message))
+
+
+def _frames(batch: list[StreamEvent]) -> bytes:
+    return b"".join([event_frame(event.json) for event in batch])
 
 
 def _user_for(token: str | None) -> str:
@@ -137,7 +150,7 @@ class Connection:
         self.id = f"c_{next(_conn_ids)}_{secrets.token_hex(3)}"
         self.user = "anonymous"
         self.authenticated = False
-        self.attachments: dict[str, trio.CancelScope] = {}
+        self.attachments: dict[str, _Delivery] = {}
         self.draining = False
         self.started_at = trio.current_time()
         self.last_seen = self.started_at
@@ -181,6 +194,11 @@ class Connection:
             finally:
                 self._work = self._out.nursery = None
                 self.gateway.timers.disarm(self)
+                # Attachments without a puller were subscriptions only: unsubscribe them (the
+                # streams' detach grace starts), before the close frame goes out.
+                for delivery in [*self.attachments.values()]:
+                    delivery.close()
+                self.attachments.clear()
             await self._finish()
         finally:
             self.stream.close()
@@ -441,6 +459,7 @@ class Connection:
             from raafd.errors import Unavailable
 
             raise Unavailable("the server is draining; start the stream elsewhere")
+        self._check_room()  # before the stream starts: nobody would receive it
         stream = self.gateway.manager.start(
             agent=cmd.agent,
             messages=cmd.conversation(),
@@ -448,29 +467,41 @@ class Connection:
             owner=self.id,
             session=cmd.session,
         )
-        await self.send_json({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
-        self._attach(stream.id, 0)
+        self._attach(
+            stream.id, 0, _reply({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
+        )
 
     async def _workflow_start(self, kind: str, cmd: WorkflowStart) -> None:
         if self.draining:
             from raafd.errors import Unavailable
 
             raise Unavailable("the server is draining; start the workflow elsewhere")
+        self._check_room()
         stream = start_workflow(
             self.gateway.manager, cmd, self.gateway.config().agents, owner=self.id
         )
-        await self.send_json({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
-        self._attach(stream.id, 0)
+        self._attach(
+            stream.id, 0, _reply({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
+        )
 
     async def _stream_attach(self, kind: str, cmd: StreamAttach) -> None:
-        self.gateway.manager.get(cmd.stream)  # not_found before we answer
-        self._attach(cmd.stream, cmd.after, cmd.ref)
+        reply = b""
+        if cmd.ref is not None:
+            reply = _reply(
+                {
+                    "type": "stream.attached",
+                    "ref": cmd.ref,
+                    "stream": cmd.stream,
+                    "after": cmd.after,
+                }
+            )
+        self._attach(cmd.stream, cmd.after, reply, cmd.ref)
 
     async def _stream_detach(self, kind: str, cmd: StreamDetach) -> None:
-        scope = self.attachments.pop(cmd.stream, None)
-        if scope is None:
+        delivery = self.attachments.pop(cmd.stream, None)
+        if delivery is None:
             raise NotFound(f"stream {cmd.stream} is not attached here", field="stream")
-        scope.cancel()
+        delivery.close()
         await self.send_json({"type": "stream.detached", "ref": cmd.ref, "stream": cmd.stream})
 
     async def _stream_control(self, kind: str, cmd: StreamControl) -> None:
@@ -497,76 +528,30 @@ class Connection:
 
     # --- stream delivery ----------------------------------------------------------------------
 
-    def _attach(self, stream_id: str, after: int, ref: str | None = None) -> None:
-        if stream_id in self.attachments:
-            raise Conflict(f"stream {stream_id} is already attached", field="stream")
+    def _check_room(self) -> None:
         limit = self.gateway.config().streams.max_streams_per_connection
         if len(self.attachments) >= limit:
             from raafd.errors import TooManyStreams
 
             raise TooManyStreams(f"at most {limit} attached streams per connection")
-        assert self._work is not None
-        scope = trio.CancelScope()
-        self.attachments[stream_id] = scope
-        self._work.start_soon(self._deliver, stream_id, after, ref, scope)
 
-    async def _deliver(
-        self, stream_id: str, after: int, ref: str | None, scope: trio.CancelScope
-    ) -> None:
-        structlog.contextvars.bind_contextvars(stream=stream_id)
-        sent = self.gateway.metrics.events_sent.labels("websocket")
-        try:
-            with scope:
-                async with self.gateway.manager.subscribe(stream_id, after) as subscription:
-                    subscription.on_drop = lambda err: self.close(
-                        CloseCode.SLOW_CONSUMER,
-                        f"too far behind on {stream_id}; resume from your last seq",
-                    )
-                    if ref is not None:
-                        await self.send_json(
-                            {
-                                "type": "stream.attached",
-                                "ref": ref,
-                                "stream": stream_id,
-                                "after": after,
-                            }
-                        )
-                    out = self._out
-
-                    def push(event: StreamEvent) -> bool:
-                        # In the stream's task: straight to the socket, or refused (queue full,
-                        # connection closing) and left for this task to pull.
-                        try:
-                            if not out.write_nowait(event_frame(event.json)):
-                                return False
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            return False
-                        self.events_sent += 1
-                        sent.inc()
-                        return True
-
-                    subscription.push = push
-                    async for batch in subscription:
-                        await out.write(b"".join([event_frame(e.json) for e in batch]))
-                        self.events_sent += len(batch)
-                        sent.inc(len(batch))
-        except SlowConsumer as err:
-            raise _Close(
-                CloseCode.SLOW_CONSUMER, f"too far behind on {stream_id}; resume from your last seq"
-            ) from err
-        except RaafdError as err:  # gone, not_found, bad_request (after past the head), ...
-            await self.send_error(err, ref)
-        finally:
-            if self.attachments.get(stream_id) is scope:
-                del self.attachments[stream_id]
-            self._end_if_done()
+    def _attach(self, stream_id: str, after: int, reply: bytes, ref: str | None = None) -> None:
+        """Subscribe and send ``reply`` with the first batch of events, synchronously; raises
+        (``not_found``, ``gone``, ``bad_request``, ``conflict``, ``too_many_streams``) before
+        anything is sent or registered."""
+        if stream_id in self.attachments:
+            raise Conflict(f"stream {stream_id} is already attached", field="stream")
+        self._check_room()
+        subscription = self.gateway.manager.subscribe(stream_id, after)
+        subscription.open()
+        delivery = _Delivery(self, stream_id, subscription, ref)
+        self.attachments[stream_id] = delivery
+        delivery.begin(reply)
 
     # --- sending ------------------------------------------------------------------------------
 
     async def send_json(self, message: dict[str, Any]) -> None:
-        if message.get("ref", 0) is None:
-            del message["ref"]
-        await self._send(text_frame(orjson.dumps(message)))
+        await self._send(_reply(message))
 
     async def send_error(self, err: RaafdError, ref: str | None = None) -> None:
         self.gateway.metrics.errors.labels(err.code).inc()
@@ -591,3 +576,121 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # a client this far behind (a full queue) learns from the 1001 close
         self._end_if_done()
+
+
+class _Delivery:
+    """One stream attached to a connection. A live event goes to the socket from the stream's
+    own task (:meth:`push`); a puller task (:meth:`_pull`) runs only while the subscriber is
+    behind, for replay past the first batch or an event the output refused (its queue full),
+    and ends once caught up. So a client that keeps up costs no task per attached stream, and
+    the reply to ``stream.start``/``stream.attach`` leaves with the first events in one write.
+
+    Whoever delivers the terminal event ends the attachment (:meth:`_end`); a detach, or the
+    connection's end, closes it (:meth:`close`)."""
+
+    __slots__ = ("_conn", "_ref", "_scope", "_sent", "stream_id", "subscription")
+
+    def __init__(
+        self, conn: Connection, stream_id: str, subscription: Subscription, ref: str | None
+    ) -> None:
+        self._conn = conn
+        self._ref = ref
+        self._scope: trio.CancelScope | None = None  # the puller's, while one runs
+        self._sent = conn.gateway.metrics.events_sent.labels("websocket")
+        self.stream_id = stream_id
+        self.subscription = subscription
+        subscription.on_drop = self._dropped
+        subscription.push = self.push
+
+    def begin(self, reply: bytes) -> None:
+        """The reply and the first batch in one write, then pushes from here on (or a puller
+        while more replay waits, or when the output was full)."""
+        subscription = self.subscription
+        batch = subscription.take_nowait() or []
+        data = reply + _frames(batch) if batch else reply
+        if data and not self._conn._out.write_nowait(data):
+            self._start_pull(data, len(batch))
+            return
+        self._count(len(batch))
+        if subscription.done:
+            self._end()
+        elif subscription.behind:
+            self._start_pull(b"", 0)
+        else:
+            subscription.delivered()  # caught up: pushes go on
+
+    def push(self, event: StreamEvent) -> bool:
+        """In the stream's task: the event straight to the output, or refused and left for a
+        puller (the output full, or broken: the puller meets that in this connection's
+        work). Never raises into the stream."""
+        try:
+            if not self._conn._out.write_nowait(event_frame(event.json)):
+                self._start_pull(b"", 0)
+                return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._start_pull(b"", 0)
+            return False
+        self._count(1)
+        if event.terminal:
+            self._end()
+        return True
+
+    def close(self) -> None:
+        """Detach (idempotent): unsubscribe (the stream's detach grace applies), stop the
+        puller."""
+        self.subscription.close()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _count(self, n: int) -> None:
+        if n:
+            self._conn.events_sent += n
+            self._sent.inc(n)
+
+    def _end(self) -> None:
+        self.close()
+        conn = self._conn
+        if conn.attachments.get(self.stream_id) is self:
+            del conn.attachments[self.stream_id]
+        conn._end_if_done()
+
+    def _dropped(self, err: RaafdError) -> None:
+        self._conn.close(
+            CloseCode.SLOW_CONSUMER,
+            f"too far behind on {self.stream_id}; resume from your last seq",
+        )
+
+    def _start_pull(self, pending: bytes, count: int) -> None:
+        work = self._conn._work
+        if self._scope is not None or work is None or work.cancel_scope.cancel_called:
+            return  # one runs; or the connection is ending, and closes this attachment
+        self._scope = scope = trio.CancelScope()
+        work.start_soon(self._pull, pending, count, scope)
+
+    async def _pull(self, pending: bytes, count: int, scope: trio.CancelScope) -> None:
+        """Write ``pending``, then batches until caught up (or the terminal event)."""
+        structlog.contextvars.bind_contextvars(stream=self.stream_id)
+        conn = self._conn
+        out = conn._out
+        subscription = self.subscription
+        try:
+            with scope:
+                if pending:
+                    await out.write(pending)
+                    self._count(count)
+                while (batch := subscription.take_nowait()) is not None:
+                    await out.write(_frames(batch))
+                    self._count(len(batch))
+        except SlowConsumer as err:  # on_drop has closed the connection already
+            self._dropped(err)
+        except RaafdError as err:  # gone: evicted while this subscriber was behind
+            try:
+                await conn.send_error(err, self._ref)
+            finally:
+                self._end()
+            return
+        finally:
+            if self._scope is scope:
+                self._scope = None
+        if subscription.done:
+            self._end()

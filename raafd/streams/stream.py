@@ -663,12 +663,33 @@ class Subscription:
         if self.on_drop is not None:
             self.on_drop(error)
 
-    async def __aenter__(self) -> Subscription:
-        await trio.lowlevel.checkpoint()
+    @property
+    def done(self) -> bool:
+        """True once the batch holding the terminal event was handed out (or pushed)."""
+        return self._done
+
+    @property
+    def behind(self) -> bool:
+        """Events after the cursor are waiting to be taken."""
+        return not self._done and self.stream.log.head > self._cursor
+
+    def delivered(self) -> None:
+        """The batch last handed out is delivered: ``push`` may be called again (what asking
+        for the next batch says, for a reader that found itself caught up)."""
+        self._held = False
+
+    def open(self) -> None:
+        """Register with the stream, synchronously: what ``async with`` does on entry, for a
+        reader that takes batches with :meth:`take_nowait` and pushes. Pair it with
+        :meth:`close`."""
         if self._state != "new":
             raise RuntimeError("a subscription is entered once")
         self.stream._register(self)
         self._state = "open"
+
+    async def __aenter__(self) -> Subscription:
+        await trio.lowlevel.checkpoint()
+        self.open()
         return self
 
     async def __aexit__(
@@ -689,23 +710,35 @@ class Subscription:
         return self
 
     async def __anext__(self) -> list[StreamEvent]:
-        self._held = False  # asking for more: the last batch is delivered
         await trio.lowlevel.checkpoint()
-        stream = self.stream
         while True:
-            if self._error is not None:
-                raise self._error
+            batch = self.take_nowait()
+            if batch is not None:
+                return batch
             if self._done or self._state == "closed":
                 raise StopAsyncIteration
-            if self._state == "new":
-                raise RuntimeError("enter the subscription (`async with`) before iterating it")
-            if stream.log.head > self._cursor:
-                batch = stream._next_batch(self)
-                self._held = True
-                return batch
             if self._wake is None:
                 self._wake = trio.lowlevel.ParkingLot()
             await self._wake.park()
+
+    def take_nowait(self) -> list[StreamEvent] | None:
+        """The next batch without waiting, or None when there is none now (caught up, ended or
+        closed). Asking again says the batch before was delivered: until then ``push`` is not
+        called. Raises :class:`SlowConsumer` once dropped, :class:`~raafd.errors.Gone` when the
+        events it needs were evicted."""
+        self._held = False  # asking for more: the last batch is delivered
+        if self._error is not None:
+            raise self._error
+        if self._done or self._state == "closed":
+            return None
+        if self._state == "new":
+            raise RuntimeError("enter the subscription (`async with`) before iterating it")
+        stream = self.stream
+        if stream.log.head > self._cursor:
+            batch = stream._next_batch(self)
+            self._held = True
+            return batch
+        return None
 
 
 class _Writer:
