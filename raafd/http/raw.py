@@ -320,8 +320,8 @@ class _Connection:
                     after = replay_after(head.headers, query)
                 # Registered before the head goes out: not_found, gone and a bad `after`
                 # are answered with their status, as on the ASGI path.
-                subscription = entered = daemon.streams.subscribe(stream_id, after)
-                await entered.__aenter__()
+                subscription = daemon.streams.subscribe(stream_id, after)
+                subscription.open()
             except RaafdError as err:
                 daemon.metrics.errors.labels(err.code).inc()
                 return await self._answer(head.method, error_response(err), keep)
@@ -330,7 +330,7 @@ class _Connection:
                 return await self._answer(
                     head.method, error_response(RaafdError("internal error")), False
                 )
-            return await self._respond(head.method, stream_id, entered, request, keep)
+            return await self._respond(head.method, stream_id, subscription, request, keep)
         finally:
             if subscription is not None:
                 subscription.close()  # detaches: the stream's detach grace applies
@@ -386,7 +386,6 @@ class _Connection:
             ("x-accel-buffering", "no"),
             ("transfer-encoding", "chunked") if keep else ("connection", "close"),
         ]
-        await self._send(response_head(200, headers))
         self.daemon.metrics.http_requests.labels(method, "200").inc()
         ended = False
         with trio.CancelScope() as response:  # cancelled by the reader when the client leaves
@@ -394,7 +393,9 @@ class _Connection:
             if self.eof:
                 response.cancel()
             try:
-                ended = await self._deliver(subscription, framing, chunked=keep)
+                ended = await self._deliver(
+                    subscription, framing, response_head(200, headers), chunked=keep
+                )
             finally:
                 self._response = None
         if self.eof or not ended:
@@ -403,10 +404,10 @@ class _Connection:
         return keep
 
     async def _deliver(
-        self, subscription: Subscription, framing: Framing, *, chunked: bool
+        self, subscription: Subscription, framing: Framing, head: bytes, *, chunked: bool
     ) -> bool:
-        """Replay, live events and heartbeats until the terminal event; True once it (and the
-        body's end) is handed to the output."""
+        """The response ``head``, replay, live events and heartbeats until the terminal event;
+        True once it (and the body's end) is handed to the output."""
         out = self.out
         frame = framing.frame
         sent = self.daemon.metrics.events_sent.labels(framing.transport)
@@ -439,9 +440,22 @@ class _Connection:
                 ended = True
             return True
 
+        def body(batch: list[StreamEvent]) -> bytes:
+            data = b"".join([frame(e) for e in batch])
+            if chunked:
+                data = chunk(data) + (tail if batch[-1].terminal else b"")
+            return data
+
         subscription.push = push
         batches = subscription.__aiter__()
         try:
+            # The head and what the log holds now (a new stream's `start`) in one write, with
+            # no turn of the loop between them.
+            first = subscription.take_nowait()
+            await self._send(head + body(first) if first else head)
+            if first:
+                sent.inc(len(first))
+                ended = first[-1].terminal
             while not ended:
                 batch = None
                 with trio.move_on_at(self._last_write + interval):
@@ -453,13 +467,9 @@ class _Connection:
                     if trio.current_time() >= self._last_write + interval:
                         await self._send(heartbeat)
                     continue
-                data = b"".join([frame(e) for e in batch])
-                terminal = batch[-1].terminal
-                if chunked:
-                    data = chunk(data) + (tail if terminal else b"")
-                await self._send(data)
+                await self._send(body(batch))
                 sent.inc(len(batch))
-                ended = terminal
+                ended = batch[-1].terminal
         except RaafdError as err:  # slow_consumer on a shared stream, gone while replaying
             log.info("HTTP stream delivery ended", code=err.code, cursor=subscription.cursor)
             return False
