@@ -395,6 +395,26 @@ async def test_too_many_streams_per_connection(start_daemon: Any) -> None:
         assert reply["code"] == "too_many_streams" and reply["ref"] == "t"
 
 
+async def test_a_start_past_the_attachment_limit_starts_nothing(start_daemon: Any) -> None:
+    rd = await start_daemon(
+        providers={"demo": {"tokens_per_second": 5.0, "reply_words": 100}},
+        streams={"max_streams_per_connection": 2},
+    )
+    async with open_websocket_url(rd.ws_url) as owner, open_websocket_url(rd.ws_url) as ws:
+        await recv(owner)
+        await recv(ws)
+        for stream in [await start_stream(owner), await start_stream(owner)]:
+            await send(ws, type="stream.attach", stream=stream, after=0, ref="a")
+            while (await recv(ws))["type"] != "stream.attached":
+                pass
+        # Attached to two streams it did not start: a start is refused before it begins.
+        await send(ws, type="stream.start", input="third", ref="t")
+        while (reply := await recv(ws))["type"] != "error":
+            pass
+        assert reply["code"] == "too_many_streams" and reply["ref"] == "t"
+        assert len(rd.daemon.streams.list_streams()) == 2
+
+
 async def _raw_client(address: str, rcvbuf: int = 65536) -> tuple[trio.SocketStream, bytearray]:
     """A raw WebSocket client (tiny receive buffer) after the handshake, with the bytes that
     came after the response head."""
