@@ -536,9 +536,9 @@ class Connection:
             raise TooManyStreams(f"at most {limit} attached streams per connection")
 
     def _attach(self, stream_id: str, after: int, reply: bytes, ref: str | None = None) -> None:
-        """Subscribe and send ``reply`` with the first batch of events, synchronously; raises
-        (``not_found``, ``gone``, ``bad_request``, ``conflict``, ``too_many_streams``) before
-        anything is sent or registered."""
+        """Subscribe and send ``reply`` with the first batch of events, synchronously. The
+        command's errors (``not_found``, ``gone``, ``bad_request``, ``conflict``,
+        ``too_many_streams``) are raised before anything is registered or sent."""
         if stream_id in self.attachments:
             raise Conflict(f"stream {stream_id} is already attached", field="stream")
         self._check_room()
