@@ -323,6 +323,29 @@ async def test_keep_alive_timeout_closes_an_idle_connection(
     assert 7.0 <= trio.current_time() - idle_from < 7.5
 
 
+async def test_a_request_in_pieces_is_served_and_an_unfinished_one_times_out(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    rd = await start_daemon(**FAST, server={"header_timeout": 5.0})
+    data = start_sse()
+    head_end = data.index(b"\r\n\r\n") + 4
+    with trio.fail_after(60):
+        client = await RawClient.connect(rd.address)
+        assert (await client.exchange(start_sse())).status == 200  # now on the raw path
+        # Head and body in pieces: each read is waited for, within the header deadline.
+        for piece in (data[:10], data[10:head_end], data[head_end : head_end + 3]):
+            await client.send(piece)
+            await trio.sleep(0.5)
+        answer = await client.exchange(data[head_end + 3 :])
+        assert answer.status == 200 and b"event: complete" in answer.body
+        # A body that never ends: the connection closes at the deadline, unanswered.
+        await client.send(data[:-2])
+        sent_at = trio.current_time()
+        assert await client.at_eof()
+        assert 5.0 <= trio.current_time() - sent_at < 5.5
+        await client.aclose()
+
+
 async def test_drain_closes_idle_connections_and_ends_streaming_ones_with_their_stream(
     start_daemon: Any, autojump_clock: trio.testing.MockClock
 ) -> None:

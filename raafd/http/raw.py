@@ -253,6 +253,9 @@ class _Connection:
         0 when it is over ``max_header_bytes`` (hypercorn answers that); None when the client
         left or did not finish it by ``deadline``."""
         limit = self.daemon.config.server.max_header_bytes
+        end = self.buf.find(b"\r\n\r\n")
+        if 0 <= end <= limit:
+            return end + 4  # the usual case, the whole head in one read: no deadline needed
         searched = 0
         with trio.move_on_at(deadline):
             while True:
@@ -267,14 +270,16 @@ class _Connection:
         return None
 
     async def _read_body(self, length: int, deadline: float) -> bytes | None:
-        with trio.move_on_at(deadline):
-            while len(self.buf) < length:
-                if not await self._receive():
-                    return None
-            body = bytes(self.buf[:length])
-            self._take(length)
-            return body
-        return None
+        if len(self.buf) < length:  # not all of it came with the head (the rare case)
+            with trio.move_on_at(deadline):
+                while len(self.buf) < length:
+                    if not await self._receive():
+                        return None
+            if len(self.buf) < length:
+                return None  # past the deadline
+        body = bytes(self.buf[:length])
+        self._take(length)
+        return body
 
     async def _receive(self) -> bool:
         """Wait until the reader added to the buffer; False at the client's end (or a reset)."""
