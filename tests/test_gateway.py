@@ -383,35 +383,30 @@ async def test_drain_sends_shutdown_then_closes_1001(start_daemon: Any) -> None:
 async def test_too_many_streams_per_connection(start_daemon: Any) -> None:
     rd = await start_daemon(
         providers={"demo": {"tokens_per_second": 5.0, "reply_words": 100}},
-        streams={"max_streams_per_connection": 2},
-    )
-    async with open_websocket_url(rd.ws_url) as ws:
-        await recv(ws)
-        await start_stream(ws)
-        await start_stream(ws)
-        await send(ws, type="stream.start", input="third", ref="t")
-        while (reply := await recv(ws))["type"] != "error":
-            pass
-        assert reply["code"] == "too_many_streams" and reply["ref"] == "t"
-
-
-async def test_a_start_past_the_attachment_limit_starts_nothing(start_daemon: Any) -> None:
-    rd = await start_daemon(
-        providers={"demo": {"tokens_per_second": 5.0, "reply_words": 100}},
+        agents={"assistant": {}, "other": {}},
         streams={"max_streams_per_connection": 2},
     )
     async with open_websocket_url(rd.ws_url) as owner, open_websocket_url(rd.ws_url) as ws:
         await recv(owner)
         await recv(ws)
-        for stream in [await start_stream(owner), await start_stream(owner)]:
+        streams = [await start_stream(owner), await start_stream(owner)]
+        await send(owner, type="stream.start", input="third", ref="t")
+        while (reply := await recv(owner))["type"] != "error":
+            pass
+        assert reply["code"] == "too_many_streams" and reply["ref"] == "t"
+        # Attached to two streams it did not start: a start is refused before it begins.
+        for stream in streams:
             await send(ws, type="stream.attach", stream=stream, after=0, ref="a")
             while (await recv(ws))["type"] != "stream.attached":
                 pass
-        # Attached to two streams it did not start: a start is refused before it begins.
         await send(ws, type="stream.start", input="third", ref="t")
-        while (reply := await recv(ws))["type"] != "error":
-            pass
-        assert reply["code"] == "too_many_streams" and reply["ref"] == "t"
+        workflow = {"mode": "sequential", "agents": ["assistant", "other"], "input": "x"}
+        await send(ws, type="workflow.start", ref="w", **workflow)
+        refused = []
+        while len(refused) < 2:
+            if (reply := await recv(ws))["type"] == "error":
+                refused.append((reply["ref"], reply["code"]))
+        assert refused == [("t", "too_many_streams"), ("w", "too_many_streams")]
         assert len(rd.daemon.streams.list_streams()) == 2
 
 

@@ -211,17 +211,25 @@ async def test_last_event_id_resume_gives_exactly_the_remainder(start_daemon: An
     assert by_after.body == b"".join(ndjson_line(e) for e in events[3:])
 
 
-async def test_client_disconnect_detaches_at_once(
-    start_daemon: Any, autojump_clock: trio.testing.MockClock
-) -> None:
+async def _a_long_stream_detaching_after_10s(start_daemon: Any) -> tuple[Any, RawClient]:
+    """A daemon whose streams run for 1000 s with a 10 s detach grace, and a client that has
+    sent a request for an SSE stream."""
     rd = await start_daemon(
         providers={"demo": {"tokens_per_second": 1.0, "reply_words": 1000}},
         streams={"detach_grace": 10.0, "idle_timeout": 3600.0, "max_duration": 36000.0},
     )
-    manager = rd.daemon.streams
-    with trio.fail_after(60):
+    with trio.fail_after(10):
         client = await RawClient.connect(rd.address)
         await client.send(start_sse())
+    return rd, client
+
+
+async def test_client_disconnect_detaches_at_once(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    rd, client = await _a_long_stream_detaching_after_10s(start_daemon)
+    manager = rd.daemon.streams
+    with trio.fail_after(60):
         head = await client.read_head()
         stream = manager.get(head.headers["x-raafd-stream"])
         assert b"event: content" in await client.read_chunk() + await client.read_chunk()
@@ -242,14 +250,9 @@ async def test_a_client_gone_before_its_response_starts_is_detached_at_once(
 ) -> None:
     # The request and the client's end of sending arrive together: the reader sees the end
     # before the response starts, and the response ends as soon as it has begun.
-    rd = await start_daemon(
-        providers={"demo": {"tokens_per_second": 1.0, "reply_words": 1000}},
-        streams={"detach_grace": 10.0, "idle_timeout": 3600.0, "max_duration": 36000.0},
-    )
+    rd, client = await _a_long_stream_detaching_after_10s(start_daemon)
     manager = rd.daemon.streams
     with trio.fail_after(60):
-        client = await RawClient.connect(rd.address)
-        await client.send(start_sse())
         await client.stream.send_eof()
         head = await client.read_head()
         stream = manager.get(head.headers["x-raafd-stream"])

@@ -45,7 +45,14 @@ from wsproto.events import (
 
 from raafd.agents.workflows import start_workflow
 from raafd.auth import bearer_token, token_ok
-from raafd.errors import BadRequest, Conflict, NotFound, RaafdError
+from raafd.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    RaafdError,
+    TooManyStreams,
+    Unavailable,
+)
 from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
 from raafd.gateway.sockio import Output, RawSocket
 from raafd.listener import RequestHead
@@ -456,8 +463,6 @@ class Connection:
 
     async def _stream_start(self, kind: str, cmd: StreamStart) -> None:
         if self.draining:
-            from raafd.errors import Unavailable
-
             raise Unavailable("the server is draining; start the stream elsewhere")
         self._check_room()  # before the stream starts: nobody would receive it
         stream = self.gateway.manager.start(
@@ -473,8 +478,6 @@ class Connection:
 
     async def _workflow_start(self, kind: str, cmd: WorkflowStart) -> None:
         if self.draining:
-            from raafd.errors import Unavailable
-
             raise Unavailable("the server is draining; start the workflow elsewhere")
         self._check_room()
         stream = start_workflow(
@@ -531,8 +534,6 @@ class Connection:
     def _check_room(self) -> None:
         limit = self.gateway.config().streams.max_streams_per_connection
         if len(self.attachments) >= limit:
-            from raafd.errors import TooManyStreams
-
             raise TooManyStreams(f"at most {limit} attached streams per connection")
 
     def _attach(self, stream_id: str, after: int, reply: bytes, ref: str | None = None) -> None:
@@ -614,10 +615,8 @@ class _Delivery:
         self._count(len(batch))
         if subscription.done:
             self._end()
-        elif subscription.behind:
-            self._start_pull(b"", 0)
-        else:
-            subscription.delivered()  # caught up: pushes go on
+        elif more := subscription.take_nowait():  # None: caught up, and pushes go on
+            self._start_pull(_frames(more), len(more))
 
     def push(self, event: StreamEvent) -> bool:
         """In the stream's task: the event straight to the output, or refused and left for a

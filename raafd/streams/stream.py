@@ -668,16 +668,6 @@ class Subscription:
         """True once the batch holding the terminal event was handed out (or pushed)."""
         return self._done
 
-    @property
-    def behind(self) -> bool:
-        """Events after the cursor are waiting to be taken."""
-        return not self._done and self.stream.log.head > self._cursor
-
-    def delivered(self) -> None:
-        """The batch last handed out is delivered: ``push`` may be called again (what asking
-        for the next batch says, for a reader that found itself caught up)."""
-        self._held = False
-
     def open(self) -> None:
         """Register with the stream, synchronously: what ``async with`` does on entry, for a
         reader that takes batches with :meth:`take_nowait` and pushes. Pair it with
