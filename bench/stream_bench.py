@@ -112,6 +112,33 @@ def _pinned(core: str, *args: str) -> list[str]:
     return ["taskset", "-c", core, *args] if shutil.which("taskset") else list(args)
 
 
+def machine_speed(quick: bool = False) -> dict[str, float]:
+    """This machine's speed now (bench/machine_speed.py, on raafd's core); {} if it failed."""
+    script = Path(__file__).with_name("machine_speed.py")
+    args = ["--core", CORE_SERVER, "--other-core", CORE_LOAD, "--json"] + (["--quick"] * quick)
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return dict(json.loads(out.stdout))
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        print(f"  (machine speed not measured: {exc})", flush=True)
+        return {}
+
+
+def _speed_line(when: str, speed: dict[str, float]) -> str:
+    if not speed:
+        return f"machine speed {when}: not measured"
+    return (
+        f"machine speed {when}: python reference {speed['python_us']:.2f} µs/unit, loopback send "
+        f"{speed['send_us']:.2f} µs (bench/machine_speed.py; lower is faster)"
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -834,7 +861,9 @@ def _run_line(mode: str, n: int, r: dict[str, Any]) -> str:
         f"gap p99 {gap.get('p99', math.nan):.1f} lat p99 "
         f"{lat.get('p99', math.nan):.1f} stalls {r['stalls']}+{r['slow_first']} "
         f"tok/s {r['tokens_per_s']} srv {r.get('server_cpu_pct', 0):.0f}% "
-        f"other {r['foreign_cpu_pct']:.0f}%" + (f"  errors: {errors}" if errors else "")
+        f"other {r['foreign_cpu_pct']:.0f}%"
+        + (f" py {r['machine_python_us']:.2f}" if r.get("machine_python_us") else "")
+        + (f"  errors: {errors}" if errors else "")
     )
 
 
@@ -918,6 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     upstream = Upstream(ttl=3600)
     results: dict[tuple[str, int], list[dict[str, Any]]] = collections.defaultdict(list)
     raw: dict[str, Any] = {"code": version, "runs": [], "sweep": [], "idle": [], "server_logs": {}}
+    raw["machine_before"] = speed = machine_speed()
+    print(_speed_line("before", speed))
     # One raafd for the whole quick mode (startup costs seconds); otherwise a fresh one per run,
     # so runs do not inherit each other's retained streams.
     shared = Raafd(upstream.port, workdir, "shared", src) if quick else None
@@ -942,6 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         best: dict[str, Any] | None = None
         for attempt in range(1 + retries):
             load = wait_quiet([upstream.proc.pid], 0.25, quiet_budget) if quiet_budget else None
+            speed = machine_speed(quick=True)
             if mode == "direct":
                 r = stream_run("direct", n, upstream.port, duration, None, upstream)
             else:
@@ -949,6 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r = stream_run(mode, n, server.port, duration, server, upstream)
             if load is not None:
                 r["quiet_before_pct"] = round(100 * load, 1)
+            r["machine_python_us"] = speed.get("python_us")
             r["attempt"] = attempt + 1
             if best is None or r["foreign_cpu_pct"] < best["foreign_cpu_pct"]:
                 best = r
@@ -1026,6 +1059,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  failures: {i['failures']}")
 
         print_targets(rows, idle_results)
+        raw["machine_after"] = speed = machine_speed()
+        print("\n" + _speed_line("after", speed))
 
         if args.profile:
             n = max(ns or [500])
