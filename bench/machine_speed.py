@@ -1,9 +1,9 @@
 """How fast this machine is right now, independently of raafd's code: a reference for comparing
 benchmark figures taken on different days. Prints numbers; not a test.
 
-This machine's speed drifts by tens of per cent from one day to the next (docs/performance.md),
-which is more than most changes under test move a figure. Two references, each pinned to one
-core, each the median of several rounds:
+This machine's core speed drifts by tens of per cent from one minute to the next, and more from
+one day to the next (docs/performance.md): more than most changes under test move a figure.
+Two references, each pinned to one core, each the median of several rounds:
 
 - ``python``: µs per unit of a fixed pure-Python workload shaped like a token's path in raafd
   (split an event-stream chunk, decode its JSON with orjson, build a small object and an event
@@ -12,8 +12,9 @@ core, each the median of several rounds:
   a reader on the other core that sleeps between messages, as a client does between tokens; on
   loopback the sender's call also runs the receiver's TCP processing and wakes it.
 
-``bench/stream_bench.py`` prints the full measurement before and after its runs and takes the
-quick one (``--quick``: the Python reference alone, one round after a warm-up, about 0.2 s) before each run.
+``bench/stream_bench.py`` prints the full measurement before and after its runs, and takes the
+quick one before each run (``--quick``: the Python reference alone, one round after a warm-up,
+about 0.2 s).
 
 Usage: python bench/machine_speed.py [--core 0] [--other-core 1] [--rounds 5] [--quick] [--json]
 """
