@@ -42,6 +42,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+# This directory is sys.path[0] when the script runs as `python bench/stream_bench.py`.
+from machine_speed import describe as describe_speed
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 DELTAS = 64
@@ -131,12 +134,7 @@ def machine_speed(quick: bool = False) -> dict[str, float]:
 
 
 def _speed_line(when: str, speed: dict[str, float]) -> str:
-    if not speed:
-        return f"machine speed {when}: not measured"
-    return (
-        f"machine speed {when}: python reference {speed['python_us']:.2f} µs/unit, loopback send "
-        f"{speed['send_us']:.2f} µs (bench/machine_speed.py; lower is faster)"
-    )
+    return f"{when}: " + (describe_speed(speed) if speed else "machine speed not measured")
 
 
 def _free_port() -> int:
