@@ -226,6 +226,11 @@ class Metrics:
             "Subscribers disconnected for lagging past max_lag",
             registry=r,
         )
+        self.subscriber_failures = LoopCounter(
+            "raafd_subscriber_failures_total",
+            "Subscribers dropped because their own code raised taking an event (the feed went on)",
+            registry=r,
+        )
         self.coalesced = LoopCounter(
             "raafd_coalesced_events_total",
             "Content events merged for lagging subscribers",

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from raafd.errors import BadRequest, Gone
 from raafd.protocol.events import StreamEvent, make_event
-from raafd.streams import EventLog
+from raafd.core import EventLog
 
 
 def content(seq: int, text: str = "word") -> StreamEvent:

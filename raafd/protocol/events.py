@@ -53,7 +53,7 @@ class StreamEvent:
     Immutable by convention (nothing assigns to an event after it is built) and compared by
     ``(stream, seq, kind)``. ``fields`` is the event's payload: given when the event is made,
     or decoded from ``json`` on first use when the event is rebuilt from a log (which keeps only
-    ``(seq, kind, json)``, see :class:`~raafd.streams.log.EventLog`)."""
+    ``(seq, kind, json)``, see :class:`~raafd.core.log.EventLog`)."""
 
     __slots__ = ("_fields", "json", "kind", "seq", "stream")
 

@@ -20,47 +20,29 @@ How it is kept:
   gets one; a task cancelled from outside (the manager's nursery closing) writes ``cancelled``
   {reason: drain} in its ``finally``, synchronously.
 
-Subscribers are cursors into the log, not copies of it: a :class:`Subscription` holds the last
-seq it delivered and reads ``log.after(cursor)``. Replay and live delivery are the same code,
-so attaching with ``after=N`` while events are appended can neither miss nor repeat one. The
-one shortcut: a subscriber that is caught up (cursor at the previous head, no batch in hand)
-may set ``push``, a synchronous callback that takes the new event in the appending task
-(the gateway writes it straight to the socket); the cursor moves only when ``push`` says it
-took the event, so a refused push simply leaves the event to the pull path.
-Backpressure (DESIGN invariant 3):
-
-- exactly one subscriber: the producer waits while ``head - cursor >= subscriber_buffer``; the
-  provider's bounded channel then fills and the provider stops reading upstream;
-- two or more: the producer waits for nobody. A subscriber more than ``subscriber_buffer``
-  behind gets adjacent ``content`` events of its batch coalesced (lossless); one with more than
-  ``max_lag`` unread events appended since it attached is dropped with :class:`SlowConsumer`
-  and resumes from its cursor on a new subscription. A finished stream's replay is never
-  coalesced.
+The log, its subscribers and backpressure are the stream's :class:`~raafd.core.feed.Feed`
+(policy ``SOLE_WAITS``: a sole subscriber that falls behind holds the provider back; with two or
+more the feed is shared). The stream adds what makes it an agent run: its status, the pause,
+the timers, and the body's task.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, Final, Literal, Protocol, cast
 
 import trio
 
 from raafd.config import StreamsConfig
-from raafd.errors import BadRequest, Conflict, Gone, RaafdError
+from raafd.core.feed import Backpressure, Feed, FeedLimits, SlowConsumer, Subscription
+from raafd.errors import BadRequest, Conflict
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
-from raafd.protocol.events import (
-    CANCEL_REASONS,
-    TERMINAL_KINDS,
-    StreamEvent,
-    build_event,
-    coalesce,
-)
-from raafd.streams.log import EventLog
+from raafd.protocol.events import CANCEL_REASONS, TERMINAL_KINDS, StreamEvent
 from raafd.timers import Timers
 
 __all__ = [
@@ -80,6 +62,17 @@ Status = Literal["running", "paused", "complete", "error", "cancelled"]
 STATUSES: Final[tuple[Status, ...]] = ("running", "paused", "complete", "error", "cancelled")
 _TOKEN_KINDS: Final = frozenset({"content", "tool_call"})
 _YIELD_EVERY: Final = 8  # see Stream._wait_ready
+
+
+@functools.lru_cache(maxsize=8)
+def _feed_limits(config: StreamsConfig) -> FeedLimits:
+    """One :class:`FeedLimits` per config (shared by every stream, not built per stream)."""
+    return FeedLimits(
+        max_events=config.log_max_events,
+        max_bytes=config.log_max_bytes,
+        subscriber_buffer=config.subscriber_buffer,
+        max_lag=config.max_lag,
+    )
 
 
 class _RandomPool:
@@ -114,15 +107,6 @@ os.register_at_fork(after_in_child=_random.reset)
 def new_stream_id() -> str:
     """A fresh stream id: ``st_`` and 24 random hex digits (96 bits from the OS's CSPRNG)."""
     return "st_" + _random.take(12).hex()
-
-
-class SlowConsumer(RaafdError):
-    """A subscriber of a shared stream fell more than ``max_lag`` events behind and was dropped.
-
-    The gateway closes with 4001; the client resumes from its last seq."""
-
-    code = "slow_consumer"
-    http_status = 409
 
 
 class StreamWriter(Protocol):
@@ -184,18 +168,26 @@ class Stream:
         self.status: Status = "running"
         self.created_at = time.time()
         self.ended_at: float | None = None
-        self.log = EventLog(config.log_max_events, config.log_max_bytes)
+        self.feed = Feed(
+            self.id,
+            FeedLimits(
+                config.log_max_events,
+                config.log_max_bytes,
+                config.subscriber_buffer,
+                config.max_lag,
+            ),
+            metrics=metrics,
+            policy=Backpressure.SOLE_WAITS,
+            on_subscribers=self._subscribers_changed,
+        )
+        self.log = self.feed.log
         self._metrics = metrics
         self._detach_grace = config.detach_grace if detach_grace is None else detach_grace
         self._on_finish = on_finish
         self._t0 = trio.current_time()
         self._ended_clock: float | None = None
-        # Bounded by the gateway's per-connection limits; a dict keeps attach order.
-        self._subs: dict[Subscription, None] = {}
-        self._solo: Subscription | None = None  # the subscriber, while there is exactly one
-        # Made when first needed (most streams never wait, and objects built per stream cost
-        # several times their hot cost on the cold path of a stream's start):
-        self._room: trio.lowlevel.ParkingLot | None = None  # producer: a reader moved, resume
+        # Made when first needed (objects built per stream cost several times their hot cost on
+        # the cold path of a stream's start):
         self._scope = trio.CancelScope()  # around the body; cancelled by _finish
         self._done: trio.Event | None = None  # set at the terminal event, for wait()
         self._ran = False
@@ -239,7 +231,7 @@ class Stream:
 
     @property
     def subscribers(self) -> int:
-        return len(self._subs)
+        return self.feed.subscribers
 
     @property
     def age(self) -> float:
@@ -268,7 +260,7 @@ class Stream:
             "model": self.model,
             "status": self.status,
             "seq": self.log.head,
-            "subscribers": len(self._subs),
+            "subscribers": self.feed.subscribers,
             "age": round(self.age, 3),
             "owner": self.owner,
             "session": self.session,
@@ -276,16 +268,10 @@ class Stream:
             "ended_at": self.ended_at,
         }
 
-    def subscribe(self, after: int = 0) -> Subscription:
-        """A subscription delivering every event with seq greater than ``after``.
-
-        Use it as ``async with stream.subscribe(n) as sub: async for batch in sub: ...``; it is
-        registered on entry and unregistered on exit. Raises :class:`~raafd.errors.Gone` when
-        events after ``after`` were evicted and :class:`~raafd.errors.BadRequest` when ``after``
-        is negative or beyond the head.
-        """
-        self.log.check(after)
-        return Subscription(self, after)
+    def subscribe(self, after: int = 0, *, context: dict[str, Any] | None = None) -> Subscription:
+        """A subscription to the stream's feed from ``after``: see
+        :meth:`raafd.core.feed.Feed.subscribe`. The detach grace runs while it has none."""
+        return self.feed.subscribe(after, context=context)
 
     # --- control ------------------------------------------------------------------------------
 
@@ -325,7 +311,7 @@ class Stream:
         self._set_status("running")
         self._append("resumed", {})
         self._release()
-        self._wake_producer()
+        self.feed.wake()
         return True
 
     # --- running ------------------------------------------------------------------------------
@@ -425,29 +411,9 @@ class Stream:
     # --- the one way in -----------------------------------------------------------------------
 
     def _append(self, kind: str, fields: dict[str, Any]) -> StreamEvent:
-        event = build_event(self.id, self.log.head + 1, kind, fields)
-        self.log.append(event)  # refuses anything after the terminal event
+        event = self.feed.append(kind, fields)
         self._metrics.count_event(kind)
-        if self._subs:
-            if not event.terminal and len(self._subs) >= 2:
-                self._drop_laggards()
-            self._deliver(event)
         return event
-
-    def _deliver(self, event: StreamEvent) -> None:
-        """Hand a new event to each subscriber: pushed straight through to one that is caught
-        up and whose ``push`` takes it (no task switch), else its reader is woken to pull."""
-        seq = event.seq
-        solo = self._solo
-        for sub in (solo,) if solo is not None else [*self._subs]:
-            push = sub.push
-            if push is not None and not sub._held and sub._cursor == seq - 1 and push(event):
-                sub._cursor = seq
-                if not event.terminal:
-                    continue
-                sub._done = True
-            if sub._wake:  # its reader is parked (unpark_all on an empty lot costs ~2 µs)
-                sub._wake.unpark_all()
 
     def _finish(self, kind: str, **fields: Any) -> bool:
         if self.finished:
@@ -462,7 +428,7 @@ class Stream:
         self._metrics.streams_ended.labels(kind).inc()
         if self._done is not None:
             self._done.set()
-        self._wake_producer()
+        self.feed.wake()
         if self._on_finish is not None:
             self._on_finish(self)
         return True
@@ -477,10 +443,7 @@ class Stream:
     def _must_wait(self) -> bool:
         if self.log.closed:
             return False
-        if self._paused:
-            return True
-        solo = self._solo
-        return solo is not None and self.log.head - solo._cursor >= self.config.subscriber_buffer
+        return self._paused or self.feed.backlogged()
 
     def _go_on_now(self) -> bool:
         """``_wait_ready``'s common case, synchronously: running, no need to wait and no yield
@@ -506,18 +469,12 @@ class Stream:
         self._hold()
         try:
             while self._must_wait():
-                if self._room is None:
-                    self._room = trio.lowlevel.ParkingLot()
-                await self._room.park()
+                await self.feed.wait_moved()
         finally:
             self._release()
         if self.finished:
             # Woken by the end: the body's scope is cancelled, so this raises Cancelled.
             await trio.lowlevel.checkpoint()
-
-    def _wake_producer(self) -> None:
-        if self._room:  # None, or empty (unpark_all on an empty lot costs ~2 µs)
-            self._room.unpark_all()
 
     def _hold(self) -> None:
         self._holds += 1
@@ -551,184 +508,12 @@ class Stream:
 
     # --- subscribers --------------------------------------------------------------------------
 
-    def _register(self, sub: Subscription) -> None:
-        self.log.check(sub.cursor)
-        self._subs[sub] = None
-        self._solo = sub if len(self._subs) == 1 else None
-        self._detached_since = None
-        sub._attach_head = self.log.head
-        self._wake_producer()
-
-    def _unregister(self, sub: Subscription) -> None:
-        if sub in self._subs:
-            del self._subs[sub]
-            self._solo = next(iter(self._subs)) if len(self._subs) == 1 else None
-            self._wake_producer()
-            if not self._subs:
-                self._detached_since = trio.current_time()  # the grace starts (again)
-                self._arm()
-
-    def _drop_laggards(self) -> None:
-        max_lag = self.config.max_lag
-        for sub in [s for s in self._subs if s._lag() > max_lag]:
-            self._unregister(sub)
-            sub._drop(
-                SlowConsumer(
-                    f"more than {max_lag} events behind on stream {self.id}; resume after seq"
-                    f" {sub.cursor}"
-                )
-            )
-            self._metrics.slow_consumers.inc()
-            log.info("slow consumer dropped", stream=self.id, cursor=sub.cursor, head=self.log.head)
-
-    def _next_batch(self, sub: Subscription) -> list[StreamEvent]:
-        cfg = self.config
-        backlog = self.log.head - sub.cursor
-        self._metrics.subscriber_lag.observe(backlog)
-        lagging = not self.finished and len(self._subs) >= 2 and backlog > cfg.subscriber_buffer
-        limit = max(cfg.max_lag, cfg.subscriber_buffer) if lagging else cfg.subscriber_buffer
-        try:
-            events = self.log.after(sub.cursor, limit)
-        except Gone:
-            sub.close()
-            raise
-        sub._cursor = events[-1].seq
-        sub._done = events[-1].terminal
-        self._wake_producer()
-        return self._coalesced(events) if lagging else events
-
-    def _coalesced(self, events: list[StreamEvent]) -> list[StreamEvent]:
-        out: list[StreamEvent] = []
-        merged = 0
-        for event in events:
-            if event.kind == "content" and out and out[-1].kind == "content":
-                out[-1] = coalesce(out[-1], event)
-                merged += 1
-            else:
-                out.append(event)
-        if merged:
-            self._metrics.coalesced.inc(merged)
-        return out
-
-
-class Subscription:
-    """A cursor into one stream's log: an async iterator of non-empty batches of events.
-
-    Each batch is everything after the cursor, up to ``subscriber_buffer`` events (up to
-    ``max_lag`` when coalesced). Iteration ends after the batch holding the terminal event;
-    it raises :class:`SlowConsumer` once dropped for lagging and :class:`~raafd.errors.Gone`
-    when the events it needs were evicted. ``cursor`` is the last seq delivered: resume from it.
-
-    ``__anext__`` is cancel-safe: it only waits before it takes a batch, so a read cancelled by
-    a timeout (an SSE heartbeat, say) consumes nothing.
-    """
-
-    def __init__(self, stream: Stream, after: int) -> None:
-        self.stream = stream
-        self._cursor = after
-        self._attach_head = after
-        self._state: Literal["new", "open", "closed"] = "new"
-        self._error: RaafdError | None = None
-        self._done = False
-        # The reader: the log grew or the stream ended (made on its first wait).
-        self._wake: trio.lowlevel.ParkingLot | None = None
-        self._held = False  # a batch was handed out and its reader has not asked for more yet
-        # Called (synchronously, from the producer) when the subscriber is dropped for lagging,
-        # so a reader blocked on a stalled socket can be closed now rather than on its next read.
-        self.on_drop: Callable[[RaafdError], None] | None = None
-        # Set by a reader that can take a live event without waiting (see the module
-        # docstring): True when it took it. Called only while caught up and no batch is held.
-        self.push: Callable[[StreamEvent], bool] | None = None
-
-    @property
-    def cursor(self) -> int:
-        """The last seq delivered (``after`` before the first batch)."""
-        return self._cursor
-
-    @property
-    def dropped(self) -> bool:
-        """True once dropped as a slow consumer."""
-        return self._error is not None
-
-    def _lag(self) -> int:
-        # Live events appended since attach and not yet read. The history a subscriber found
-        # when it attached is replay, not lag: it is never dropped for reading history.
-        return self.stream.log.head - max(self._cursor, self._attach_head)
-
-    def _drop(self, error: RaafdError) -> None:
-        self._error = error
-        self._state = "closed"
-        if self._wake:
-            self._wake.unpark_all()
-        if self.on_drop is not None:
-            self.on_drop(error)
-
-    @property
-    def done(self) -> bool:
-        """True once the batch holding the terminal event was handed out (or pushed)."""
-        return self._done
-
-    def open(self) -> None:
-        """Register with the stream, synchronously: what ``async with`` does on entry, for a
-        reader that takes batches with :meth:`take_nowait` and pushes. Pair it with
-        :meth:`close`."""
-        if self._state != "new":
-            raise RuntimeError("a subscription is entered once")
-        self.stream._register(self)
-        self._state = "open"
-
-    async def __aenter__(self) -> Subscription:
-        await trio.lowlevel.checkpoint()
-        self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Unregister (idempotent). The stream may hit its detach grace if it was the last."""
-        if self._state == "open":
-            self.stream._unregister(self)
-        self._state = "closed"
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> list[StreamEvent]:
-        await trio.lowlevel.checkpoint()
-        while True:
-            batch = self.take_nowait()
-            if batch is not None:
-                return batch
-            if self._done or self._state == "closed":
-                raise StopAsyncIteration
-            if self._wake is None:
-                self._wake = trio.lowlevel.ParkingLot()
-            await self._wake.park()
-
-    def take_nowait(self) -> list[StreamEvent] | None:
-        """The next batch without waiting, or None when there is none now (caught up, ended or
-        closed). Asking again says the batch before was delivered: until then ``push`` is not
-        called. Raises :class:`SlowConsumer` once dropped, :class:`~raafd.errors.Gone` when the
-        events it needs were evicted."""
-        self._held = False  # asking for more: the last batch is delivered
-        if self._error is not None:
-            raise self._error
-        if self._done or self._state == "closed":
-            return None
-        if self._state == "new":
-            raise RuntimeError("enter the subscription (`async with`) before iterating it")
-        stream = self.stream
-        if stream.log.head > self._cursor:
-            batch = stream._next_batch(self)
-            self._held = True
-            return batch
-        return None
+    def _subscribers_changed(self, count: int) -> None:
+        if count:
+            self._detached_since = None
+        elif self._detached_since is None:
+            self._detached_since = trio.current_time()  # the grace starts (again)
+            self._arm()
 
 
 class _Writer:

@@ -1,6 +1,7 @@
-"""A stream's event log: the one buffer that replay and live delivery both read.
+"""A feed's event log: the one buffer that replay and live delivery both read.
 
-Pure: no I/O, no clock, no trio. The log holds the newest events of one stream in seq order.
+Pure: no I/O, no clock, no trio. The log holds the newest events of one feed (an agent run, a
+room, a job's output, the event bus) in seq order.
 Rules:
 
 - ``append`` takes exactly ``head + 1``; after a terminal event nothing more is taken.
@@ -25,14 +26,28 @@ whatever it holds. ``after`` rebuilds the events it answers (their ``fields`` ar
 from __future__ import annotations
 
 from array import array
+from typing import Final
 
 from raafd.errors import BadRequest, Gone
 from raafd.protocol.events import EVENT_KINDS, TERMINAL_KINDS, StreamEvent
 
 __all__ = ["EventLog"]
 
-_KINDS = tuple(sorted(EVENT_KINDS))  # a kind's code in the log is its index here
-_CODE = {kind: code for code, kind in enumerate(_KINDS)}
+# A kind's code in a log is its index in _KINDS. Kinds are names written in raafd's code (never
+# taken from client input), so the table stays small; a code is one byte.
+_KINDS: list[str] = sorted(EVENT_KINDS)
+_CODE: dict[str, int] = {kind: code for code, kind in enumerate(_KINDS)}
+_MAX_KINDS: Final = 256
+
+
+def _code(kind: str) -> int:
+    code = _CODE.get(kind)
+    if code is None:
+        if len(_KINDS) >= _MAX_KINDS:
+            raise ValueError(f"more than {_MAX_KINDS} event kinds")
+        code = _CODE[kind] = len(_KINDS)
+        _KINDS.append(kind)
+    return code
 
 
 class EventLog:
@@ -42,10 +57,10 @@ class EventLog:
         "_base",
         "_blob",
         "_ends",
+        "_feed",
         "_first",
         "_head",
         "_kinds",
-        "_stream",
         "closed",
         "max_bytes",
         "max_events",
@@ -65,7 +80,7 @@ class EventLog:
         self._kinds = bytearray()
         self._base = 1
         self._first = 0
-        self._stream = ""  # the stream id, from the first event
+        self._feed = ""  # the feed's id, from the first event
         self._head = 0
         self.closed = False  # a terminal event is in the log (read on every append)
 
@@ -108,8 +123,8 @@ class EventLog:
         blob, ends = self._blob, self._ends
         blob += event.json
         ends.append(len(blob))  # the blob starts at the oldest slot kept: its end is len(blob)
-        self._kinds.append(_CODE[event.kind])
-        self._stream = event.stream
+        self._kinds.append(_code(event.kind))
+        self._feed = event.stream
         self._head = event.seq
         self.closed = event.kind in TERMINAL_KINDS
         first = self._first
@@ -137,7 +152,7 @@ class EventLog:
 
     def _event(self, slot: int) -> StreamEvent:
         json = bytes(self._blob[self._start(slot) : self._ends[slot]])
-        return StreamEvent(self._stream, self._base + slot, _KINDS[self._kinds[slot]], None, json)
+        return StreamEvent(self._feed, self._base + slot, _KINDS[self._kinds[slot]], None, json)
 
     def check(self, seq: int) -> None:
         """Raise unless ``after(seq)`` can answer: ``seq`` must be within ``0..head`` and no
@@ -146,7 +161,7 @@ class EventLog:
             raise BadRequest(f"after must be 0 or more, got {seq}", field="after")
         if seq > self._head:
             raise BadRequest(
-                f"after is {seq} but the stream's last event is seq {self._head}", field="after"
+                f"after is {seq} but the last event is seq {self._head}", field="after"
             )
         oldest = self.oldest
         if seq + 1 < oldest:
