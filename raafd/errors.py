@@ -1,20 +1,23 @@
 """The raafd error family.
 
 Every error a client can see is a :class:`RaafdError` with a stable ``code`` (the wire
-protocol's error code), a human sentence, and optionally the offending field path and a
-``retry_after`` hint. Transports turn them into frames or HTTP bodies; nothing else about an
-exception (type, traceback, upstream secrets) is ever sent to a client.
+protocol's error code, an :class:`~raafd.protocol.codes.ErrorCode`), a human sentence, and
+optionally the offending field path and a ``retry_after`` hint. Transports turn them into
+frames or HTTP bodies; nothing else about an exception (type, traceback, upstream secrets) is
+ever sent to a client.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from raafd.protocol.codes import ErrorCode
+
 
 class RaafdError(Exception):
     """Base of every client-visible error."""
 
-    code: ClassVar[str] = "internal"
+    code: ClassVar[str] = ErrorCode.INTERNAL
     http_status: ClassVar[int] = 500
 
     def __init__(
@@ -40,79 +43,79 @@ class RaafdError(Exception):
 
 
 class BadRequest(RaafdError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
     http_status = 400
 
 
 class Unauthorized(RaafdError):
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
     http_status = 401
 
 
 class Forbidden(RaafdError):
-    code = "forbidden"
+    code = ErrorCode.FORBIDDEN
     http_status = 403
 
 
 class NotFound(RaafdError):
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
     http_status = 404
 
 
 class MethodNotAllowed(RaafdError):
-    code = "method_not_allowed"
+    code = ErrorCode.METHOD_NOT_ALLOWED
     http_status = 405
 
 
 class Conflict(RaafdError):
-    code = "conflict"
+    code = ErrorCode.CONFLICT
     http_status = 409
 
 
 class TooLarge(RaafdError):
-    code = "too_large"
+    code = ErrorCode.TOO_LARGE
     http_status = 413
 
 
 class RateLimited(RaafdError):
-    code = "rate_limited"
+    code = ErrorCode.RATE_LIMITED
     http_status = 429
 
 
 class TooManyStreams(RaafdError):
-    code = "too_many_streams"
+    code = ErrorCode.TOO_MANY_STREAMS
     http_status = 429
 
 
 class Unavailable(RaafdError):
-    code = "unavailable"
+    code = ErrorCode.UNAVAILABLE
     http_status = 503
 
 
 class UpstreamError(RaafdError):
-    code = "upstream_error"
+    code = ErrorCode.UPSTREAM_ERROR
     http_status = 502
 
 
 class Timeout(RaafdError):
-    code = "timeout"
+    code = ErrorCode.TIMEOUT
     http_status = 504
 
 
 class Internal(RaafdError):
-    code = "internal"
+    code = ErrorCode.INTERNAL
     http_status = 500
 
 
 class Gone(RaafdError):
     """Events older than what a stream's log still holds were asked for."""
 
-    code = "gone"
+    code = ErrorCode.GONE
     http_status = 410
 
 
 class MaxTurns(RaafdError):
     """An agent run used ``max_turns`` model turns without a final answer."""
 
-    code = "max_turns"
+    code = ErrorCode.MAX_TURNS
     http_status = 500

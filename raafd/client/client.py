@@ -44,6 +44,7 @@ from trio_websocket import (
 )
 
 from raafd.errors import RaafdError
+from raafd.protocol.codes import SUBPROTOCOL, CloseCode, ErrorCode
 from raafd.protocol.events import TERMINAL_KINDS
 
 __all__ = [
@@ -61,9 +62,11 @@ __all__ = [
 log = logging.getLogger("raafd.client")
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8080/v1/ws"
-SUBPROTOCOL: Final = "raafd.v1"
 # Close codes after which reconnecting cannot help: the caller gets a ClientError instead.
-FATAL_CLOSE_CODES: Final = {4401: "unauthorized", 4403: "forbidden"}
+FATAL_CLOSE_CODES: Final[dict[int, str]] = {
+    CloseCode.UNAUTHORIZED: ErrorCode.UNAUTHORIZED,
+    CloseCode.FORBIDDEN: ErrorCode.FORBIDDEN,
+}
 CONNECT_TIMEOUT: Final = 10.0  # TCP and WebSocket handshake, per attempt
 WELCOME_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 2.0  # the closing handshake, when we close
@@ -94,7 +97,7 @@ class ClientError(RaafdError):
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message, field=field, retry_after=retry_after)
-        self.code = code  # type: ignore[misc]  # the server's code, per instance
+        self.code = str(code)  # type: ignore[misc]  # the server's code, per instance
 
     def __repr__(self) -> str:
         return f"ClientError({self.code!r}, {self.message!r}, field={self.field!r})"
@@ -848,10 +851,11 @@ async def _welcome(ws: WebSocketConnection, *, token_given: bool) -> dict[str, A
         except ConnectionClosed as closed:
             code = closed.reason.code if closed.reason is not None else None
             reason = (closed.reason.reason if closed.reason is not None else None) or ""
-            if code in FATAL_CLOSE_CODES or code == 4408:  # 4408 here: the auth timeout
-                if code != 4403 and not token_given:
+            if code in FATAL_CLOSE_CODES or code == CloseCode.TIMEOUT:  # here: the auth timeout
+                if code != CloseCode.FORBIDDEN and not token_given:
                     reason = "the server requires a token"
-                raise ClientError(FATAL_CLOSE_CODES.get(code, "unauthorized"), reason) from None
+                fatal = FATAL_CLOSE_CODES.get(code, ErrorCode.UNAUTHORIZED)
+                raise ClientError(fatal, reason) from None
             raise _Dropped(f"closed before welcome ({code} {reason})".strip()) from None
         try:
             message = orjson.loads(raw)

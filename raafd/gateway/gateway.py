@@ -12,6 +12,7 @@ from raafd.config import Config
 from raafd.gateway.connection import Connection
 from raafd.listener import RequestHead
 from raafd.metrics import Metrics
+from raafd.protocol.codes import CloseCode
 from raafd.timers import Timers
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class Gateway:
         connection = self.connections.get(conn_id)
         if connection is None:
             return False
-        connection.close(1008, reason)
+        connection.close(CloseCode.KICKED, reason)
         return True
 
     def describe(self) -> list[dict[str, object]]:
