@@ -13,18 +13,23 @@ TOML value when it is one (``8081``, ``true``, ``["a"]``) and taken as a string 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import cattrs
 from attrs import field, frozen
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 __all__ = [
     "DEFAULT_PATHS",
@@ -42,9 +47,11 @@ __all__ = [
     "StreamsConfig",
     "ToolConfig",
     "WebSocketConfig",
+    "check_tool_configs",
     "find_config_file",
     "load_config",
     "parse_config",
+    "schema_validator",
 ]
 
 DEFAULT_PATHS = (Path("raafd.toml"), Path("/etc/raafd/raafd.toml"))
@@ -242,6 +249,71 @@ class ToolConfig:
     # mcp: a server over stdio (command) or streamable HTTP (url)
     command: list[str] = field(factory=list)
     env: dict[str, str] = field(factory=dict)
+
+
+# The tool checks a field's own validator cannot make (here, not with the tools, so that this
+# module imports nothing else of raafd).
+FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # what OpenAI accepts as a function name
+MISSING_EXTRA = "the mcp extra is not installed (pip install 'raafd[mcp]')"
+_SCHEMA_MESSAGE_CHARS = 200  # characters of a schema problem shown
+
+
+def mcp_installed() -> bool:
+    """Whether the optional ``mcp`` package (the ``raafd[mcp]`` extra) can be imported."""
+    try:
+        return importlib.util.find_spec("mcp") is not None
+    except (ImportError, ValueError):  # a broken install, or one blocked in sys.modules
+        return False
+
+
+def schema_validator(schema: Mapping[str, Any], where: str) -> Draft202012Validator:
+    """A JSON Schema (draft 2020-12) validator for ``schema``; a schema that is itself invalid
+    is a :class:`ConfigError` naming ``where`` (``tools.NAME.parameters``)."""
+    from jsonschema import Draft202012Validator  # only tools with parameters pay its import
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        at = "/".join(str(part) for part in exc.path)
+        place = f"{where}.{at.replace('/', '.')}" if at else where
+        message = exc.message
+        if len(message) > _SCHEMA_MESSAGE_CHARS:
+            message = message[:_SCHEMA_MESSAGE_CHARS] + "…"
+        raise ConfigError([f"{place}: not a valid JSON Schema: {message}"]) from None
+    return Draft202012Validator(schema)
+
+
+def check_tool_configs(configs: Mapping[str, ToolConfig]) -> list[str]:
+    """What the tool registry would refuse in ``configs``, one ``tools.NAME...: reason`` line
+    each, without building or starting anything (for ``check-config`` and reload): tool names
+    that are not valid function names, ``parameters`` that are not valid JSON Schemas, mcp
+    tools without the ``mcp`` extra, names that clash with an mcp server's tools."""
+    problems: list[str] = []
+    servers = [name for name, config in configs.items() if config.type == "mcp"]
+    for name, config in configs.items():
+        if not FUNCTION_NAME.fullmatch(name):
+            problems.append(
+                f"tools.{name}: a tool name must be 1 to 64 letters, digits, _ or -"
+                " (models see it as a function name)"
+            )
+            continue
+        if config.type == "mcp":
+            if not mcp_installed():
+                problems.append(f"tools.{name}: {MISSING_EXTRA}")
+            continue
+        if config.type == "http":
+            try:
+                schema_validator(config.parameters, f"tools.{name}.parameters")
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        problems.extend(
+            f"tools.{name}: the name clashes with the tools of mcp server {server!r}"
+            f" (named {server}__<tool>)"
+            for server in servers
+            if name.startswith(f"{server}__")
+        )
+    return problems
 
 
 @frozen
@@ -551,12 +623,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _validate_tree(cfg, [], problems)
     if problems:
         raise ConfigError(problems)
-    problems = _cross_check(cfg)
-    # Tool checks live with the tools (schemas, function names, the mcp extra); imported here
-    # because the tools module imports this one.
-    from raafd.agents.tools import check_tool_configs
-
-    problems += check_tool_configs(cfg.tools)
+    problems = _cross_check(cfg) + check_tool_configs(cfg.tools)
     if problems:
         raise ConfigError(problems)
     return cfg

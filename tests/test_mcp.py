@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from raafd.agents.base import ToolError
 from raafd.agents.mcp import McpServer, exposed_names
-from raafd.agents.tools import FUNCTION_NAME, ToolRegistry
-from raafd.config import ConfigError, ToolConfig
+from raafd.agents.tools import ToolRegistry
+from raafd.config import FUNCTION_NAME, ConfigError, ToolConfig
 from tests.fakes.mcp_server import build_server
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -341,7 +341,7 @@ async def test_http_server_missing_header_variable(
 
 
 def test_registry_refuses_mcp_without_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("raafd.agents.tools.mcp_installed", lambda: False)
+    monkeypatch.setattr("raafd.config.mcp_installed", lambda: False)
     with pytest.raises(ConfigError) as info:
         ToolRegistry({"fs": ToolConfig(type="mcp", command=["x"])}, httpx.AsyncClient())
     assert info.value.problems == [
@@ -355,9 +355,8 @@ async def test_core_imports_without_the_sdk() -> None:
     script = (
         "import sys; sys.modules['mcp'] = None\n"
         "import httpx, trio\n"
-        "from raafd.agents.tools import FUNCTION_NAME, ToolRegistry\n"
-        "from raafd.agents.mcp import mcp_installed\n"
-        "from raafd.config import ConfigError, ToolConfig\n"
+        "from raafd.agents.tools import ToolRegistry\n"
+        "from raafd.config import ConfigError, ToolConfig, mcp_installed\n"
         "assert not mcp_installed()\n"
         "r = ToolRegistry({}, httpx.AsyncClient())\n"
         "print(trio.run(r.get('calculator').call, {'expression': '6*7'}))\n"

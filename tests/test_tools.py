@@ -22,9 +22,8 @@ from raafd.agents.tools import (
     ClockTool,
     HttpTool,
     ToolRegistry,
-    check_tool_configs,
 )
-from raafd.config import ConfigError, ToolConfig, parse_config
+from raafd.config import ConfigError, ToolConfig, check_tool_configs, parse_config
 from raafd.metrics import Metrics
 
 SECRET = "s3cr3t-Weather-Token-0042"  # not key-shaped: only the env redaction can hide it

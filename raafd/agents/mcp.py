@@ -10,7 +10,8 @@ Nothing a call does can wedge the connection: a call that finds the connection b
 *reports* it (sets the connection's ``lost`` event) and the owner task does the rest.
 
 The SDK is built on anyio and runs under Trio unchanged. It is imported lazily, so the core of
-raafd works without it; :func:`mcp_installed` tells the registry whether it can build MCP tools.
+raafd works without it; :func:`raafd.config.mcp_installed` tells the configuration checks whether
+MCP tools can be built.
 
 Tool names: a server's tool ``TOOL`` is offered to models as ``NAME__TOOL`` (see
 :func:`exposed_names`), always a valid OpenAI function name.
@@ -19,7 +20,6 @@ Tool names: a server's tool ``TOOL`` is offered to models as ``NAME__TOOL`` (see
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -48,17 +48,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMPTY_RESULT",
-    "MISSING_EXTRA",
     "UNAVAILABLE",
     "McpServer",
     "McpTool",
     "exposed_names",
-    "mcp_installed",
 ]
 
 log = get_logger("raafd.tools")
 
-MISSING_EXTRA = "the mcp extra is not installed (pip install 'raafd[mcp]')"
 UNAVAILABLE = "tool server unavailable"
 EMPTY_RESULT = "(empty result)"  # what a model reads for a tool's empty answer
 MAX_TOOLS = 128  # tools taken from one server; more are ignored (with a warning)
@@ -71,14 +68,6 @@ _STDERR_GRACE = 0.5  # seconds to read a stopped server's last stderr lines
 _MESSAGE_LIMIT = 500  # characters of a server's error message shown to the model
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]")
 _NAME_LIMIT = 64  # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$
-
-
-def mcp_installed() -> bool:
-    """Whether the optional ``mcp`` package (the ``raafd[mcp]`` extra) can be imported."""
-    try:
-        return importlib.util.find_spec("mcp") is not None
-    except (ImportError, ValueError):  # a broken install, or one blocked in sys.modules
-        return False
 
 
 def exposed_names(server: str, tools: Iterable[str]) -> dict[str, str]:

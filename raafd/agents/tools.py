@@ -24,12 +24,18 @@ import httpx
 import orjson
 import trio
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError, best_match
+from jsonschema.exceptions import ValidationError, best_match
 
 from raafd.agents.base import Tool, ToolError, ToolSpec
 from raafd.agents.calculator import MAX_LENGTH, CalculatorError, evaluate, format_number
-from raafd.agents.mcp import EMPTY_RESULT, MISSING_EXTRA, McpServer, mcp_installed
-from raafd.config import BUILTIN_TOOLS, ConfigError, ToolConfig
+from raafd.agents.mcp import EMPTY_RESULT, McpServer
+from raafd.config import (
+    BUILTIN_TOOLS,
+    ConfigError,
+    ToolConfig,
+    check_tool_configs,
+    schema_validator,
+)
 from raafd.logging import get_logger
 from raafd.providers.http import open_body, redact_secrets
 
@@ -45,13 +51,10 @@ __all__ = [
     "ToolRegistry",
     "ToolStats",
     "check_arguments",
-    "check_tool_configs",
-    "schema_validator",
 ]
 
 log = get_logger("raafd.tools")
 
-FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # what OpenAI accepts as a function name
 ERROR_EXCERPT_BYTES = 4096  # bytes of a non-2xx body read for the error message
 _EXCERPT_CHARS = 300  # characters of it shown to the model
 _MESSAGE_CHARS = 200  # characters of a schema validation message
@@ -59,18 +62,6 @@ _START_MARGIN = 2.0  # seconds beyond the MCP connect timeouts that the registry
 
 
 # --- arguments --------------------------------------------------------------------------------
-
-
-def schema_validator(schema: Mapping[str, Any], where: str) -> Draft202012Validator:
-    """A JSON Schema (draft 2020-12) validator for ``schema``; a schema that is itself invalid
-    is a :class:`ConfigError` naming ``where`` (``tools.NAME.parameters``)."""
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        at = "/".join(str(part) for part in exc.path)
-        place = f"{where}.{at.replace('/', '.')}" if at else where
-        raise ConfigError([f"{place}: not a valid JSON Schema: {_clip(exc.message)}"]) from None
-    return Draft202012Validator(schema)
 
 
 def _path(error: ValidationError) -> str:
@@ -400,43 +391,11 @@ class _Observed:
         return result
 
 
-def check_tool_configs(configs: Mapping[str, ToolConfig]) -> list[str]:
-    """What :class:`ToolRegistry` would refuse in ``configs``, one ``tools.NAME...: reason``
-    line each, without building or starting anything (for ``check-config`` and reload): tool
-    names that are not valid function names, ``parameters`` that are not valid JSON Schemas,
-    mcp tools without the ``mcp`` extra, names that clash with an mcp server's tools."""
-    problems: list[str] = []
-    servers = [name for name, config in configs.items() if config.type == "mcp"]
-    for name, config in configs.items():
-        if not FUNCTION_NAME.fullmatch(name):
-            problems.append(
-                f"tools.{name}: a tool name must be 1 to 64 letters, digits, _ or -"
-                " (models see it as a function name)"
-            )
-            continue
-        if config.type == "mcp":
-            if not mcp_installed():
-                problems.append(f"tools.{name}: {MISSING_EXTRA}")
-            continue
-        if config.type == "http":
-            try:
-                schema_validator(config.parameters, f"tools.{name}.parameters")
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-        problems.extend(
-            f"tools.{name}: the name clashes with the tools of mcp server {server!r}"
-            f" (named {server}__<tool>)"
-            for server in servers
-            if name.startswith(f"{server}__")
-        )
-    return problems
-
-
 class ToolRegistry:
     """Every tool of the configuration by name, built once; MCP servers kept connected by
     :meth:`run`. ``clock`` and ``calculator`` are there even without a section.
 
-    Construction refuses what :func:`check_tool_configs` finds, every problem in one
+    Construction refuses what :func:`raafd.config.check_tool_configs` finds, every problem in one
     :class:`ConfigError`. ``mcp_connect_timeout`` bounds each MCP connection attempt (and so
     how long :meth:`run` waits before it reports started); ``mcp_backoff`` is the (first,
     largest) pause between attempts. ``metrics``, when given, gets
