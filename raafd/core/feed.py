@@ -383,6 +383,11 @@ class Subscription:
         """True once the batch holding the terminal event was handed out (or pushed)."""
         return self._done
 
+    @property
+    def closed(self) -> bool:
+        """True once closed (unsubscribed) or dropped."""
+        return self._state == "closed"
+
     def _lag(self) -> int:
         # Live events appended since subscribing and not yet read. The history a subscriber
         # found when it subscribed is replay, not lag: it is never dropped for reading history.

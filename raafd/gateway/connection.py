@@ -45,6 +45,7 @@ from wsproto.events import (
 
 from raafd.agents.workflows import start_workflow
 from raafd.auth import bearer_token, token_ok
+from raafd.core.feed import SlowConsumer, SubscriberFailed, Subscription
 from raafd.errors import (
     BadRequest,
     Conflict,
@@ -57,6 +58,7 @@ from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_fra
 from raafd.gateway.sockio import Output, RawSocket
 from raafd.listener import RequestHead
 from raafd.logging import get_logger
+from raafd.net.delivery import Delivery
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode
 from raafd.protocol.commands import (
     Hello,
@@ -68,7 +70,6 @@ from raafd.protocol.commands import (
     parse_command,
 )
 from raafd.protocol.events import StreamEvent
-from raafd.streams import SlowConsumer, Subscription
 
 if TYPE_CHECKING:
     from raafd.gateway.gateway import Gateway
@@ -567,60 +568,52 @@ class Connection:
         self._end_if_done()
 
 
-class _Delivery:
-    """One stream attached to a connection. A live event goes to the socket from the stream's
-    own task (:meth:`push`); a puller task (:meth:`_pull`) runs only while the subscriber is
-    behind, for replay past the first batch or an event the output refused (its queue full),
-    and ends once caught up. So a client that keeps up costs no task per attached stream, and
-    the reply to ``stream.start``/``stream.attach`` leaves with the first events in one write.
+class _WebSocketFraming:
+    """Stream events as ``stream.event`` text frames (the gateway pings on its own: no
+    heartbeat bytes)."""
+
+    __slots__ = ()
+
+    transport = "websocket"
+    heartbeat = b""
+
+    def event(self, event: StreamEvent) -> bytes:
+        return event_frame(event.json)
+
+    def batch(self, events: list[StreamEvent]) -> bytes:
+        return _frames(events)
+
+
+_WEBSOCKET = _WebSocketFraming()
+
+
+class _Delivery(Delivery):
+    """One stream attached to a connection (see :mod:`raafd.net.delivery`): live events are
+    pushed from the stream's own task; a puller task (:meth:`_pull`) runs only while the
+    subscriber is behind, for replay past the first batch or an event the output refused (its
+    queue full), and ends once caught up. So a client that keeps up costs no task per attached
+    stream, and the reply to ``stream.start``/``stream.attach`` leaves with the first events in
+    one write.
 
     Whoever delivers the terminal event ends the attachment (:meth:`_end`); a detach, or the
     connection's end, closes it (:meth:`close`)."""
 
-    __slots__ = ("_conn", "_ref", "_scope", "_sent", "stream_id", "subscription")
+    __slots__ = ("_conn", "_ref", "_scope", "stream_id")
 
     def __init__(
         self, conn: Connection, stream_id: str, subscription: Subscription, ref: str | None
     ) -> None:
+        super().__init__(
+            subscription,
+            _WEBSOCKET,
+            conn._out,
+            conn.gateway.metrics.events_sent.labels(_WEBSOCKET.transport),
+        )
         self._conn = conn
         self._ref = ref
         self._scope: trio.CancelScope | None = None  # the puller's, while one runs
-        self._sent = conn.gateway.metrics.events_sent.labels("websocket")
         self.stream_id = stream_id
-        self.subscription = subscription
         subscription.on_drop = self._dropped
-        subscription.push = self.push
-
-    def begin(self, reply: bytes) -> None:
-        """The reply and the first batch in one write, then pushes from here on (or a puller
-        while more replay waits, or when the output was full)."""
-        subscription = self.subscription
-        batch = subscription.take_nowait() or []
-        data = reply + _frames(batch) if batch else reply
-        if data and not self._conn._out.write_nowait(data):
-            self._start_pull(data, len(batch))
-            return
-        self._count(len(batch))
-        if subscription.done:
-            self._end()
-        elif more := subscription.take_nowait():  # None: caught up, and pushes go on
-            self._start_pull(_frames(more), len(more))
-
-    def push(self, event: StreamEvent) -> bool:
-        """In the stream's task: the event straight to the output, or refused and left for a
-        puller (the output full, or broken: the puller meets that in this connection's
-        work). Never raises into the stream."""
-        try:
-            if not self._conn._out.write_nowait(event_frame(event.json)):
-                self._start_pull(b"", 0)
-                return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._start_pull(b"", 0)
-            return False
-        self._count(1)
-        if event.terminal:
-            self._end()
-        return True
 
     def close(self) -> None:
         """Detach (idempotent): unsubscribe (the stream's detach grace applies), stop the
@@ -629,10 +622,11 @@ class _Delivery:
         if self._scope is not None:
             self._scope.cancel()
 
-    def _count(self, n: int) -> None:
-        if n:
-            self._conn.events_sent += n
-            self._sent.inc(n)
+    def _delivered(self, count: int) -> None:
+        self._conn.events_sent += count
+
+    def _finished(self) -> None:
+        self._end()
 
     def _end(self) -> None:
         self.close()
@@ -642,42 +636,37 @@ class _Delivery:
         conn._end_if_done()
 
     def _dropped(self, err: RaafdError) -> None:
-        self._conn.close(
-            CloseCode.SLOW_CONSUMER,
-            f"too far behind on {self.stream_id}; resume from your last seq",
-        )
+        if isinstance(err, SlowConsumer):
+            self._conn.close(
+                CloseCode.SLOW_CONSUMER,
+                f"too far behind on {self.stream_id}; resume from your last seq",
+            )
+        else:  # this connection's own delivery failed: it alone ends
+            self._conn.close(CloseCode.INTERNAL, "internal error")
 
-    def _start_pull(self, pending: bytes, count: int) -> None:
+    def _behind(self, pending: bytes, count: int, terminal: bool) -> None:
         work = self._conn._work
         if self._scope is not None or work is None or work.cancel_scope.cancel_called:
             return  # one runs; or the connection is ending, and closes this attachment
         self._scope = scope = trio.CancelScope()
-        work.start_soon(self._pull, pending, count, scope)
+        work.start_soon(self._pull, pending, count, terminal, scope)
 
-    async def _pull(self, pending: bytes, count: int, scope: trio.CancelScope) -> None:
+    async def _pull(
+        self, pending: bytes, count: int, terminal: bool, scope: trio.CancelScope
+    ) -> None:
         """Write ``pending``, then batches until caught up (or the terminal event)."""
         structlog.contextvars.bind_contextvars(stream=self.stream_id)
-        conn = self._conn
-        out = conn._out
-        subscription = self.subscription
         try:
             with scope:
-                if pending:
-                    await out.write(pending)
-                    self._count(count)
-                while (batch := subscription.take_nowait()) is not None:
-                    await out.write(_frames(batch))
-                    self._count(len(batch))
-        except SlowConsumer as err:  # on_drop has closed the connection already
-            self._dropped(err)
+                await self.pump(pending, count, terminal=terminal, until_caught_up=True)
+        except (SlowConsumer, SubscriberFailed):
+            pass  # on_drop has closed the connection already
         except RaafdError as err:  # gone: evicted while this subscriber was behind
             try:
-                await conn.send_error(err, self._ref)
+                await self._conn.send_error(err, self._ref)
             finally:
                 self._end()
             return
         finally:
             if self._scope is scope:
                 self._scope = None
-        if subscription.done:
-            self._end()

@@ -7,10 +7,9 @@ more. Handlers raise :class:`raafd.errors.RaafdError`; they never build error bo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -22,6 +21,7 @@ import trio
 from raafd.errors import BadRequest, MethodNotAllowed, NotFound, RaafdError, TooLarge, Unauthorized
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
+from raafd.net.delivery import Sink
 from raafd.protocol.commands import describe_structure_error
 from raafd.protocol.commands import structure as structure_strict
 
@@ -133,10 +133,11 @@ def JSONResponse(data: Any, status: int = 200, headers: dict[str, str] | None = 
 
 @attrs.define
 class StreamingResponse:
-    """A response whose body is produced while the client reads it. ``body`` is iterated in a
-    task that is cancelled when the client disconnects."""
+    """A response whose body is written while the client reads it: ``body`` is called with the
+    response's :class:`~raafd.net.delivery.Sink` in a task that is cancelled when the client
+    disconnects (hypercorn takes bytes only by awaiting, so ``write_nowait`` always refuses)."""
 
-    body: Callable[[], AsyncIterator[bytes]]
+    body: Callable[[Sink], Awaitable[None]]
     content_type: str
     status: int = 200
     headers: dict[str, str] = attrs.field(factory=dict)
@@ -237,16 +238,28 @@ async def _send_response(request: Request, response: Response, send: Send) -> No
     await send({"type": "http.response.body", "body": body})
 
 
+class _AsgiSink:
+    """A streaming response's body as a :class:`~raafd.net.delivery.Sink`."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    def write_nowait(self, data: bytes) -> bool:
+        return False
+
+    async def write(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+
 async def _send_streaming(request: Request, response: StreamingResponse, send: Send) -> None:
     headers = _headers(response.content_type, response.headers)
     headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
 
     async def pump(cancel_scope: trio.CancelScope) -> None:
-        # aclosing: the body's cleanup (unsubscribing from a stream) runs now, not at GC.
-        async with contextlib.aclosing(response.body()) as chunks:  # type: ignore[type-var]
-            async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await response.body(_AsgiSink(send))
         cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:

@@ -31,7 +31,6 @@ sampling overrides yet); ``n`` must be 1. Any other unknown field is a 400.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import cattrs
@@ -41,6 +40,7 @@ from attrs import frozen
 
 from raafd.errors import BadRequest, NotFound, RaafdError, TooLarge, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
+from raafd.net.delivery import Delivery, Sink
 from raafd.protocol.commands import describe_structure_error
 from raafd.protocol.events import StreamEvent
 
@@ -358,6 +358,72 @@ class _Reader:
         }
 
 
+class _ChunkFraming:
+    """A stream's events as ``chat.completion.chunk`` SSE lines (a
+    :class:`~raafd.net.delivery.Framing`, one per completion: it folds the events it frames
+    into a :class:`_Reader` for the last chunks)."""
+
+    transport = "openai"
+    heartbeat = _SSE_HEARTBEAT
+
+    def __init__(self, req: ChatCompletionRequest, completion_id: str, created: int) -> None:
+        self._req = req
+        self._reader = _Reader()
+        self._head = {"id": completion_id, "object": "chat.completion.chunk", "created": created}
+        self._usage: dict[str, Any] = {"usage": None} if req.include_usage else {}
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        obj = {
+            **self._head,
+            "model": self._req.model,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+            **self._usage,
+        }
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def opening(self) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def event(self, event: StreamEvent) -> bytes:
+        return self.batch([event])
+
+    def batch(self, events: list[StreamEvent]) -> bytes:
+        reader = self._reader
+        out: list[bytes] = []
+        for event in events:
+            reader.take(event)
+            if event.kind == "content" and event.fields.get("delta"):
+                out.append(self._chunk({"content": event.fields["delta"]}))
+        if reader.terminal is not None:
+            out.append(self._tail(reader.terminal))
+        return b"".join(out)
+
+    def _tail(self, terminal: StreamEvent) -> bytes:
+        if terminal.kind != "complete":
+            _, error = _terminal_failure(terminal)
+            return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+        reader = self._reader
+        tail: list[bytes] = []
+        tool_calls = reader.tool_calls()
+        if tool_calls:
+            calls = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+            tail.append(self._chunk({"tool_calls": calls}))
+        tail.append(self._chunk({}, reader.finish_reason()))
+        if self._req.include_usage:
+            usage = {**self._head, "model": self._req.model, "choices": [], "usage": reader.usage()}
+            tail.append(b"data: " + orjson.dumps(usage) + b"\n\n")
+        tail.append(_DONE)
+        return b"".join(tail)
+
+    def failure(self, err: RaafdError | None) -> bytes:
+        """The error chunk for a delivery that could not reach the terminal event."""
+        message = "the stream ended" if err is None else err.message
+        error = {"message": message, "type": "server_error"}
+        return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+
+
 def _arguments_text(arguments: Any) -> str:
     if isinstance(arguments, dict) and set(arguments) == {"_raw"}:
         return str(arguments["_raw"])
@@ -414,8 +480,9 @@ def add_openai_routes(router: Router, daemon: Daemon) -> None:
         if req.stream:
             # Subscribe now, before the response starts, as /v1/streams does.
             subscription = daemon.streams.subscribe(stream.id, 0)
+            framing = _ChunkFraming(req, completion_id, created)
             return StreamingResponse(
-                lambda: _chunks(stream, subscription, req, completion_id, created),
+                lambda sink: _chunks(sink, stream, subscription, framing),
                 "text/event-stream",
                 headers=headers,
             )
@@ -488,77 +555,22 @@ def add_openai_routes(router: Router, daemon: Daemon) -> None:
         return JSONResponse(body, 200, headers)
 
     async def _chunks(
-        stream: Stream,
-        subscription_cm: Subscription,
-        req: ChatCompletionRequest,
-        completion_id: str,
-        created: int,
-    ) -> AsyncIterator[bytes]:
-        usage_field = {"usage": None} if req.include_usage else {}
-
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-            obj = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": req.model,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-                ],
-                **usage_field,
-            }
-            return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-        reader = _Reader()
+        sink: Sink, stream: Stream, subscription: Subscription, framing: _ChunkFraming
+    ) -> None:
         try:
-            interval = daemon.config.http.heartbeat_interval
-            async with subscription_cm as subscription:
-                yield chunk({"role": "assistant", "content": ""})
-                iterator = subscription.__aiter__()
-                while reader.terminal is None:
-                    batch = None
-                    with trio.move_on_after(interval):
-                        try:
-                            batch = await iterator.__anext__()
-                        except StopAsyncIteration:
-                            break
-                    if batch is None:
-                        yield _SSE_HEARTBEAT
-                        continue
-                    out: list[bytes] = []
-                    for event in batch:
-                        reader.take(event)
-                        if event.kind == "content" and event.fields.get("delta"):
-                            out.append(chunk({"content": event.fields["delta"]}))
-                    if out:
-                        yield b"".join(out)
-            terminal = reader.terminal
-            if terminal is None or terminal.kind != "complete":
-                if terminal is None:
-                    error = {"message": "the stream ended", "type": "server_error"}
-                else:
-                    _, error = _terminal_failure(terminal)
-                yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
-                return
-            tail: list[bytes] = []
-            tool_calls = reader.tool_calls()
-            if tool_calls:
-                tail.append(
-                    chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]})
+            async with subscription:
+                delivery = Delivery(
+                    subscription,
+                    framing,
+                    sink,
+                    daemon.metrics.events_sent.labels(framing.transport),
+                    heartbeat=daemon.config.http.heartbeat_interval,
                 )
-            tail.append(chunk({}, reader.finish_reason()))
-            if req.include_usage:
-                usage_chunk = {
-                    "id": completion_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": req.model,
-                    "choices": [],
-                    "usage": reader.usage(),
-                }
-                tail.append(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
-            tail.append(_DONE)
-            yield b"".join(tail)
+                ended = await delivery.run(framing.opening(), live=False)
+            if not ended:
+                await sink.write(framing.failure(None))
+        except RaafdError as err:  # gone, slow_consumer: the chunks cannot go on
+            await sink.write(framing.failure(err))
         finally:
             # Synchronous, so it runs even when the client's disconnect cancelled us.
             if not stream.finished:

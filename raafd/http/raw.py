@@ -50,6 +50,7 @@ from raafd.http.asgi import Response, error_response, next_request_id
 from raafd.http.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
 from raafd.http.streams import FRAMINGS, SSE, Framing, framing_for, replay_after, start_stream
 from raafd.logging import get_logger
+from raafd.net.delivery import Delivery
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
@@ -105,6 +106,26 @@ def route(head: RequestHead) -> StreamRequest | None:
     return None
 
 
+class _Chunked:
+    """A framing's bytes as chunks of a chunked body; the terminal event's chunk and the
+    body's last chunk leave together."""
+
+    __slots__ = ("_inner", "heartbeat", "transport")
+
+    def __init__(self, inner: Framing) -> None:
+        self._inner = inner
+        self.transport = inner.transport
+        self.heartbeat = chunk(inner.heartbeat)
+
+    def event(self, event: StreamEvent) -> bytes:
+        data = self._inner.event(event)
+        return b"%x\r\n%s\r\n%s" % (len(data), data, LAST_CHUNK if event.terminal else b"")
+
+    def batch(self, events: list[StreamEvent]) -> bytes:
+        data = chunk(self._inner.batch(events))
+        return data + LAST_CHUNK if events[-1].terminal else data
+
+
 class RawHttpServer:
     """Serves the streaming requests of the connections the listener gives it (see the module
     docstring); implements :class:`raafd.listener.HttpHandler`."""
@@ -139,7 +160,6 @@ class _Connection:
         self.broken = False  # a send failed
         self.linger = False  # a last response went out: half-close and drain before closing
         self._writer_done = trio.Event()
-        self._last_write = trio.current_time()
         self._reading = trio.CancelScope()  # the reader's; cancelled once requests are over
         self._arrived = trio.lowlevel.ParkingLot()  # the request loop waits here for bytes
         self._taken = trio.lowlevel.ParkingLot()  # the reader waits here while the buffer is full
@@ -371,7 +391,6 @@ class _Connection:
         else:
             with trio.fail_after(self.daemon.config.http.send_timeout):
                 await self.out.write(data)
-        self._last_write = trio.current_time()
 
     # --- streaming responses ------------------------------------------------------------------
 
@@ -413,74 +432,26 @@ class _Connection:
     ) -> bool:
         """The response ``head``, replay, live events and heartbeats until the terminal event;
         True once it (and the body's end) is handed to the output."""
-        out = self.out
-        frame = framing.frame
-        sent = self.daemon.metrics.events_sent.labels(framing.transport)
-        interval = self.daemon.config.http.heartbeat_interval
-        heartbeat = chunk(framing.heartbeat) if chunked else framing.heartbeat
-        tail = LAST_CHUNK if chunked else b""
-        ended = False
-
-        def push(event: StreamEvent) -> bool:
-            # In the stream's task: straight to the socket as one chunk (the last chunk right
-            # behind a terminal event), or refused (queue full, closing) and left to the pull.
-            # It must not raise into the stream: a failure here refuses, and the pull path
-            # meets it again in this connection's task, where it costs this connection only.
-            nonlocal ended
-            try:
-                data = frame(event)
-                if chunked:
-                    end = tail if event.terminal else b""
-                    data = b"%x\r\n%s\r\n%s" % (len(data), data, end)
-                if not out.write_nowait(data):
-                    return False
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False
-            except Exception:
-                log.exception("pushing a stream event failed")
-                return False
-            sent.inc()
-            self._last_write = trio.current_time()
-            if event.terminal:
-                ended = True
-            return True
-
-        def body(batch: list[StreamEvent]) -> bytes:
-            data = b"".join([frame(e) for e in batch])
-            if chunked:
-                data = chunk(data) + (tail if batch[-1].terminal else b"")
-            return data
-
-        subscription.push = push
-        batches = subscription.__aiter__()
+        delivery = Delivery(
+            subscription,
+            _Chunked(framing) if chunked else framing,
+            self,
+            self.daemon.metrics.events_sent.labels(framing.transport),
+            heartbeat=self.daemon.config.http.heartbeat_interval,
+        )
         try:
-            # The head and what the log holds now (a new stream's `start`) in one write, with
-            # no turn of the loop between them.
-            first = subscription.take_nowait()
-            await self._send(head + body(first) if first else head)
-            if first:
-                sent.inc(len(first))
-                ended = first[-1].terminal
-            while not ended:
-                batch = None
-                with trio.move_on_at(self._last_write + interval):
-                    try:
-                        batch = await batches.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if batch is None:
-                    if trio.current_time() >= self._last_write + interval:
-                        await self._send(heartbeat)
-                    continue
-                await self._send(body(batch))
-                sent.inc(len(batch))
-                ended = batch[-1].terminal
+            return await delivery.run(head)
         except RaafdError as err:  # slow_consumer on a shared stream, gone while replaying
             log.info("HTTP stream delivery ended", code=err.code, cursor=subscription.cursor)
             return False
-        finally:
-            subscription.push = None
-        return ended
+
+    # The delivery's sink (raafd.net.delivery.Sink): this connection's output.
+
+    def write_nowait(self, data: bytes) -> bool:
+        return self.out.write_nowait(data)
+
+    async def write(self, data: bytes) -> None:
+        await self._send(data)
 
     async def _linger(self) -> None:
         """After a last response: half-close, then read (briefly, boundedly) what the client

@@ -16,13 +16,12 @@ and serve everything else. Both validate and frame through the same functions be
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import trio
 
-from raafd.errors import BadRequest, Unavailable
+from raafd.errors import BadRequest, RaafdError, Unavailable
 from raafd.http.asgi import (
     JSONResponse,
     Request,
@@ -31,6 +30,8 @@ from raafd.http.asgi import (
     StreamingResponse,
     decode_body,
 )
+from raafd.logging import get_logger
+from raafd.net.delivery import Delivery, Sink
 from raafd.protocol.commands import StreamStart
 from raafd.protocol.events import StreamEvent
 
@@ -52,6 +53,8 @@ __all__ = [
     "start_stream",
 ]
 
+log = get_logger("raafd.http")
+
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
 
@@ -66,13 +69,21 @@ def ndjson_line(event: StreamEvent) -> bytes:
 
 @attrs.frozen
 class Framing:
-    """How one streaming transport frames events; shared by the ASGI path (``event_stream``)
-    and the raw streaming server (:mod:`raafd.http.raw`)."""
+    """How one streaming transport frames events (a :class:`raafd.net.delivery.Framing`);
+    shared by the ASGI path (``event_stream``) and the raw streaming server
+    (:mod:`raafd.http.raw`)."""
 
     content_type: str
     transport: str  # the `transport` label of raafd_events_sent_total
     frame: Callable[[StreamEvent], bytes]
     heartbeat: bytes
+
+    def event(self, event: StreamEvent) -> bytes:
+        return self.frame(event)
+
+    def batch(self, events: list[StreamEvent]) -> bytes:
+        frame = self.frame
+        return b"".join([frame(e) for e in events])
 
 
 FRAMINGS: dict[str, Framing] = {
@@ -95,25 +106,20 @@ def event_stream(daemon: Daemon, stream_id: str, after: int, framing: str) -> St
     ``after`` the log no longer holds is refused here, before any header is sent."""
     daemon.streams.get(stream_id).log.check(after)
     framer = FRAMINGS[framing]
-    frame, heartbeat = framer.frame, framer.heartbeat
-    sent = daemon.metrics.events_sent.labels(framer.transport)
 
-    async def body() -> AsyncIterator[bytes]:
-        interval = daemon.config.http.heartbeat_interval
+    async def body(sink: Sink) -> None:
         async with daemon.streams.subscribe(stream_id, after) as subscription:
-            iterator = subscription.__aiter__()
-            while True:
-                batch = None
-                with trio.move_on_after(interval):
-                    try:
-                        batch = await iterator.__anext__()
-                    except StopAsyncIteration:
-                        return
-                if batch is None:
-                    yield heartbeat
-                    continue
-                sent.inc(len(batch))
-                yield b"".join([frame(e) for e in batch])
+            delivery = Delivery(
+                subscription,
+                framer,
+                sink,
+                daemon.metrics.events_sent.labels(framer.transport),
+                heartbeat=daemon.config.http.heartbeat_interval,
+            )
+            try:
+                await delivery.run(live=False)
+            except RaafdError as err:  # slow_consumer on a shared stream, gone while replaying
+                log.info("HTTP stream delivery ended", code=err.code, cursor=subscription.cursor)
 
     return StreamingResponse(body, framing, headers={"x-raafd-stream": stream_id})
 
