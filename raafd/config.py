@@ -44,6 +44,7 @@ __all__ = [
     "ProviderConfig",
     "ServerConfig",
     "SessionsConfig",
+    "StoreConfig",
     "StreamsConfig",
     "ToolConfig",
     "WebSocketConfig",
@@ -356,6 +357,17 @@ class StateConfig:
     dir: str = "./var"
 
 
+STORE_BACKENDS = ("sqlite", "memory")
+
+
+@frozen
+class StoreConfig:
+    """``[store]``: where sessions are kept. ``sqlite`` (durable, under ``state.dir``) or
+    ``memory`` (tests and throwaway runs: nothing survives a restart)."""
+
+    backend: str = field(default="sqlite", validator=_one_of(*STORE_BACKENDS))
+
+
 def _default_providers() -> dict[str, ProviderConfig]:
     return {"demo": ProviderConfig(type="demo")}
 
@@ -382,6 +394,7 @@ class Config:
     logging: LoggingConfig = field(factory=LoggingConfig)
     admin: AdminConfig = field(factory=AdminConfig)
     state: StateConfig = field(factory=StateConfig)
+    store: StoreConfig = field(factory=StoreConfig)
 
     @property
     def admin_socket_path(self) -> Path:

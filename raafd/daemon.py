@@ -48,7 +48,7 @@ from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
 from raafd.providers.registry import build_providers, open_http_client, open_upstream_client
 from raafd.sdnotify import SdNotifier
-from raafd.store.sqlite import SqliteSessionStore, database_path, open_session_store
+from raafd.store import SessionBackend, open_session_backend
 from raafd.streams import StreamManager
 
 __all__ = ["Daemon"]
@@ -81,7 +81,7 @@ class Daemon:
         self.address: str | None = None
         self.providers: dict[str, Provider] = {}
         self.tools: ToolRegistry | None = None  # built in run(): it needs the HTTP client
-        self.sessions: SqliteSessionStore | None = None  # opened in run()
+        self.sessions: SessionBackend | None = None  # opened in run() ([store] backend)
         self.breakers = Breakers(config.breaker)
         self.agents = AgentLoop(
             config.agents, {}, self.breakers, None, self.metrics, config.streams
@@ -126,7 +126,7 @@ class Daemon:
         async with (
             open_upstream_client() as upstream_client,
             open_http_client() as http_client,
-            open_session_store(database_path(self.config.state), self.config.sessions) as store,
+            open_session_backend(self.config) as store,
             trio.open_nursery() as nursery,
         ):
             self._upstream_client = upstream_client

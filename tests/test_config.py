@@ -67,6 +67,20 @@ def test_out_of_range_reports_every_problem() -> None:
     ]
 
 
+def test_store_backend_is_sqlite_or_memory_and_needs_a_restart() -> None:
+    from raafd.config import diff_configs, is_reloadable
+
+    assert parse_config({}).store.backend == "sqlite"
+    memory = parse_config({"store": {"backend": "memory"}})
+    assert memory.store.backend == "memory"
+    assert problems('[store]\nbackend = "redis"') == [
+        "store.backend: must be one of sqlite, memory; got 'redis'"
+    ]
+    assert problems("[store]\nbackend = 1") == ["store.backend: expected a string, got 1"]
+    assert diff_configs(parse_config({}), memory) == ["store.backend"]
+    assert not is_reloadable("store.backend")
+
+
 def test_cross_references() -> None:
     found = problems('default_agent = "a"\n[agents.a]\nprovider = "demp"')
     assert found == [

@@ -1,4 +1,5 @@
-"""The SQLite session store: durable on return, bounded by whole turns, LRU across sessions."""
+"""The session stores: bounded by whole turns, LRU across sessions, all or nothing; SQLite is
+also durable on return. The cases that apply to both backends run on each (``backend``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,13 @@ from hypothesis import strategies as st
 
 from raafd.config import SessionsConfig
 from raafd.errors import Unavailable
-from raafd.store import SCHEMA_VERSION, open_session_store
-from raafd.store.sqlite import Row, estimate_tokens, plan_trim
+from raafd.store import (
+    SCHEMA_VERSION,
+    SessionBackend,
+    open_memory_session_store,
+    open_session_store,
+)
+from raafd.store.trim import Row, estimate_tokens, plan_trim
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 BIG = SessionsConfig(max_messages=10_000, max_tokens=10_000_000, max_sessions=10_000)
@@ -134,13 +141,25 @@ def test_plan_trim_properties(
     assert not kept or kept[-1].seq == rows[-1].seq
 
 
-# --- the store --------------------------------------------------------------------------------
+# --- the store, on each backend --------------------------------------------------------------
 
 
-async def test_append_load_get_delete_and_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "raafd.sqlite3"  # the directory is created
+@pytest.fixture(params=["sqlite", "memory"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def open_store(
+    backend: str, tmp_path: Path, config: SessionsConfig
+) -> AbstractAsyncContextManager[SessionBackend]:
+    if backend == "sqlite":
+        return open_session_store(tmp_path / "state" / "raafd.sqlite3", config)
+    return open_memory_session_store(config)
+
+
+async def test_append_load_get_delete_count_and_close(backend: str, tmp_path: Path) -> None:
     with trio.fail_after(10):
-        async with open_session_store(path, BIG) as store:
+        async with open_store(backend, tmp_path, BIG) as store:
             assert await store.load("s1") == []
             assert await store.get("s1") is None
             await store.append("s1", turn(1, tools=1))
@@ -151,16 +170,31 @@ async def test_append_load_get_delete_and_reopen(tmp_path: Path) -> None:
             assert got is not None and got["id"] == "s1" and got["updated_at"] > 0
             assert got["messages"] == [*turn(1, tools=1), user("héllo ✓"), assistant("hi")]
             assert await store.count() == 2
-            synchronous = await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
-            assert synchronous == 2  # FULL: the WAL is fsynced at every commit
-        async with open_session_store(path, BIG) as store:
-            assert await store.load("s1") == [*turn(1, tools=1), user("héllo ✓"), assistant("hi")]
+            loaded = await store.load("s2")
+            loaded[0]["content"] = "changed by the caller"  # a copy: the kept one stays
+            assert await store.load("s2") == turn(9)
             assert await store.delete("s2") is True
             assert await store.delete("s2") is False
             assert await store.load("s2") == []
             assert await store.count() == 1
         with pytest.raises(Unavailable):
             await store.load("s1")  # closed
+        with pytest.raises(Unavailable):
+            await store.append("s1", turn(2))
+
+
+async def test_sqlite_keeps_what_was_appended_across_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "raafd.sqlite3"  # the directory is created
+    with trio.fail_after(10):
+        async with open_session_store(path, BIG) as store:
+            await store.append("s1", turn(1, tools=1))
+            await store.append("s1", [user("héllo ✓"), assistant("hi")])
+            await store.append("s2", turn(9))
+            synchronous = await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+            assert synchronous == 2  # FULL: the WAL is fsynced at every commit
+        async with open_session_store(path, BIG) as store:
+            assert await store.load("s1") == [*turn(1, tools=1), user("héllo ✓"), assistant("hi")]
+            assert await store.count() == 2
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -169,10 +203,10 @@ async def test_append_load_get_delete_and_reopen(tmp_path: Path) -> None:
         conn.close()
 
 
-async def test_bounds_trim_whole_turns(tmp_path: Path) -> None:
+async def test_bounds_trim_whole_turns(backend: str, tmp_path: Path) -> None:
     cfg = SessionsConfig(max_messages=6, max_tokens=10_000, max_sessions=10)
     with trio.fail_after(10):
-        async with open_session_store(tmp_path / "db", cfg) as store:
+        async with open_store(backend, tmp_path, cfg) as store:
             for n in range(5):
                 await store.append("s", turn(n, tools=n % 2))
             # turn 4 (2) + turn 3 (4) = 6: turns 0..2 went whole; tool pairs intact.
@@ -180,15 +214,20 @@ async def test_bounds_trim_whole_turns(tmp_path: Path) -> None:
             store.reload(SessionsConfig(max_messages=100, max_tokens=6, max_sessions=10))
             await store.append("s", turn(5))
             assert await store.load("s") == turn(5)  # 3 + 2 tokens; turn 4 would add 5
+            # A newest turn alone over the bound keeps its question and its last step.
+            store.reload(SessionsConfig(max_messages=4, max_tokens=10_000, max_sessions=10))
+            await store.append("s", turn(6, tools=3))
+            assert await store.load("s") == [user("q6"), *turn(6, tools=3)[-3:]]
 
 
-async def test_least_recently_used_sessions_are_forgotten(tmp_path: Path) -> None:
+async def test_least_recently_used_sessions_are_forgotten(backend: str, tmp_path: Path) -> None:
     cfg = SessionsConfig(max_messages=100, max_tokens=10_000, max_sessions=3)
     with trio.fail_after(10):
-        async with open_session_store(tmp_path / "db", cfg) as store:
+        async with open_store(backend, tmp_path, cfg) as store:
             for name in ("a", "b", "c"):
                 await store.append(name, turn(0))
             await store.append("a", turn(1))  # a is now the most recent; b the least
+            assert await store.load("b") == turn(0)  # a read does not make b recent
             await store.append("d", turn(0))
             assert await store.count() == 3
             assert await store.load("b") == []
@@ -199,9 +238,9 @@ async def test_least_recently_used_sessions_are_forgotten(tmp_path: Path) -> Non
             assert await store.count() == 3
 
 
-async def test_concurrent_appends_keep_every_message(tmp_path: Path) -> None:
+async def test_concurrent_appends_keep_every_message(backend: str, tmp_path: Path) -> None:
     with trio.fail_after(20):
-        async with open_session_store(tmp_path / "db", BIG) as store:
+        async with open_store(backend, tmp_path, BIG) as store:
 
             async def writer(task: int) -> None:
                 for i in range(5):
@@ -220,6 +259,28 @@ async def test_concurrent_appends_keep_every_message(tmp_path: Path) -> None:
                 for task in range(s, 40, 4):  # one writer's appends are in its order
                     mine = [q for q in questions if q.startswith(f"{task}.")]
                     assert mine == [f"{task}.{i}" for i in range(5)]
+
+
+async def test_a_cancelled_append_writes_nothing(backend: str, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with open_store(backend, tmp_path, BIG) as store:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await store.append("s", turn(1))
+            assert scope.cancelled_caught
+            assert await store.load("s") == []
+            assert await store.count() == 0
+
+
+async def test_a_message_that_is_not_json_is_refused_and_changes_nothing(
+    backend: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(10):
+        async with open_store(backend, tmp_path, BIG) as store:
+            await store.append("s", turn(1))
+            with pytest.raises(TypeError):
+                await store.append("s", [user("ok"), {"role": "user", "content": object()}])
+            assert await store.load("s") == turn(1)
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -280,8 +341,9 @@ async def test_an_append_that_returned_survives_kill_9(tmp_path: Path) -> None:
 # --- the HTTP API -----------------------------------------------------------------------------
 
 
-async def test_sessions_http_api(start_daemon: Any, tmp_path: Path) -> None:
-    rd = await start_daemon()
+@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+async def test_sessions_http_api(start_daemon: Any, tmp_path: Path, backend: str) -> None:
+    rd = await start_daemon(store={"backend": backend})
     store = rd.daemon.sessions
     async with httpx.AsyncClient(base_url=rd.base_url) as client:
         with trio.fail_after(20):
@@ -303,3 +365,5 @@ async def test_sessions_http_api(start_daemon: Any, tmp_path: Path) -> None:
                     "message": "no session 'chat-1'",
                     "field": "session",
                 }
+    # Only the SQLite backend touches the disk.
+    assert (tmp_path / "var" / "raafd.sqlite3").exists() == (backend == "sqlite")

@@ -16,13 +16,13 @@ from raafd.http.asgi import JSONResponse, Request, Response, Router
 
 if TYPE_CHECKING:
     from raafd.daemon import Daemon
-    from raafd.store.sqlite import SqliteSessionStore
+    from raafd.store import SessionBackend
 
 __all__ = ["add_session_routes"]
 
 
 def add_session_routes(router: Router, daemon: Daemon) -> None:
-    def store() -> SqliteSessionStore:
+    def store() -> SessionBackend:
         if daemon.sessions is None:  # only before the daemon has opened its store
             raise Unavailable("the session store is not open yet")
         return daemon.sessions

@@ -13,12 +13,8 @@ valid conversation.** How it is kept:
   next checkpoint) after the commit.
 - One transaction per ``append``: insert the messages, trim the session to its bounds, forget
   the least recently used sessions past ``max_sessions``. A crash leaves all of it or none.
-- Trimming drops whole turns, oldest first (a turn starts at a ``user`` message; messages
-  before the first one form a turn of their own), so a ``tool`` message never loses the
-  assistant ``tool_calls`` message before it. Only when the newest turn alone is over a bound
-  are its middle steps dropped (each an assistant message with its tool results, never split),
-  keeping its user message and its last step; a turn still over the bound then goes entirely.
-  :func:`plan_trim` is that rule as a pure function.
+- Trimming drops whole turns, oldest first (:mod:`raafd.store.trim`, shared with the memory
+  store), so a kept history is always a valid conversation.
 
 Bounds (DESIGN invariant 2): ``sessions.max_messages`` and ``sessions.max_tokens`` (approximate:
 4 characters a token over role, content and tool-call text) per session; ``max_sessions``
@@ -33,28 +29,25 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import orjson
 import trio
-from attrs import frozen
 
 from raafd.config import SessionsConfig, StateConfig
-from raafd.errors import Unavailable
 from raafd.logging import get_logger
+from raafd.store.base import StoreUnavailable
+from raafd.store.trim import Row, estimate_tokens, kind_of, plan_trim
 
 __all__ = [
     "DATABASE_FILE",
     "SCHEMA_VERSION",
     "SqliteSessionStore",
-    "StoreUnavailable",
     "database_path",
-    "estimate_tokens",
     "open_session_store",
-    "plan_trim",
 ]
 
 log = get_logger("raafd.store")
@@ -62,7 +55,6 @@ T = TypeVar("T")
 
 DATABASE_FILE: Final = "raafd.sqlite3"
 BUSY_TIMEOUT_MS: Final = 5000
-CHARS_PER_TOKEN: Final = 4
 
 # Each entry takes the file from version i to i + 1 (user_version is the file's, shared by every
 # store that will live in it: add their tables here).
@@ -87,96 +79,9 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
-class StoreUnavailable(Unavailable):
-    """The database cannot be used right now (disk full, I/O error, locked past the busy
-    timeout). The SQLite detail is logged, never sent to a client."""
-
-
 def database_path(state: StateConfig) -> Path:
     """Where the daemon's database lives: ``<state.dir>/raafd.sqlite3``."""
     return Path(state.dir) / DATABASE_FILE
-
-
-# --- the trimming rule, pure ------------------------------------------------------------------
-
-
-def _kind(message: dict[str, Any]) -> str:
-    role = message.get("role")
-    return role if role in ("user", "tool") else "other"
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # content parts
-        return "".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in value)
-    return str(value)
-
-
-def estimate_tokens(message: dict[str, Any]) -> int:
-    """About 4 characters a token over role, content and tool-call names and arguments."""
-    chars = len(_text(message.get("role"))) + len(_text(message.get("content")))
-    calls = message.get("tool_calls")
-    if isinstance(calls, list):
-        for call in calls:
-            function = call.get("function", {}) if isinstance(call, dict) else {}
-            if isinstance(function, dict):
-                chars += len(_text(function.get("name"))) + len(_text(function.get("arguments")))
-    return max(1, -(-chars // CHARS_PER_TOKEN))
-
-
-@frozen
-class Row:
-    """What trimming knows of a stored message."""
-
-    seq: int
-    kind: str  # user, tool, other
-    tokens: int
-
-
-def plan_trim(rows: Sequence[Row], max_messages: int, max_tokens: int) -> list[int]:
-    """The seqs to delete so that ``rows`` (one session, oldest first) fits both bounds; see
-    the module docstring for the rule."""
-    # A unit is never split: a message with the tool results that follow it.
-    units: list[list[Row]] = []
-    for row in rows:
-        if row.kind == "tool" and units:
-            units[-1].append(row)
-        else:
-            units.append([row])
-    turns: list[list[list[Row]]] = []
-    for unit in units:
-        if unit[0].kind == "user" or not turns:
-            turns.append([unit])
-        else:
-            turns[-1].append(unit)
-
-    count = len(rows)
-    tokens = sum(r.tokens for r in rows)
-    dropped: list[int] = []
-
-    def drop(unit: list[Row]) -> None:
-        nonlocal count, tokens
-        count -= len(unit)
-        tokens -= sum(r.tokens for r in unit)
-        dropped.extend(r.seq for r in unit)
-
-    def over() -> bool:
-        return count > max_messages or tokens > max_tokens
-
-    while over() and len(turns) > 1:
-        for unit in turns.pop(0):
-            drop(unit)
-    if over() and turns:
-        last = turns[0]
-        while over() and len(last) > 2:  # keep its first unit (the user message) and last
-            drop(last.pop(1))
-        if over():
-            for unit in last:
-                drop(unit)
-    return sorted(dropped)
 
 
 # --- the store --------------------------------------------------------------------------------
@@ -270,7 +175,7 @@ class SqliteSessionStore:
         """Add ``messages`` and trim to the bounds in one transaction, durable on return."""
         if not messages:
             return
-        encoded = [(_kind(m), estimate_tokens(m), orjson.dumps(m)) for m in messages]
+        encoded = [(kind_of(m), estimate_tokens(m), orjson.dumps(m)) for m in messages]
         cfg = self.config
         now = time.time()
 
