@@ -27,6 +27,7 @@ import trio
 
 from raafd import __version__
 from raafd.admin.server import AdminServer
+from raafd.agents.bodies import AgentBodies
 from raafd.agents.runner import AgentLoop
 from raafd.agents.tools import ToolRegistry
 from raafd.config import (
@@ -86,13 +87,14 @@ class Daemon:
         self.agents = AgentLoop(
             config.agents, {}, self.breakers, None, self.metrics, config.streams
         )
+        self.bodies = AgentBodies(self.agents)  # sessions kept once the store is open
         self.streams = StreamManager(
             config.streams,
             config.agents,
             {},
             self.metrics,
             config.default_agent,
-            runner=self.agents,
+            bodies=self.bodies,
         )
         self.gateway = Gateway(lambda: self.config, self.streams, self.metrics, self.tokens)
         self.raw_http = RawHttpServer(self)
@@ -136,7 +138,8 @@ class Daemon:
                 self.config.tools, http_client, metrics=self.metrics, **self._env()
             )
             self.agents.reload(providers=self.providers, tools=self.tools)
-            self.streams.reload(providers=self.providers, sessions=store)
+            self.bodies.sessions = store
+            self.streams.reload(providers=self.providers)
             if self.config.admin.enabled:
                 await nursery.start(self.admin.run)
             await nursery.start(self.tools.run)  # MCP servers live in the registry's nursery

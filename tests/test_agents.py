@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from raafd.agents import AgentLoop, AgentResult, Tool, ToolError, ToolSpec
+from raafd.agents import AgentBodies, AgentLoop, AgentResult, Tool, ToolError, ToolSpec
 from raafd.config import AgentConfig, BreakerConfig, ProviderConfig, StreamsConfig
 from raafd.errors import Conflict, MaxTurns, NotFound
 from raafd.metrics import Metrics
@@ -33,7 +33,7 @@ from raafd.providers.base import (
 )
 from raafd.providers.breaker import Breakers
 from raafd.providers.demo import DemoProvider
-from raafd.streams import StreamManager, StreamWriter
+from raafd.streams import Body, StreamManager, StreamWriter
 
 LIMIT = 1000  # clock seconds: the absolute timeout around every wait
 
@@ -288,9 +288,8 @@ def harness(nursery: trio.Nursery) -> StartHarness:
             metrics,
             config,
         )
-        manager = StreamManager(
-            config, agents, providers, metrics, "assistant", runner=loop, sessions=sessions
-        )
+        bodies = AgentBodies(loop, sessions)
+        manager = StreamManager(config, agents, providers, metrics, "assistant", bodies=bodies)
         if sessions is not None:
             sessions.manager = manager
         await nursery.start(manager.run)
@@ -1048,17 +1047,44 @@ async def test_start_with_a_body_of_its_own(
     assert (await h.events(labelled.id))[0].fields == {"agent": "assistant", "model": "demo"}
 
 
-async def test_the_managers_own_loop_follows_reload(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+class RecordingBodies:
+    """A body factory that records what the manager asks of it; its bodies complete at once."""
+
+    def __init__(self, keeps_sessions: bool) -> None:
+        self.keeps_sessions = keeps_sessions
+        self.calls: list[tuple[str, list[dict[str, Any]], str | None]] = []
+
+    def __call__(self, agent: str, messages: list[dict[str, Any]], session: str | None) -> Body:
+        self.calls.append((agent, messages, session))
+
+        async def body(out: StreamWriter) -> None:
+            await out.emit("complete", final_response="", usage={}, finish_reason="stop")
+
+        return body
+
+
+@pytest.mark.parametrize("keeps_sessions", [True, False])
+async def test_the_manager_runs_what_its_body_factory_builds(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, keeps_sessions: bool
 ) -> None:
-    metrics = Metrics()
-    manager = StreamManager(StreamsConfig(), {"assistant": AgentConfig()}, {}, metrics, "assistant")
-    await nursery.start(manager.run)
-    manager.reload(
-        agents={"assistant": AgentConfig(instructions="new")},
-        providers={"demo": demo(reply_words=1)},
+    bodies = RecordingBodies(keeps_sessions)
+    agents = {"assistant": AgentConfig(), "other": AgentConfig()}
+    providers: dict[str, Provider] = {"demo": demo()}
+    manager = StreamManager(
+        StreamsConfig(), agents, providers, Metrics(), "assistant", bodies=bodies
     )
-    stream = manager.start(agent=None, messages=[{"role": "user", "content": "hi"}])
-    with trio.fail_after(LIMIT):
-        await stream.wait()
-    assert stream.terminal is not None and stream.terminal.fields["final_response"] == "hi streams"
+    await nursery.start(manager.run)
+    first = manager.start(agent=None, messages=[{"role": "user", "content": "hi"}], session="s")
+    if keeps_sessions:
+        with pytest.raises(Conflict):  # one stream per kept session at a time
+            manager.start(agent="other", messages=[], session="s")
+    second = manager.start(agent="other", messages=[], session="t")
+    for stream in (first, second):
+        with trio.fail_after(LIMIT):
+            await stream.wait()
+        assert stream.status == "complete"
+    sessions = ["s", "t"] if keeps_sessions else [None, None]  # None: not kept, only a label
+    assert bodies.calls == [
+        ("assistant", [{"role": "user", "content": "hi"}], sessions[0]),
+        ("other", [], sessions[1]),
+    ]

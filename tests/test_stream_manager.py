@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from raafd.agents.base import Tool, ToolSpec
+from raafd.agents.bodies import AgentBodies
 from raafd.agents.runner import AgentLoop
 from raafd.config import AgentConfig, BreakerConfig, ProviderConfig, StreamsConfig
 from raafd.errors import BadRequest, Conflict, Gone, NotFound, TooManyStreams, Unavailable
@@ -158,6 +159,21 @@ class Tools:
 StartManager = Callable[..., Awaitable[StreamManager]]
 
 
+def agent_bodies(
+    agents: dict[str, AgentConfig],
+    providers: dict[str, Provider],
+    metrics: Metrics,
+    config: StreamsConfig,
+    tools: list[Tool] | None = None,
+) -> AgentBodies:
+    """What the daemon gives a manager: the agent loop (default breakers, ``tools`` offered)
+    as the body of normal streams, sessions not kept."""
+    loop = AgentLoop(
+        agents, providers, Breakers(BreakerConfig()), Tools(tools or []), metrics, config
+    )
+    return AgentBodies(loop)
+
+
 @pytest.fixture
 def start_manager(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> StartManager:
     """``await start_manager(providers={...}, tps=10, words=20, **streams_config)``: a running
@@ -186,15 +202,8 @@ def start_manager(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock)
         agents = {"assistant": AgentConfig(provider="demo", tools=names)}
         agents.update({name: AgentConfig(provider=name, tools=names) for name in providers or {}})
         config, metrics = StreamsConfig(**streams), Metrics()
-        # The manager's own loop offers no tools; with tools, give it a loop that has them.
-        runner = (
-            AgentLoop(
-                agents, all_providers, Breakers(BreakerConfig()), Tools(tools), metrics, config
-            )
-            if tools
-            else None
-        )
-        manager = StreamManager(config, agents, all_providers, metrics, "assistant", runner=runner)
+        bodies = agent_bodies(agents, all_providers, metrics, config, tools)
+        manager = StreamManager(config, agents, all_providers, metrics, "assistant", bodies=bodies)
         await nursery.start(manager.run)
         return manager
 
@@ -931,9 +940,9 @@ async def test_stats_and_listing(
 
 
 async def test_not_running_manager_refuses(autojump_clock: trio.testing.MockClock) -> None:
-    manager = StreamManager(
-        StreamsConfig(), {"assistant": AgentConfig()}, {}, Metrics(), "assistant"
-    )
+    config, agents, metrics = StreamsConfig(), {"assistant": AgentConfig()}, Metrics()
+    bodies = agent_bodies(agents, {}, metrics, config)
+    manager = StreamManager(config, agents, {}, metrics, "assistant", bodies=bodies)
     with pytest.raises(Unavailable):
         manager.start(agent=None, messages=user())
 

@@ -14,7 +14,7 @@ from attrs import frozen
 from raafd.providers.base import Usage
 
 if TYPE_CHECKING:
-    from raafd.streams.stream import StreamWriter
+    from raafd.streams.body import StreamWriter
 
 __all__ = ["AgentResult", "AgentRunner", "SessionStore", "Tool", "ToolError", "ToolSpec"]
 

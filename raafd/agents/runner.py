@@ -59,7 +59,7 @@ from raafd.providers.fallback import default_model, stream_with_fallback
 
 if TYPE_CHECKING:
     # Only for types: raafd.streams imports this module (the manager runs the loop).
-    from raafd.streams.stream import StreamWriter
+    from raafd.streams.body import StreamWriter
 
 __all__ = [
     "HANDOFF_PREFIX",

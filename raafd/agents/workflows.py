@@ -31,13 +31,15 @@ import trio
 from attrs import frozen
 
 from raafd.agents.base import AgentResult, AgentRunner
+from raafd.agents.bodies import AgentBodies
 from raafd.errors import NotFound, RaafdError
 from raafd.logging import get_logger
 from raafd.protocol.commands import WorkflowStart
 
 if TYPE_CHECKING:
+    from raafd.streams.body import Body, StreamWriter
     from raafd.streams.manager import StreamManager
-    from raafd.streams.stream import Body, Stream, StreamWriter
+    from raafd.streams.stream import Stream
 
 __all__ = [
     "Workflow",
@@ -181,10 +183,13 @@ def start_workflow(
     ``POST /v1/workflows`` and ``workflow.start`` both do). Raises what
     :meth:`StreamManager.start` raises, and ``NotFound`` for an unknown agent."""
     workflow = check_agents(cmd, agents)
+    bodies = manager.bodies
+    if not isinstance(bodies, AgentBodies):  # wired wrong: the daemon gives AgentBodies
+        raise TypeError(f"workflows need a stream manager built with AgentBodies, not {bodies!r}")
     return manager.start(
         agent=workflow.label,
         messages=_user(workflow.input),
         stream_id=cmd.stream,
         owner=owner,
-        body=workflow_body(manager.runner, workflow),
+        body=workflow_body(bodies.runner, workflow),
     )

@@ -14,14 +14,12 @@ Bounds (DESIGN invariant 2):
   one that ended first is forgotten early;
 - every stream's log and subscribers are bounded by the stream itself (see ``stream.py``).
 
-A normal stream's body runs the agent loop (:class:`~raafd.agents.runner.AgentLoop`, or the
-runner given) and ends the stream with ``complete`` or ``error``. With a ``session`` and a
-session store, the body loads the session's history before the run and appends the run's
-messages (the new input, then the assistant and tool messages) *before* ``complete`` is
-emitted: a client told "complete" finds the session saved. A run that fails saves nothing. One
-session has at most one such stream running at a time (another start is a ``Conflict``), so two
-runs never interleave one conversation. Other code (workflows) starts streams with a body of its
-own through ``start(body=...)``.
+A normal stream's body comes from the :class:`~raafd.streams.body.BodyFactory` the manager is
+given (the daemon gives :class:`~raafd.agents.bodies.AgentBodies`: the agent run, its session
+kept); the manager never imports the agent loop. When the factory keeps sessions, one session
+has at most one normal stream running at a time (another start is a ``Conflict``), so two runs
+never interleave one conversation. Other code (workflows) starts streams with a body of its own
+through ``start(body=...)``.
 """
 
 from __future__ import annotations
@@ -34,16 +32,14 @@ from typing import Any
 import structlog
 import trio
 
-from raafd.agents.base import AgentRunner, SessionStore
-from raafd.agents.runner import AgentLoop
-from raafd.config import AgentConfig, BreakerConfig, StreamsConfig
-from raafd.errors import BadRequest, Conflict, NotFound, RaafdError, TooManyStreams, Unavailable
+from raafd.config import AgentConfig, StreamsConfig
+from raafd.errors import BadRequest, Conflict, NotFound, TooManyStreams, Unavailable
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
 from raafd.providers.base import Provider
-from raafd.providers.breaker import Breakers
 from raafd.providers.fallback import default_model
-from raafd.streams.stream import STATUSES, Body, Stream, StreamWriter, Subscription
+from raafd.streams.body import Body, BodyFactory
+from raafd.streams.stream import STATUSES, Stream, Subscription
 from raafd.timers import Timers
 
 __all__ = ["StreamManager"]
@@ -56,10 +52,8 @@ _STREAM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 class StreamManager:
     """See the module docstring. Run it with ``await nursery.start(manager.run)``.
 
-    ``runner`` runs the agents of normal streams; without one the manager builds an
-    :class:`~raafd.agents.runner.AgentLoop` of its own (no tools, default breakers) and keeps
-    it in step on :meth:`reload`. A runner given is the caller's to reload. ``sessions`` keeps
-    conversations across streams; without one, ``session`` ids are only labels."""
+    ``bodies`` builds the body of every normal stream (``agents`` and ``providers`` only check
+    the agent and label the ``start`` event); it is the caller's to reload."""
 
     def __init__(
         self,
@@ -69,21 +63,14 @@ class StreamManager:
         metrics: Metrics,
         default_agent: str,
         *,
-        runner: AgentRunner | None = None,
-        sessions: SessionStore | None = None,
+        bodies: BodyFactory,
     ) -> None:
         self._config = config
         self._agents = agents
         self._providers = providers
         self._metrics = metrics
         self._default_agent = default_agent
-        self._own_loop: AgentLoop | None = None
-        if runner is None:
-            runner = self._own_loop = AgentLoop(
-                agents, providers, Breakers(BreakerConfig()), None, metrics, config
-            )
-        self._runner: AgentRunner = runner
-        self._sessions = sessions
+        self._bodies = bodies
         self._session_streams: dict[str, str] = {}  # session → its running stream (bounded)
         self._nursery: trio.Nursery | None = None
         self._timers = Timers()
@@ -118,12 +105,8 @@ class StreamManager:
         agents: Mapping[str, AgentConfig] | None = None,
         providers: Mapping[str, Provider] | None = None,
         default_agent: str | None = None,
-        sessions: SessionStore | None = None,
     ) -> None:
-        """Apply a reloaded configuration (or a session store opened after construction) to
-        streams started from now on."""
-        if sessions is not None:
-            self._sessions = sessions
+        """Apply a reloaded configuration to streams started from now on."""
         if config is not None:
             self._config = config
         if agents is not None:
@@ -132,13 +115,11 @@ class StreamManager:
             self._providers = providers
         if default_agent is not None:
             self._default_agent = default_agent
-        if self._own_loop is not None:
-            self._own_loop.reload(agents=agents, providers=providers, streams=config)
 
     @property
-    def runner(self) -> AgentRunner:
-        """The agent runner of normal streams (workflows may run agents with it too)."""
-        return self._runner
+    def bodies(self) -> BodyFactory:
+        """The factory of normal streams' bodies (workflows run agents with its runner)."""
+        return self._bodies
 
     @property
     def draining(self) -> bool:
@@ -216,7 +197,7 @@ class StreamManager:
             if stream_id in self._streams:
                 raise Conflict(f"stream {stream_id!r} already exists", field="stream")
         # The session whose conversation this stream loads and saves (normal streams only).
-        kept = session if body is None and self._sessions is not None else None
+        kept = session if body is None and self._bodies.keeps_sessions else None
         if kept is not None and kept in self._session_streams:
             raise Conflict(
                 f"session {kept!r} already has a running stream"
@@ -243,7 +224,7 @@ class StreamManager:
             on_finish=self._stream_ended,
         )
         if body is None:
-            body = self._agent_body(name, list(messages or []), kept)
+            body = self._bodies(name, list(messages or []), kept)
         self._streams[stream.id] = stream
         self._running[stream.id] = stream
         if owner:
@@ -305,42 +286,6 @@ class StreamManager:
         return [s.info() for s in reversed(self._streams.values())]
 
     # --- internals ----------------------------------------------------------------------------
-
-    def _agent_body(self, agent: str, messages: list[dict[str, Any]], session: str | None) -> Body:
-        """The body of a normal stream: history, the agent run, the session saved, the end."""
-        runner = self._runner
-        store = self._sessions if session is not None else None
-
-        async def body(out: StreamWriter) -> None:
-            try:
-                history = (
-                    await store.load(session) if store is not None and session is not None else []
-                )
-                result = await runner.run(out, agent, [*history, *messages])
-                if store is not None and session is not None:
-                    # Durable before `complete`: a client told "complete" finds it saved.
-                    await store.append(session, result.messages[len(history) :])
-            except RaafdError as exc:
-                log.info("stream failed", code=exc.code, reason=exc.message)
-                extra: dict[str, Any] = {}
-                if exc.retry_after is not None:
-                    extra["retry_after"] = exc.retry_after
-                await out.emit("error", error={"code": exc.code, "message": exc.message}, **extra)
-                return
-            # Anything else propagates: the stream logs it with its traceback and ends with
-            # `error` {internal}, revealing nothing.
-            usage = result.usage
-            await out.emit(
-                "complete",
-                final_response=result.text,
-                usage={
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                },
-                finish_reason=result.finish_reason,
-            )
-
-        return body
 
     async def _run_stream(self, stream: Stream, body: Body) -> None:
         # The task was spawned from a request's or connection's context, which trio copied;

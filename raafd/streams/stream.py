@@ -32,8 +32,8 @@ import functools
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, Literal, Protocol, cast
+from collections.abc import Callable
+from typing import Any, Final, Literal, cast
 
 import trio
 
@@ -43,6 +43,7 @@ from raafd.errors import BadRequest, Conflict
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
 from raafd.protocol.events import CANCEL_REASONS, TERMINAL_KINDS, StreamEvent
+from raafd.streams.body import Body, StreamWriter
 from raafd.timers import Timers
 
 __all__ = [
@@ -107,38 +108,6 @@ os.register_at_fork(after_in_child=_random.reset)
 def new_stream_id() -> str:
     """A fresh stream id: ``st_`` and 24 random hex digits (96 bits from the OS's CSPRNG)."""
     return "st_" + _random.take(12).hex()
-
-
-class StreamWriter(Protocol):
-    """What a stream's body (the provider runner, later the agent loop) writes through."""
-
-    async def emit(self, kind: str, **fields: Any) -> None:
-        """Append an event. A non-terminal one first waits while the stream is paused or its
-        single subscriber is behind (backpressure); a terminal one ends the stream."""
-        ...
-
-    async def wait_ready(self) -> None:
-        """Return once the stream takes more upstream output (not paused, subscriber keeping
-        up). Call it before reading the upstream, so that pausing stops the reads."""
-        ...
-
-    def progress(self) -> None:
-        """Upstream made progress without an event yet (a tool-call fragment): counts as a
-        token for the first-token and idle timeouts."""
-        ...
-
-    def ready_now(self) -> bool:
-        """Whether a non-terminal event would be taken now without a wait (the stream running,
-        not paused, its single subscriber keeping up): :meth:`emit_now`'s precondition."""
-        ...
-
-    def emit_now(self, kind: str, **fields: Any) -> None:
-        """Append a non-terminal event synchronously; only right after :meth:`ready_now` said
-        True (a provider's synchronous read callback, which must not wait)."""
-        ...
-
-
-Body = Callable[[StreamWriter], Awaitable[None]]
 
 
 class Stream:

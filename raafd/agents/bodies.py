@@ -1,0 +1,71 @@
+"""The body of a normal stream: the agent run, with its session's conversation kept.
+
+:class:`AgentBodies` is the :class:`~raafd.streams.body.BodyFactory` the composition root gives
+the stream manager. A body loads the session's history before the run and appends the run's
+messages (the new input, then the assistant and tool messages) *before* ``complete`` is
+emitted: a client told "complete" finds the session saved. A run that fails saves nothing and
+ends the stream with ``error`` carrying the failure's code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from raafd.agents.base import AgentRunner, SessionStore
+from raafd.errors import RaafdError
+from raafd.logging import get_logger
+
+if TYPE_CHECKING:
+    from raafd.streams.body import Body, StreamWriter
+
+__all__ = ["AgentBodies"]
+
+log = get_logger("raafd.streams")
+
+
+class AgentBodies:
+    """Bodies that run agents with ``runner``; with ``sessions`` (which may be set later, once
+    the store is open) they keep conversations across streams."""
+
+    def __init__(self, runner: AgentRunner, sessions: SessionStore | None = None) -> None:
+        self.runner = runner
+        self.sessions = sessions
+
+    @property
+    def keeps_sessions(self) -> bool:
+        return self.sessions is not None
+
+    def __call__(self, agent: str, messages: list[dict[str, Any]], session: str | None) -> Body:
+        runner = self.runner
+        store = self.sessions if session is not None else None
+
+        async def body(out: StreamWriter) -> None:
+            try:
+                history = (
+                    await store.load(session) if store is not None and session is not None else []
+                )
+                result = await runner.run(out, agent, [*history, *messages])
+                if store is not None and session is not None:
+                    # Durable before `complete`: a client told "complete" finds it saved.
+                    await store.append(session, result.messages[len(history) :])
+            except RaafdError as exc:
+                log.info("stream failed", code=exc.code, reason=exc.message)
+                extra: dict[str, Any] = {}
+                if exc.retry_after is not None:
+                    extra["retry_after"] = exc.retry_after
+                await out.emit("error", error={"code": exc.code, "message": exc.message}, **extra)
+                return
+            # Anything else propagates: the stream logs it with its traceback and ends with
+            # `error` {internal}, revealing nothing.
+            usage = result.usage
+            await out.emit(
+                "complete",
+                final_response=result.text,
+                usage={
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                },
+                finish_reason=result.finish_reason,
+            )
+
+        return body
