@@ -84,6 +84,7 @@ async def test_ndjson_and_201(start_daemon: Any) -> None:
             assert created.headers["location"] == f"/v1/streams/{stream}"
             status = (await client.get(f"/v1/streams/{stream}")).json()
             assert status["status"] in ("running", "complete") and status["agent"] == "assistant"
+            assert status["stream"] == stream and status["id"] == stream  # id: deprecated
             async with client.stream(
                 "GET",
                 f"/v1/streams/{stream}/events?after=0",
@@ -115,7 +116,7 @@ async def test_control_over_http(start_daemon: Any) -> None:
                 "running"
             )
             r = await client.post(f"/v1/streams/{stream}/cancel")
-            assert r.json()["status"] == "cancelled"
+            assert r.json()["status"] == "cancelled" and r.json()["stream"] == stream
             r = await client.post(f"/v1/streams/{stream}/pause")
             assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
             async with client.stream("GET", f"/v1/streams/{stream}/events") as response:

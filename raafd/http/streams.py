@@ -148,6 +148,12 @@ def replay_after(headers: Mapping[str, str], query: Mapping[str, str]) -> int:
     return int(text)
 
 
+def _status_reply(stream: Stream) -> dict[str, Any]:
+    """The status of ``GET /v1/streams/{id}`` and of the control answers: ``stream`` is the id,
+    as everywhere else; ``id``, the same id, is deprecated and goes in a later release."""
+    return {"stream": stream.id, **stream.info()}
+
+
 def add_stream_routes(router: Router, daemon: Daemon) -> None:
     def manager() -> Any:
         return daemon.streams
@@ -164,7 +170,7 @@ def add_stream_routes(router: Router, daemon: Daemon) -> None:
         return event_stream(daemon, stream.id, 0, framing)
 
     async def status(request: Request, stream_id: str) -> Response:
-        return JSONResponse(manager().get(stream_id).info())
+        return JSONResponse(_status_reply(manager().get(stream_id)))
 
     async def events(request: Request, stream_id: str) -> StreamingResponse:
         after = replay_after(request.headers, request.query)
@@ -180,7 +186,7 @@ def add_stream_routes(router: Router, daemon: Daemon) -> None:
                 m.pause(stream_id)
             else:
                 m.resume(stream_id)
-            return JSONResponse(m.get(stream_id).info())
+            return JSONResponse(_status_reply(m.get(stream_id)))
 
         return handler
 
