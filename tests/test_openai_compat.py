@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -273,3 +274,45 @@ def test_tool_calls_raafd_ran_stay_inside() -> None:
     ]
     odd = events(("complete", {"final_response": "", "finish_reason": "max_turns"}))
     assert odd.finish_reason() == "stop" and odd.usage()["total_tokens"] == 0
+
+
+async def test_a_streaming_completion_is_the_same_on_both_http_paths(start_daemon: Any) -> None:
+    """raafd's raw HTTP path serves `stream: true` completions on a fresh connection;
+    hypercorn serves them on a connection that began with another request. Same chunks."""
+    rd = await start_daemon(**FAST)
+    body = {"model": "assistant", "messages": [{"role": "user", "content": "same"}], "stream": True}
+    body["stream_options"] = {"include_usage": True}
+
+    async def frames(via_hypercorn: bool) -> list[Any]:
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(base_url=rd.base_url, limits=limits) as client:
+            if via_hypercorn:
+                assert (await client.get("/healthz")).status_code == 200
+            r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        out: list[Any] = []
+        for frame in r.text.split("\n\n"):
+            if not frame or frame.startswith(":"):
+                continue
+            data = frame.removeprefix("data: ")
+            if data == "[DONE]":
+                out.append(data)
+                continue
+            chunk = json.loads(data)
+            assert chunk.pop("id") == f"chatcmpl-{r.headers['x-raafd-stream']}"
+            chunk.pop("created")
+            out.append(chunk)
+        return out
+
+    with trio.fail_after(30):
+        raw = await frames(via_hypercorn=False)
+        hypercorn = await frames(via_hypercorn=True)
+    assert raw == hypercorn
+    assert raw[-1] == "[DONE]"
+    assert raw[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert raw[-2]["choices"] == [] and raw[-2]["usage"]["completion_tokens"] == 13
+    sent = rd.daemon.metrics.registry.get_sample_value(
+        "raafd_events_sent_total", {"transport": "openai"}
+    )
+    assert sent is not None and sent > 0

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import attrs
 import cattrs
 import orjson
 import trio
@@ -45,15 +46,19 @@ from raafd.protocol.commands import describe_structure_error
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
+    from raafd.core.feed import Subscription
     from raafd.daemon import Daemon
-    from raafd.streams.stream import Stream, Subscription
+    from raafd.streams.stream import Stream
 
 __all__ = [
     "IGNORED_FIELDS",
     "ChatCompletionRequest",
     "ChatMessage",
+    "ChunkFraming",
+    "Completion",
     "add_openai_routes",
     "openai_error",
+    "start_completion",
 ]
 
 # Parameters of the official SDK's `chat.completions.create` that raafd accepts and ignores.
@@ -358,7 +363,7 @@ class _Reader:
         }
 
 
-class _ChunkFraming:
+class ChunkFraming:
     """A stream's events as ``chat.completion.chunk`` SSE lines (a
     :class:`~raafd.net.delivery.Framing`, one per completion: it folds the events it frames
     into a :class:`_Reader` for the last chunks)."""
@@ -430,6 +435,79 @@ def _arguments_text(arguments: Any) -> str:
     return orjson.dumps(arguments if arguments is not None else {}).decode()
 
 
+async def _chunks(
+    daemon: Daemon, sink: Sink, stream: Stream, subscription: Subscription, framing: ChunkFraming
+) -> None:
+    """A streaming completion's body on a connection hypercorn serves (raafd's raw HTTP path
+    serves it through the same framing: :mod:`raafd.http.raw`)."""
+    try:
+        async with subscription:
+            delivery = Delivery(
+                subscription,
+                framing,
+                sink,
+                daemon.metrics.events_sent.labels(framing.transport),
+                heartbeat=daemon.config.http.heartbeat_interval,
+            )
+            ended = await delivery.run(framing.opening(), live=False)
+        if not ended:
+            await sink.write(framing.failure(None))
+    except RaafdError as err:  # gone, slow_consumer: the chunks cannot go on
+        await sink.write(framing.failure(err))
+    finally:
+        # Synchronous, so it runs even when the client's disconnect cancelled us.
+        if not stream.finished:
+            stream.cancel("client")
+
+
+@attrs.frozen
+class Completion:
+    """A started completion: its stream and what its answer needs."""
+
+    stream: Stream
+    req: ChatCompletionRequest
+
+    @property
+    def id(self) -> str:
+        return f"chatcmpl-{self.stream.id}"
+
+    @property
+    def created(self) -> int:
+        return int(self.stream.created_at)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-raafd-stream": self.stream.id}
+
+    def framing(self) -> ChunkFraming:
+        return ChunkFraming(self.req, self.id, self.created)
+
+
+def start_completion(daemon: Daemon, body: bytes, request_id: str) -> Response | Completion:
+    """Validate a ``POST /v1/chat/completions`` body and start its stream; refusals come back
+    as OpenAI-shaped responses (both HTTP paths answer them as they are)."""
+    try:
+        req = parse_request(body)
+        messages = conversation(req)
+        if req.model not in daemon.config.agents:
+            daemon.metrics.errors.labels("not_found").inc()
+            return _model_not_found(req.model)
+        if daemon.draining:
+            raise Unavailable("the server is draining", retry_after=1)
+        try:
+            stream = daemon.streams.start(
+                agent=req.model, messages=messages, owner=f"openai:{request_id}"
+            )
+        except NotFound as err:
+            if err.field == "agent":  # removed by a reload since the check above
+                return _model_not_found(req.model)
+            raise
+    except RaafdError as err:
+        daemon.metrics.errors.labels(err.code).inc()
+        return _from_raafd(err)
+    return Completion(stream, req)
+
+
 # --- routes -----------------------------------------------------------------------------------
 
 
@@ -459,34 +537,21 @@ def add_openai_routes(router: Router, daemon: Daemon) -> None:
             return _from_raafd(err)
 
     async def _completions(request: Request) -> Response | StreamingResponse:
-        req = parse_request(await request.body())
-        messages = conversation(req)
-        if req.model not in daemon.config.agents:
-            daemon.metrics.errors.labels("not_found").inc()
-            return _model_not_found(req.model)
-        if daemon.draining:
-            raise Unavailable("the server is draining", retry_after=1)
-        try:
-            stream = daemon.streams.start(
-                agent=req.model, messages=messages, owner=f"openai:{request.id}"
-            )
-        except NotFound as err:
-            if err.field == "agent":  # removed by a reload since the check above
-                return _model_not_found(req.model)
-            raise
-        completion_id = f"chatcmpl-{stream.id}"
-        created = int(stream.created_at)
-        headers = {"x-raafd-stream": stream.id}
-        if req.stream:
-            # Subscribe now, before the response starts, as /v1/streams does.
-            subscription = daemon.streams.subscribe(stream.id, 0)
-            framing = _ChunkFraming(req, completion_id, created)
+        started = start_completion(daemon, await request.body(), request.id)
+        if isinstance(started, Response):
+            return started
+        if started.req.stream:
+            # Subscribed now, before the response starts, as /v1/streams does.
+            subscription = started.stream.subscribe(0)
+            framing = started.framing()
             return StreamingResponse(
-                lambda sink: _chunks(sink, stream, subscription, framing),
+                lambda sink: _chunks(daemon, sink, started.stream, subscription, framing),
                 "text/event-stream",
-                headers=headers,
+                headers=started.headers,
             )
-        return await _whole(request, stream, req, completion_id, created, headers)
+        return await _whole(
+            request, started.stream, started.req, started.id, started.created, started.headers
+        )
 
     async def _whole(
         request: Request,
@@ -553,28 +618,6 @@ def add_openai_routes(router: Router, daemon: Daemon) -> None:
             "usage": reader.usage(),
         }
         return JSONResponse(body, 200, headers)
-
-    async def _chunks(
-        sink: Sink, stream: Stream, subscription: Subscription, framing: _ChunkFraming
-    ) -> None:
-        try:
-            async with subscription:
-                delivery = Delivery(
-                    subscription,
-                    framing,
-                    sink,
-                    daemon.metrics.events_sent.labels(framing.transport),
-                    heartbeat=daemon.config.http.heartbeat_interval,
-                )
-                ended = await delivery.run(framing.opening(), live=False)
-            if not ended:
-                await sink.write(framing.failure(None))
-        except RaafdError as err:  # gone, slow_consumer: the chunks cannot go on
-            await sink.write(framing.failure(err))
-        finally:
-            # Synchronous, so it runs even when the client's disconnect cancelled us.
-            if not stream.finished:
-                stream.cancel("client")
 
     router.add("POST", "/v1/chat/completions", completions)
     router.add("GET", "/v1/models", models)

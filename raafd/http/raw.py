@@ -40,6 +40,7 @@ import socket
 from typing import TYPE_CHECKING
 
 import attrs
+import orjson
 import structlog
 import trio
 
@@ -48,9 +49,11 @@ from raafd.errors import RaafdError, TooLarge
 from raafd.gateway.sockio import Output, RawSocket
 from raafd.http.asgi import Response, error_response, next_request_id
 from raafd.http.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
+from raafd.http.openai_compat import ChunkFraming, Completion, start_completion
 from raafd.http.streams import FRAMINGS, SSE, Framing, framing_for, replay_after, start_stream
 from raafd.logging import get_logger
 from raafd.net.delivery import Delivery
+from raafd.net.delivery import Framing as DeliveryFraming
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
@@ -71,11 +74,13 @@ Handover = tuple[trio.SocketStream, bytes]
 @attrs.frozen
 class StreamRequest:
     """A request this server serves: start a stream and follow it (``stream_id`` None), or
-    follow the stream ``stream_id``."""
+    follow the stream ``stream_id``; or, with ``openai``, a ``POST /v1/chat/completions``
+    (served here only when its body asks for ``stream: true``)."""
 
     framing: Framing
     stream_id: str | None
     body_length: int
+    openai: bool = False
 
 
 def route(head: RequestHead) -> StreamRequest | None:
@@ -99,6 +104,8 @@ def route(head: RequestHead) -> StreamRequest | None:
         if framing is None:
             return None  # the plain JSON answer (201)
         return StreamRequest(FRAMINGS[framing], None, int(length))
+    if head.method == "POST" and path == "/v1/chat/completions":
+        return StreamRequest(FRAMINGS[SSE], None, int(length), openai=True)
     if head.method == "GET" and int(length) == 0:
         match = _EVENTS_PATH.fullmatch(path)
         if match is not None:
@@ -112,18 +119,22 @@ class _Chunked:
 
     __slots__ = ("_inner", "heartbeat", "transport")
 
-    def __init__(self, inner: Framing) -> None:
+    def __init__(self, inner: DeliveryFraming) -> None:
         self._inner = inner
         self.transport = inner.transport
         self.heartbeat = chunk(inner.heartbeat)
 
     def event(self, event: StreamEvent) -> bytes:
         data = self._inner.event(event)
-        return b"%x\r\n%s\r\n%s" % (len(data), data, LAST_CHUNK if event.terminal else b"")
+        end = LAST_CHUNK if event.terminal else b""
+        # An empty chunk would end the body: a framing that has nothing for an event (the
+        # OpenAI chunks skip `start`) sends nothing.
+        return b"%x\r\n%s\r\n%s" % (len(data), data, end) if data else end
 
     def batch(self, events: list[StreamEvent]) -> bytes:
-        data = chunk(self._inner.batch(events))
-        return data + LAST_CHUNK if events[-1].terminal else data
+        data = self._inner.batch(events)
+        end = LAST_CHUNK if events[-1].terminal else b""
+        return chunk(data) + end if data else end
 
 
 class RawHttpServer:
@@ -245,6 +256,12 @@ class _Connection:
             request = route(head) if head is not None else None
             if head is None or request is None:
                 return True
+            if request.openai:
+                streaming = await self._asks_to_stream(head_end, request.body_length, deadline)
+                if streaming is None:
+                    return False
+                if not streaming:
+                    return True  # a whole answer (or an error): hypercorn's
             if not await self._serve(head, head_end, request, deadline):
                 return False
             if self.server.closing:
@@ -288,6 +305,26 @@ class _Connection:
                 if not await self._receive():
                     return None
         return None
+
+    async def _asks_to_stream(self, head_end: int, length: int, deadline: float) -> bool | None:
+        """Whether the body after the head is JSON with ``"stream": true``, read without taking
+        it (so hypercorn can serve the request whole when not); None when the client left or
+        did not send it by ``deadline``."""
+        if length > self.daemon.config.http.max_body_bytes:
+            return False  # hypercorn answers 413
+        end = head_end + length
+        if len(self.buf) < end:
+            with trio.move_on_at(deadline):
+                while len(self.buf) < end:
+                    if not await self._receive():
+                        return None
+            if len(self.buf) < end:
+                return None
+        try:
+            body = orjson.loads(bytes(self.buf[head_end:end]))
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(body, dict) and body.get("stream") is True
 
     async def _read_body(self, length: int, deadline: float) -> bytes | None:
         if len(self.buf) < length:  # not all of it came with the head (the rare case)
@@ -337,6 +374,11 @@ class _Connection:
                 if body is None:
                     return False
                 self._authorize(head, query)
+                if request.openai:
+                    started = start_completion(daemon, body, request_id)
+                    if isinstance(started, Response):
+                        return await self._answer(head.method, started, keep)
+                    return await self._complete(head.method, started, keep)
                 if request.stream_id is None:
                     stream_id = start_stream(daemon, body, request_id).id
                     after = 0
@@ -355,7 +397,7 @@ class _Connection:
                 return await self._answer(
                     head.method, error_response(RaafdError("internal error")), False
                 )
-            return await self._respond(head.method, stream_id, subscription, request, keep)
+            return await self._respond(head.method, stream_id, subscription, request.framing, keep)
         finally:
             if subscription is not None:
                 subscription.close()  # detaches: the stream's detach grace applies
@@ -399,27 +441,38 @@ class _Connection:
         method: str,
         stream_id: str,
         subscription: Subscription,
-        request: StreamRequest,
+        framing: Framing | ChunkFraming,
         keep: bool,
+        opening: bytes = b"",
     ) -> bool:
-        framing = request.framing
+        """Deliver ``subscription`` as the response (``opening`` first in its body); True when
+        the connection may serve another request."""
         headers = [
-            ("content-type", framing.content_type),
+            ("content-type", SSE if isinstance(framing, ChunkFraming) else framing.content_type),
             ("x-raafd-stream", stream_id),
             ("cache-control", "no-cache"),
             ("x-accel-buffering", "no"),
             ("transfer-encoding", "chunked") if keep else ("connection", "close"),
         ]
         self.daemon.metrics.http_requests.labels(method, "200").inc()
+        if opening and keep:
+            opening = chunk(opening)
+        delivery = Delivery(
+            subscription,
+            _Chunked(framing) if keep else framing,
+            self,
+            self.daemon.metrics.events_sent.labels(framing.transport),
+            heartbeat=self.daemon.config.http.heartbeat_interval,
+        )
         ended = False
         with trio.CancelScope() as response:  # cancelled by the reader when the client leaves
             self._response = response
             if self.eof:
                 response.cancel()
             try:
-                ended = await self._deliver(
-                    subscription, framing, response_head(200, headers), chunked=keep
-                )
+                ended = await delivery.run(response_head(200, headers) + opening)
+            except RaafdError as err:  # slow_consumer on a shared stream, gone while replaying
+                log.info("HTTP stream delivery ended", code=err.code, cursor=subscription.cursor)
             finally:
                 self._response = None
         if self.eof or not ended:
@@ -427,23 +480,28 @@ class _Connection:
         self.linger = not keep
         return keep
 
-    async def _deliver(
-        self, subscription: Subscription, framing: Framing, head: bytes, *, chunked: bool
-    ) -> bool:
-        """The response ``head``, replay, live events and heartbeats until the terminal event;
-        True once it (and the body's end) is handed to the output."""
-        delivery = Delivery(
-            subscription,
-            _Chunked(framing) if chunked else framing,
-            self,
-            self.daemon.metrics.events_sent.labels(framing.transport),
-            heartbeat=self.daemon.config.http.heartbeat_interval,
-        )
+    async def _complete(self, method: str, completion: Completion, keep: bool) -> bool:
+        """A streaming OpenAI-compatible completion. The client's leaving cancels the stream
+        (nobody can re-attach to an OpenAI API call); an end without the terminal event gets
+        the error chunk, as on the ASGI path."""
+        stream = completion.stream
+        framing = completion.framing()
+        subscription = stream.subscribe(0)
+        subscription.open()
         try:
-            return await delivery.run(head)
-        except RaafdError as err:  # slow_consumer on a shared stream, gone while replaying
-            log.info("HTTP stream delivery ended", code=err.code, cursor=subscription.cursor)
+            if await self._respond(
+                method, stream.id, subscription, framing, keep, framing.opening()
+            ):
+                return True
+            if not self.eof and not self.broken:
+                with trio.move_on_after(self.daemon.config.http.send_timeout):
+                    failure = framing.failure(None)
+                    await self._send(chunk(failure) + LAST_CHUNK if keep else failure)
             return False
+        finally:
+            subscription.close()
+            if not stream.finished:
+                stream.cancel("client")
 
     # The delivery's sink (raafd.net.delivery.Sink): this connection's output.
 
