@@ -727,3 +727,39 @@ async def test_fragments_control_frames_between_them_and_protocol_errors(
     assert frames[1:3] == [(0xA, b"are you there"), (0x1, b'{"type":"pong","ref":"p"}')]
     assert frames[3][0] == 0x8 and int.from_bytes(frames[3][1][:2], "big") == 1002
     assert len(frames) == 4
+
+
+class _BrokenFraming:
+    """Injects a bug into one connection's delivery: framing a live event raises."""
+
+    transport = "websocket"
+    heartbeat = b""
+
+    def event(self, event: Any) -> bytes:
+        raise ValueError("a bug in this connection's framing")
+
+    def batch(self, events: list[Any]) -> bytes:
+        raise ValueError("a bug in this connection's framing")
+
+
+async def test_a_failing_delivery_closes_its_own_connection_only(start_daemon: Any) -> None:
+    rd = await start_daemon(providers={"demo": {"tokens_per_second": 50.0, "reply_words": 30}})
+    async with open_websocket_url(rd.ws_url) as owner, open_websocket_url(rd.ws_url) as ws:
+        welcome = await recv(ws)
+        await recv(owner)
+        stream_id = await start_stream(owner)
+        await send(ws, type="stream.attach", stream=stream_id, after=0, ref="a")
+        while (await recv(ws))["type"] != "stream.attached":
+            pass
+        connection = rd.daemon.gateway.connections[welcome["conn"]]
+        connection.attachments[stream_id].framing = _BrokenFraming()
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
+            while True:
+                await recv(ws)
+        assert info.value.reason.code == 1011
+        events = await read_events(owner)  # the stream and its owner go on
+    assert_contiguous(events, first=events[0]["seq"])
+    assert events[-1]["event"] == "complete"
+    assert rd.daemon.streams.get(stream_id).status == "complete"
+    failures = rd.daemon.metrics.registry.get_sample_value("raafd_subscriber_failures_total")
+    assert failures == 1
