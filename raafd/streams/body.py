@@ -34,16 +34,6 @@ class StreamWriter(Protocol):
         token for the first-token and idle timeouts."""
         ...
 
-    def ready_now(self) -> bool:
-        """Whether a non-terminal event would be taken now without a wait (the stream running,
-        not paused, its single subscriber keeping up): :meth:`emit_now`'s precondition."""
-        ...
-
-    def emit_now(self, kind: str, **fields: Any) -> None:
-        """Append a non-terminal event synchronously; only right after :meth:`ready_now` said
-        True (a provider's synchronous read callback, which must not wait)."""
-        ...
-
 
 Body = Callable[[StreamWriter], Awaitable[None]]
 """A stream's work: it writes the stream's events, its terminal event included."""

@@ -510,15 +510,3 @@ class _Writer:
 
     def progress(self) -> None:
         self._stream._progress(content=False)
-
-    def ready_now(self) -> bool:
-        stream = self._stream
-        return not stream.log.closed and not stream._must_wait()
-
-    def emit_now(self, kind: str, **fields: Any) -> None:
-        stream = self._stream
-        if kind in TERMINAL_KINDS or stream.log.closed:
-            raise RuntimeError(f"emit_now({kind!r}) on an ended stream or of a terminal event")
-        if kind in _TOKEN_KINDS:
-            stream._progress(content=kind == "content")
-        stream._append(kind, fields)
