@@ -315,12 +315,6 @@ class ListWriter:
     def progress(self) -> None:
         self.progressed += 1
 
-    def ready_now(self) -> bool:
-        return True
-
-    def emit_now(self, kind: str, **fields: Any) -> None:
-        self.events.append((kind, fields))
-
 
 def make_loop(
     agents: dict[str, AgentConfig],
