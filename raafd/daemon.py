@@ -42,9 +42,9 @@ from raafd.errors import BadRequest, NotFound
 from raafd.gateway.gateway import Gateway
 from raafd.http.app import build_app
 from raafd.http.raw import RawHttpServer
-from raafd.listener import PublicListener
 from raafd.logging import get_level, get_logger, set_level
 from raafd.metrics import Metrics
+from raafd.net.listener import PublicListener
 from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
 from raafd.providers.registry import build_providers, open_http_client, open_upstream_client

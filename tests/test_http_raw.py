@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 import raafd.http.raw as raw
 from raafd.gateway.sockio import Output
-from raafd.http.h1 import parse_request_head
 from raafd.http.raw import route
 from raafd.http.streams import FRAMINGS, NDJSON, SSE, Framing, ndjson_line, sse_frame
+from raafd.net.h1 import parse_request_head
 from raafd.protocol.events import StreamEvent
 from tests.rawhttp import RawClient, request, start_sse
 

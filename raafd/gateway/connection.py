@@ -56,9 +56,9 @@ from raafd.errors import (
 )
 from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
 from raafd.gateway.sockio import Output, RawSocket
-from raafd.listener import RequestHead
 from raafd.logging import get_logger
 from raafd.net.delivery import Delivery
+from raafd.net.h1 import RequestHead
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode
 from raafd.protocol.commands import (
     Hello,

@@ -10,8 +10,8 @@ import trio
 
 from raafd.config import Config
 from raafd.gateway.connection import Connection
-from raafd.listener import RequestHead
 from raafd.metrics import Metrics
+from raafd.net.h1 import RequestHead
 from raafd.protocol.codes import CloseCode
 from raafd.timers import Timers
 

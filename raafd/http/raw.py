@@ -48,12 +48,12 @@ from raafd.auth import check_http
 from raafd.errors import RaafdError, TooLarge
 from raafd.gateway.sockio import Output, RawSocket
 from raafd.http.asgi import Response, error_response, next_request_id
-from raafd.http.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
 from raafd.http.openai_compat import ChunkFraming, Completion, start_completion
 from raafd.http.streams import FRAMINGS, SSE, Framing, framing_for, replay_after, start_stream
 from raafd.logging import get_logger
 from raafd.net.delivery import Delivery
 from raafd.net.delivery import Framing as DeliveryFraming
+from raafd.net.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class _Chunked:
 
 class RawHttpServer:
     """Serves the streaming requests of the connections the listener gives it (see the module
-    docstring); implements :class:`raafd.listener.HttpHandler`."""
+    docstring); implements :class:`raafd.net.listener.HttpHandler`."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon

@@ -28,9 +28,9 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
 from raafd.config import ServerConfig
-from raafd.http.h1 import RequestHead, parse_request_head
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
+from raafd.net.h1 import RequestHead, parse_request_head
 
 __all__ = [
     "HttpHandler",
