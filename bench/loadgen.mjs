@@ -1,7 +1,8 @@
 // Load generator for bench/stream_bench.py: raw sockets, no client library, one core.
 //
-//   node bench/loadgen.mjs stream --transport ws|sse|direct --port P --n N
+//   node bench/loadgen.mjs stream --transport ws|sse|openai|direct --port P --n N
 //        [--host 127.0.0.1] [--ramp MS] [--duration MS] [--deltas 64] [--stall 200]
+//        [--model assistant]
 //   node bench/loadgen.mjs idle --port P --n N [--sources K] [--concurrency C] [--hold S]
 //
 // stream: N virtual clients, each with its own connection, each running one stream at a time
@@ -10,7 +11,10 @@
 // length the starts are spread evenly and N streams run at once in steady state.
 //   ws      GET /v1/ws (subprotocol raafd.v1), then {"type":"stream.start"} per stream
 //   sse     POST /v1/streams with Accept: text/event-stream, on a keep-alive connection
+//   openai  POST /v1/chat/completions to raafd ("model": --model, the agent), stream:true
 //   direct  POST /v1/chat/completions straight to the fake upstream (the baseline)
+// openai and direct read `data: {chat.completion.chunk}` lines (choices[0].delta.content) up
+// to `data: [DONE]`; ws and sse read raafd's `content` events.
 // Every content delta carries "<index>@<upstream send ms>|" (bench/fake_upstream.mjs); on
 // receipt the generator records one-way latency (receipt - send), inter-token gaps per stream
 // (a delivery carrying several tokens counts its later ones as gap 0), time to first token (first content receipt - request write), missing, duplicated and
@@ -251,6 +255,8 @@ function summary(values) {
 
 function streamMode() {
   const transport = opt.transport ?? 'ws';
+  const chunks = transport === 'direct' || transport === 'openai'; // OpenAI chunk framing
+  const model = opt.model ?? (transport === 'direct' ? 'm' : 'assistant');
   const ramp = Number(opt.ramp ?? 1300);
   const duration = Number(opt.duration ?? 5000);
   const deltas = Number(opt.deltas ?? 64);
@@ -417,7 +423,7 @@ function streamMode() {
         this.httpError += ` ${line.slice(0, 120)}`;
         return;
       }
-      if (transport === 'direct') {
+      if (chunks) {
         if (line === '[DONE]') {
           this.sawDone = true;
           return;
@@ -432,7 +438,7 @@ function streamMode() {
     onHttpEnd(closeAfter) {
       if (this.inStream) {
         if (this.httpError) this.failStream(this.httpError);
-        else if (transport === 'direct' && this.sawDone) this.completeStream();
+        else if (chunks && this.sawDone) this.completeStream();
         else this.failStream('response ended before the terminal event');
       }
       this.httpError = null;
@@ -460,9 +466,16 @@ function streamMode() {
         req =
           `POST /v1/streams HTTP/1.1\r\nHost: ${HOST}:${PORT}\r\nContent-Type: application/json\r\n` +
           `Accept: text/event-stream\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+      } else if (transport === 'openai') {
+        const body = `{"model":${JSON.stringify(model)},"messages":[{"role":"user","content":"bench"}],` +
+          '"stream":true}';
+        req =
+          `POST /v1/chat/completions HTTP/1.1\r\nHost: ${HOST}:${PORT}\r\n` +
+          `Content-Type: application/json\r\nAccept: text/event-stream\r\n` +
+          `Content-Length: ${body.length}\r\n\r\n${body}`;
       } else {
-        const body = '{"model":"m","messages":[{"role":"user","content":"bench"}],"stream":true,' +
-          '"stream_options":{"include_usage":true}}';
+        const body = `{"model":${JSON.stringify(model)},"messages":[{"role":"user","content":"bench"}],` +
+          '"stream":true,"stream_options":{"include_usage":true}}';
         req =
           `POST /v1/chat/completions HTTP/1.1\r\nHost: ${HOST}:${PORT}\r\n` +
           `Content-Type: application/json\r\nAccept: text/event-stream\r\n` +
