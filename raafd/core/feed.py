@@ -53,6 +53,7 @@ from raafd.core.log import EventLog
 from raafd.errors import Gone, RaafdError
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
+from raafd.protocol.codes import ErrorCode
 from raafd.protocol.events import StreamEvent, build_event, coalesce
 
 __all__ = [
@@ -74,7 +75,7 @@ class SlowConsumer(RaafdError):
 
     The gateway closes with 4001; the client resumes from its last seq."""
 
-    code = "slow_consumer"
+    code = ErrorCode.SLOW_CONSUMER
     http_status = 409
 
 
@@ -82,7 +83,7 @@ class SubscriberFailed(RaafdError):
     """A subscriber's own code raised while taking an event; it was dropped, the feed went on.
     Its connection is answered ``internal`` (a bug costs only its own connection)."""
 
-    code = "internal"
+    code = ErrorCode.INTERNAL
     http_status = 500
 
 
