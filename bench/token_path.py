@@ -1,13 +1,13 @@
 """The CPU a token's Python path costs in raafd, in µs per token, with no system call in it.
 Prints numbers; not a test.
 
-The path is the one a token of an OpenAI-compatible upstream takes through the upstream
-reactor: the HTTP chunk's framing (``ChunkedBody``), the event stream and the JSON
-(``OpenAIProvider._chunk_deltas``, what ``_read_events`` hands each read to), the sinks'
-``try_send`` chain (``DeltaWatch`` → ``_TurnSink`` → the stream's writer), the append to the
-stream's log, and the WebSocket frame its single subscriber's ``push`` builds. The two system
-calls of a token (the upstream ``recv`` and the client ``send``) and the reactor's loop are left
-out, as is everything a stream's start costs apart from building the ``Stream``.
+The path is the one a token of an OpenAI-compatible upstream takes in the stream's task once
+its read returned: the HTTP chunk's framing (``ChunkedBody``), the event stream and the JSON
+(``OpenAIProvider._chunk_deltas``, what ``pump_deltas`` hands each read to), the sinks' ``send``
+chain (``DeltaWatch`` → ``_TurnSink`` → the stream's writer), the append to the stream's log,
+and the WebSocket frame its single subscriber's ``push`` builds. The read itself (the upstream
+``recv``, the wait for it and the task's wake-up), the client ``send`` and the scheduler are
+left out, as is everything a stream's start costs apart from building the ``Stream``.
 
 Streams run one after another, 64 tokens each, so the caches stay hot: under 500 concurrent
 streams the same path costs about 1.6 times as much (``bench/stream_bench.py --profile``). Use
@@ -82,14 +82,13 @@ async def run_streams(streams: int) -> float:
         async with stream.subscribe(stream.head) as subscription:
             subscription.push = push
             stream._gap_on = True  # as while a body runs: tokens move the idle timer
-            try_send = DeltaWatch(_TurnSink(_Writer(stream), None)).try_send
+            send = DeltaWatch(_TurnSink(_Writer(stream), None)).send
             body, parser, state = ChunkedBody(), SSEParser(), _ChunkState()
             parser.feed(_ROLE)
 
             for chunk in wire:
                 for delta in provider._chunk_deltas(parser, state, body.feed(chunk)):
-                    if not try_send(delta):
-                        raise RuntimeError("the stream refused a token: the harness is wrong")
+                    await send(delta)  # never waits here: the subscriber keeps up
         stream.cancel()
     elapsed = time.process_time() - started
     if frames != streams * DELTAS:

@@ -1,23 +1,23 @@
 """Many lazily moved timers in one heap, fired by one task.
 
-A stream has four timers (detach grace, pause timeout, first-token/idle, ``max_duration``) and an
-upstream connection one (its read timeout). Each keeps its own due times as plain floats and
+A stream has four timers (detach grace, pause timeout, first-token/idle, ``max_duration``) and a
+WebSocket connection one (its heartbeat). Each keeps its own due times as plain floats and
 registers only the earliest with :class:`Timers` (:meth:`Timers.arm`); the timer task calls the
 item's ``_on_timer(now)`` when that time comes, and the item acts on whatever is due and arms its
-next time. A due time that moves *later* (every token moves the idle timer, every read the read
-timeout) costs nothing here: the old entry fires, the item finds nothing due yet and arms the new
-time. Only a due time *earlier* than the armed one adds an entry; the entry it supersedes stays
-in the heap, stale, and is skipped when popped (its time no longer matches the item's
-``_timer_at``).
+next time. A due time that moves *later* (every token moves the idle timer, every frame read a
+connection's silence deadline) costs nothing here: the old entry fires, the item finds nothing
+due yet and arms the new time. Only a due time *earlier* than the armed one adds an entry; the
+entry it supersedes stays in the heap, stale, and is skipped when popped (its time no longer
+matches the item's ``_timer_at``).
 
 Why not a cancel scope with a deadline around each wait, or a timer task per stream: at
-hundreds of stream starts and tens of thousands of upstream reads a second, entering a deadline
-scope (about 6 µs: a cancel status, trio's deadline heap, a stale heap entry) on every read, and
-a task, a nursery and two deadline scopes per stream, cost more than the work they guard. Here an
-item costs one heap push when armed and one per timeout period while it stays busy. The price:
-an item's ``_on_timer`` runs in the timer task, so it acts on the item from outside (cancels a
-scope, or wakes a blocked read with ``trio.lowlevel.notify_closing``) rather than raising in
-the waiting task itself.
+hundreds of stream starts and tens of thousands of tokens and frames a second, a deadline moved
+on every one of them, and a task, a nursery and two deadline scopes per stream, cost more than
+the work they guard. Here an item costs one heap push when armed and one per timeout period
+while it stays busy. The price: an item's ``_on_timer`` runs in the timer task, so it acts on
+the item from outside (cancels a scope, closes a connection) rather than raising in the waiting
+task itself. (An upstream read is bounded by a cancel scope of its own exchange instead, see
+:mod:`raafd.providers.upstream`: one deadline moved per read, and no timer task.)
 
 Bounds: stale entries are dropped when the heap grows past twice the armed items plus
 :data:`_COMPACT_SLACK`, so the heap holds no more than that whatever the churn.

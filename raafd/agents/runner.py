@@ -155,9 +155,7 @@ async def read_turn(
 
     The provider runs in this task and its sink appends straight to the stream: no channel and
     no second task per token. ``emit`` returns only once the stream takes more (not paused,
-    its single subscriber keeping up), so until then the provider does not read again; a
-    provider that reads in a synchronous callback hands tokens on with the sink's
-    ``try_send``, which takes one only while the stream needs no wait."""
+    its single subscriber keeping up), so until then the provider does not read again."""
     sink = _TurnSink(out, agent)
     await out.wait_ready()  # paused before the first token: do not even ask yet
     try:
@@ -201,16 +199,6 @@ class _TurnSink:
             raise _TooManyCalls
         if item.text:
             await out.emit("content", delta=item.text, **self._tag)
-
-    def try_send(self, delta: Delta, /) -> bool:
-        out = self._out
-        if delta.text and not out.ready_now():
-            return False
-        if not _merge(out, self.turn, delta):
-            raise _TooManyCalls
-        if delta.text:
-            out.emit_now("content", delta=delta.text, **self._tag)
-        return True
 
 
 def _merge(out: StreamWriter, turn: Turn, delta: Delta) -> bool:

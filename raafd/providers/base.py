@@ -11,7 +11,6 @@ scope closes the upstream request at once. Failures are raised as :class:`Provid
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from attrs import field, frozen
@@ -28,7 +27,6 @@ __all__ = [
     "RetryNotice",
     "Sink",
     "ToolCallDelta",
-    "TrySend",
     "Usage",
 ]
 
@@ -99,17 +97,10 @@ class ProviderError(UpstreamError):
 
 
 class Sink(Protocol):
-    """Where a provider sends its events, one at a time, in order.
-
-    A sink may also have ``try_send`` (a :data:`TrySend`): take a delta synchronously if that
-    needs no wait, else answer False and take nothing (the provider then uses ``send``). A
-    provider that reads in a synchronous callback (``UpstreamResponse.pump``) uses it to hand
-    each token on without a task switch."""
+    """Where a provider sends its events, one at a time, in order; ``send`` returns once the
+    consumer takes more (the backpressure)."""
 
     async def send(self, value: ProviderEvent, /) -> None: ...
-
-
-TrySend = Callable[[Delta], bool]
 
 
 class Provider(Protocol):

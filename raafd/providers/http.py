@@ -37,7 +37,7 @@ import httpx
 import trio
 
 from raafd.config import ProviderConfig
-from raafd.providers.base import Delta, ProviderError, Sink, TrySend
+from raafd.providers.base import Delta, ProviderError, Sink
 from raafd.providers.upstream import (
     Exchange,
     UpstreamClient,
@@ -134,56 +134,41 @@ async def pump_deltas(
     parse: Callable[[bytes], Iterator[Delta]],
     finished: Callable[[], bool],
 ) -> None:
-    """Read a streamed body with :meth:`UpstreamResponse.pump` until ``finished()`` or the
-    body's end, turning each chunk into deltas with ``parse`` (synchronous: it runs in the
-    upstream client's reactor task).
+    """Read a streamed body until ``finished()`` or the body's end, turning each read into
+    deltas with ``parse`` and sending them into ``send`` in order, all in this task.
 
-    Adjacent text-only deltas of one chunk go on as one delta (their texts joined): they arrived
+    Adjacent text-only deltas of one read go on as one delta (their texts joined): they arrived
     together, so joining them delays nothing, and the stream makes one ``content`` event of them
     instead of several. While raafd keeps pace with the upstream it reads one delta at a time;
     when it reads late, several are waiting, and what a token costs then falls instead of rising.
 
-    Each delta goes on through the sink's ``try_send`` (no task switch) while it takes them; from
-    the first one it refuses (the stream must wait: paused, its subscriber behind), the rest of
-    the chunk's deltas queue in order, the pump stops, and this task hands them to ``send``,
-    which waits. What ``parse`` raises is raised once the deltas it yielded before went out."""
-    try_send: TrySend | None = getattr(send, "try_send", None)
-    backlog: list[Delta] = []
-    failed: list[Exception] = []
-
-    def put(delta: Delta) -> None:
-        if backlog or try_send is None or not try_send(delta):
-            backlog.append(delta)
-
-    def take(chunk: bytes) -> bool:
-        texts: list[Delta] = []  # adjacent text-only deltas of this chunk, not yet put
+    ``send`` waits while the stream cannot take more (paused, its subscriber behind), and the
+    next read waits for it: backpressure reaches the upstream's TCP window. What ``parse``
+    raises is raised once the deltas it yielded before went out."""
+    while not finished():
+        chunk = await response.receive_some()
+        if not chunk:
+            return
+        deltas: list[Delta] = []
+        texts: list[Delta] = []  # adjacent text-only deltas, not yet in deltas
+        failure: Exception | None = None
         try:
-            try:
-                for delta in parse(chunk):
-                    if delta.text and _text_only(delta):
-                        texts.append(delta)
-                        continue
-                    if texts:
-                        put(_joined(texts))
-                        texts.clear()
-                    put(delta)
-            finally:
+            for delta in parse(chunk):
+                if delta.text and _text_only(delta):
+                    texts.append(delta)
+                    continue
                 if texts:
-                    put(_joined(texts))
+                    deltas.append(_joined(texts))
+                    texts = []
+                deltas.append(delta)
         except Exception as exc:
-            if not backlog:
-                raise
-            failed.append(exc)  # after the deltas before it
-            return False
-        return not backlog and not finished()
-
-    while not finished() and not response.ended:
-        await response.pump(take)
-        for delta in backlog:
+            failure = exc
+        if texts:
+            deltas.append(_joined(texts))
+        for delta in deltas:
             await send.send(delta)
-        backlog.clear()
-        if failed:
-            raise failed[0]
+        if failure is not None:
+            raise failure
 
 
 def _text_only(delta: Delta) -> bool:
@@ -196,7 +181,9 @@ def _joined(deltas: list[Delta]) -> Delta:
 
 class _Post:
     """:meth:`HttpProvider._post`'s context manager (a class: see
-    :class:`~raafd.providers.upstream.Exchange`)."""
+    :class:`~raafd.providers.upstream.Exchange`). It turns every transport failure of the
+    exchange, raised inside the block or when the exchange is left (a read timeout), into a
+    :class:`ProviderError`."""
 
     __slots__ = ("_exchange", "_provider")
 
@@ -208,14 +195,16 @@ class _Post:
         exchange = self._exchange
         try:
             response = await exchange.__aenter__()
-            if response.is_success:
-                return response
-            try:
-                error = await self._provider._http_error(response)
-            finally:
-                await exchange.__aexit__(None, None, None)
         except UpstreamTransportError as exc:
             raise self._provider._transport_error(exc) from None
+        if response.is_success:
+            return response
+        try:
+            error = await self._provider._http_error(response)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        await self.__aexit__(None, None, None)
         raise error
 
     async def __aexit__(
@@ -224,7 +213,10 @@ class _Post:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._exchange.__aexit__(exc_type, exc, tb)
+        try:
+            await self._exchange.__aexit__(exc_type, exc, tb)
+        except UpstreamTransportError as left:
+            raise self._provider._transport_error(left) from None
         if isinstance(exc, UpstreamTransportError):
             raise self._provider._transport_error(exc) from None
 

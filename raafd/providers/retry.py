@@ -28,7 +28,6 @@ from raafd.providers.base import (
     ProviderRequest,
     RetryNotice,
     Sink,
-    TrySend,
 )
 
 __all__ = ["DeltaWatch", "backoff_delay", "stream_with_retry"]
@@ -46,21 +45,12 @@ class DeltaWatch:
     across its chain; one watch serves both (:func:`stream_with_retry` uses the sink it is given
     when that is a watch already), so a token passes through one wrapper, not two."""
 
-    __slots__ = ("_inner", "_inner_try", "deltas", "retries")
+    __slots__ = ("_inner", "deltas", "retries")
 
     def __init__(self, inner: Sink) -> None:
         self._inner = inner
-        self._inner_try: TrySend | None = getattr(inner, "try_send", None)
         self.deltas = 0
         self.retries = 0
-
-    def try_send(self, delta: Delta, /) -> bool:
-        """``inner.try_send``, counted; False when ``inner`` has none."""
-        inner_try = self._inner_try
-        if inner_try is not None and inner_try(delta):
-            self.deltas += 1
-            return True
-        return False
 
     async def send(self, value: ProviderEvent, /) -> None:
         if isinstance(value, RetryNotice):

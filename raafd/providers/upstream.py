@@ -6,25 +6,37 @@ byte followed the body. Every other way out of :meth:`UpstreamClient.post` (an e
 cancellation, a consumer that stopped reading) closes the socket at once, synchronously, so an
 upstream sees a cancelled stream end within a loop iteration and stops generating tokens.
 
-Why not httpx on this path: per streamed token, httpcore scans its pool on each request and
-runs every body chunk through about six nested async iterators, and h11 alone costs about 10 µs
-per chunked-body chunk; that was half of raafd's CPU per token. Here the HTTP/1.1 itself (the
-request head written once per URL and header set, the response head and the body read) is
-:mod:`raafd.providers.wire`, pure functions and classes of bytes; this module does the I/O:
-plain ``http://`` through a raw non-blocking socket (a syscall first, a wait only when it would
-block), ``https://`` through :class:`trio.SSLStream`, both behind one tiny transport interface
-(``receive_some`` / ``send_all`` / ``close``), and the pool.
+Every read runs in the task that entered the exchange (a stream's own task): a plain ``await
+stream.receive_some()`` on a :class:`trio.SocketStream` for ``http://``, on a
+:class:`trio.SSLStream` over one for ``https://``. The client has no task of its own. Connecting
+is :func:`trio.open_tcp_stream` with happy eyeballs (RFC 8305: the next address of a host is
+tried when the last one has not answered within :data:`HAPPY_EYEBALLS_DELAY`, so an IPv6 route
+that drops packets costs a quarter of a second, not the connect timeout).
 
-A streamed body is best read with :meth:`UpstreamResponse.pump`: a synchronous callback gets the
-body's bytes as they arrive. On plain TCP the calls come from the client's one reactor task
-(:class:`_Reactor`, a private edge-triggered epoll holding every pumping socket), so the
-stream's own task sleeps through the body instead of waking once per token; the pump returns
-when the callback asks for a wait (it returns False), at the body's end, or with what the
-callback raised.
+Timeouts are cancel scopes:
+
+- ``connect_timeout``: one ``move_on_after`` around connecting (DNS, TCP, a proxy's tunnel, the
+  TLS handshake), a ``connect_timeout`` error; the same bound on waiting for a free connection
+  when the pool is full, a ``pool`` error.
+- ``read_timeout``: one :class:`trio.CancelScope` per exchange, entered with ``async with
+  client.post(...)``. Its deadline is set to now + ``read_timeout`` before each read or write of
+  the connection and back to infinity after it, so it bounds every wait for the upstream (the
+  request sent, the response head, each body read) and none of the caller's own waits between
+  reads (a stream its client paused). Moving one scope's deadline costs less than entering a
+  new scope per read, which matters at one read per token. Its expiry is a ``timeout`` error,
+  raised when the exchange is left; the connection is closed. So a response is read in the
+  task that entered its exchange, and nowhere else.
+
+Why not httpx on this path: per streamed token, httpcore scans its pool on each request and
+runs every body chunk through about six nested async iterators, and h11 spends about ten times
+:mod:`raafd.providers.wire`'s time on each chunk of a chunked body. Here the HTTP/1.1 itself
+(the request head written once per URL and header set, the response head and the body read)
+is :mod:`raafd.providers.wire`, pure functions and classes of bytes; this module does the I/O
+and the pool.
 
 The pool keeps idle connections per origin (scheme, host, port, proxy), checks them cheaply
-before reuse (a non-blocking ``MSG_PEEK``: data or EOF means the server is done with it), and
-drops those idle longer than ``idle_expiry`` lazily, at checkout and checkin (no background
+before reuse (a non-blocking ``poll``: data or EOF waiting means the server is done with it),
+and drops those idle longer than ``idle_expiry`` lazily, at checkout and checkin (no background
 task). A request whose *reused* connection fails before any byte of the response head arrives
 is sent once more on a fresh connection: the server closed the idle connection as the request
 left. Connections in use or idle are bounded by ``max_connections``; waiting for one longer than
@@ -47,16 +59,13 @@ import os
 import select
 import socket
 import ssl
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Protocol
 
 import certifi
-import outcome
 import trio
 
 from raafd import __version__
@@ -73,9 +82,9 @@ from raafd.providers.wire import (
     protocol_error,
     request_head,
 )
-from raafd.timers import Timers
 
 __all__ = [
+    "HAPPY_EYEBALLS_DELAY",
     "KINDS",
     "Exchange",
     "UpstreamClient",
@@ -84,362 +93,59 @@ __all__ = [
     "open_upstream_client",
 ]
 
-RECEIVE_SIZE = 65536  # bytes asked of one recv
-# Successive reads that found data waiting without yielding to the scheduler: after this many,
-# the next read waits (a checkpoint), so a flood of bytes cannot starve other tasks.
-_READY_STREAK = 16
-# One turn of the upstream reactor reads ready sockets for at most this long (seconds), taking
-# _POLL_EVENTS readiness events at a time; what is still ready then waits for its next turn,
-# after every other runnable task has had its step. Unbounded, a turn under load grows with
-# the backlog (a turn serves everything ready, which took long enough for everything to be
-# ready again), and every other task waits a whole turn per step: a new stream's start needs
-# three or four steps before its first token (the command, the stream's task, the upstream's
-# answer), so its first token waited three or four long turns.
-_TURN_BUDGET = 0.005
-_POLL_EVENTS = 64
+RECEIVE_SIZE = 65536  # bytes asked of one read
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address of a host is tried (RFC 8305)
 _TARGET_CACHE = 256  # parsed URLs kept per client
 
 
-# --- transports -------------------------------------------------------------------------------
+# --- reads and writes under the exchange's deadline -------------------------------------------
 
 
-class _Transport(Protocol):
-    """A connected byte stream. Every wait is bounded by ``timeout`` seconds (a ``timeout``
-    error); a broken connection is a ``disconnect`` error; ``close`` is synchronous."""
+class _Link:
+    """A connection's stream under its exchange's deadline scope: each read or write waits at
+    most ``read_timeout`` seconds (see the module docstring; ``math.inf`` for none)."""
 
-    sock: socket.socket  # the TCP socket underneath, for the pool's liveness check
-    timeout: float
+    __slots__ = ("read_timeout", "scope", "stream")
 
-    async def receive_some(self) -> bytes: ...
+    def __init__(
+        self, stream: trio.abc.Stream, scope: trio.CancelScope, read_timeout: float
+    ) -> None:
+        self.stream = stream
+        self.scope = scope
+        self.read_timeout = read_timeout
 
-    async def send_all(self, data: bytes) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _close_socket(sock: socket.socket) -> None:
-    if sock.fileno() != -1:
-        trio.lowlevel.notify_closing(sock)
-        sock.close()
-
-
-def _broken(exc: OSError) -> UpstreamTransportError:
-    return UpstreamTransportError("disconnect", exc.strerror or str(exc) or type(exc).__name__)
-
-
-def _timed_out(timeout: float) -> UpstreamTransportError:
-    return UpstreamTransportError("timeout", f"the connection was idle for {timeout:g} s")
-
-
-Feed = Callable[[bytes], bool]
-"""What a pump calls with each read (``b""`` at the end of the stream): True to read on."""
-
-
-async def _pump_by_reads(transport: _Transport, feed: Feed) -> None:
-    """A pump without the reactor (TLS, or a client whose reactor is not running): each read
-    in the calling task."""
-    while feed(await transport.receive_some()):
-        pass
-
-
-class _Reactor:
-    """The reads of pumping connections (:meth:`_SocketTransport.pump`), for all of them in one
-    task: a private edge-triggered epoll holds each plain-TCP upstream socket from its first
-    pump to its close, and trio waits on that epoll's own descriptor.
-
-    Why: a streamed token is one small read. Through ``trio.lowlevel.wait_readable`` each read
-    costs a wake-up of the stream's task (its whole coroutine chain resumed, an outcome, a
-    reschedule) and an ``epoll_ctl`` to re-arm the one-shot registration; here a readiness
-    event is a dict lookup and a call, the stream's task sleeps through the whole body, and the
-    registration is made once per connection.
-
-    A turn is bounded in time (``_TURN_BUDGET``), so the other tasks get a step every few
-    milliseconds however many sockets are ready; ready sockets are served in the order epoll
-    reports them, which is the order they became ready."""
-
-    __slots__ = ("_again", "_epoll", "_pumps", "running")
-
-    def __init__(self) -> None:
-        self._epoll: select.epoll | None = None
-        self._pumps: dict[int, _SocketTransport] = {}  # registered sockets, by descriptor
-        self._again: list[_SocketTransport] = []  # stopped on the streak limit, data left
-        self.running = False
-
-    def register(self, transport: _SocketTransport) -> None:
-        assert self._epoll is not None
-        fd = transport.sock.fileno()
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
-        self._pumps[fd] = transport
-
-    def unregister(self, transport: _SocketTransport) -> None:
-        fd = transport.sock.fileno()
-        if self._pumps.pop(fd, None) is not None and self._epoll is not None:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass
-
-    def again(self, transport: _SocketTransport) -> None:
-        self._again.append(transport)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve readiness events until cancelled."""
-        self._epoll = epoll = select.epoll()
-        self.running = True
-        task_status.started()
-        pumps = self._pumps
+    async def receive(self) -> bytes:
+        """One read (``b""`` at the stream's end)."""
+        scope = self.scope
+        scope.deadline = trio.current_time() + self.read_timeout
         try:
-            while True:
-                if self._again:
-                    await trio.lowlevel.checkpoint()
-                    now = trio.current_time()
-                    again, self._again = self._again, []
-                    for waiting in again:
-                        waiting._on_readable(now)
-                else:
-                    await trio.lowlevel.wait_readable(epoll.fileno())
-                    now = trio.current_time()
-                # A bounded turn: sockets still ready after it wait for the next one, which
-                # comes after every other runnable task has had its step (see _TURN_BUDGET).
-                deadline = time.perf_counter() + _TURN_BUDGET
-                while True:
-                    events = epoll.poll(0, _POLL_EVENTS)
-                    for fd, _ in events:
-                        transport = pumps.get(fd)
-                        if transport is not None:
-                            transport._on_readable(now)
-                    if len(events) < _POLL_EVENTS or time.perf_counter() >= deadline:
-                        break
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _stream_broken(exc) from None
         finally:
-            self.running = False
-            closed = UpstreamTransportError("disconnect", "the upstream client was closed")
-            for transport in list(pumps.values()):
-                transport._end_pump(outcome.Error(closed))
-            pumps.clear()
-            self._epoll = None
-            epoll.close()
-
-
-class _SocketTransport:
-    """Plain TCP straight on the socket: the syscall first, a wait only when it would block
-    (trio's SocketStream adds a checkpoint to every successful operation).
-
-    A read's wait is bounded by the client's shared :class:`~raafd.timers.Timers`, not by a
-    cancel scope per wait (one per token, about 6 µs): the wait records when it began, and the
-    timer, armed at most once per ``timeout`` while reads keep coming, wakes a wait that has
-    lasted ``timeout`` with ``notify_closing`` (the connection is then closed, never reused);
-    a pump's wait is ended with the ``timeout`` error the same way."""
-
-    __slots__ = (
-        "_feed",
-        "_pumper",
-        "_reactor",
-        "_registered",
-        "_streak",
-        "_timed_out",
-        "_timer_at",
-        "_timers",
-        "_waiting_since",
-        "sock",
-        "timeout",
-    )
-
-    def __init__(self, sock: socket.socket, timers: Timers, reactor: _Reactor | None) -> None:
-        self.sock = sock
-        self.timeout = 0.0
-        self._streak = _READY_STREAK  # the first read is a response head: it has to wait
-        self._timers = timers
-        self._timer_at = math.inf
-        self._waiting_since: float | None = None
-        self._timed_out = False
-        self._reactor = reactor
-        self._registered = False
-        self._feed: Feed | None = None  # while a pump runs
-        self._pumper: trio.lowlevel.Task | None = None  # the task waiting in pump()
-
-    def _on_timer(self, now: float) -> None:
-        since = self._waiting_since
-        if since is None:
-            return  # not waiting now: the next wait arms again
-        if now >= since + self.timeout:
-            self._timed_out = True
-            if self._pumper is not None:
-                self._end_pump(outcome.Error(_timed_out(self.timeout)))
-            else:
-                trio.lowlevel.notify_closing(self.sock)  # the wait raises ClosedResourceError
-        else:
-            self._timers.arm(self, since + self.timeout)
-
-    # --- the pump ---------------------------------------------------------------------------
-
-    async def pump(self, feed: Feed) -> None:
-        """Call ``feed`` with each read until it returns False (it is given ``b""`` at the end
-        of the stream) or raises; its exception is raised here. While the socket is empty this
-        task sleeps and the client's :class:`_Reactor` calls ``feed`` from its own task, so
-        ``feed`` must not block. Each wait is bounded by ``timeout`` like a read's."""
-        reactor = self._reactor
-        if reactor is None or not reactor.running:
-            await _pump_by_reads(self, feed)
-            return
-        if self._timed_out:
-            raise _timed_out(self.timeout)
-        if self._drain(feed):  # what is there now (an edge-triggered epoll tells only of news)
-            return
-        if not self._registered:
-            reactor.register(self)
-            self._registered = True
-        self._feed = feed
-        self._pumper = trio.lowlevel.current_task()
-        self._waiting_since = now = trio.current_time()
-        self._timers.arm(self, now + self.timeout)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._feed = self._pumper = self._waiting_since = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def _drain(self, feed: Feed) -> bool:
-        """Read and feed until the socket is empty (False) or the pump is done (True)."""
-        sock = self.sock
-        for _ in range(_READY_STREAK):
-            try:
-                data = sock.recv(RECEIVE_SIZE)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                raise _broken(exc) from None
-            if not feed(data) or not data:
-                return True
-            if len(data) < RECEIVE_SIZE:
-                return False  # a short read emptied the socket; news comes as a new edge
-        if self._reactor is not None:
-            self._reactor.again(self)  # more is waiting: after the others have had a turn
-        return False
-
-    def _on_readable(self, now: float) -> None:
-        """The reactor saw the socket readable at ``now`` (its turn's time)."""
-        feed = self._feed
-        if feed is None:
-            return  # not pumping: the next pump reads first
-        try:
-            done = self._drain(feed)
-        except Exception as exc:
-            self._end_pump(outcome.Error(exc))
-            return
-        if self._feed is not feed:
-            return  # ended from inside feed (the stream was cancelled, the socket closed)
-        if done:
-            self._end_pump(outcome.Value(None))
-        else:
-            self._waiting_since = now
-
-    def _end_pump(self, result: outcome.Outcome[None]) -> None:
-        task = self._pumper
-        if task is not None:
-            self._feed = self._pumper = self._waiting_since = None
-            trio.lowlevel.reschedule(task, result)
-
-    async def receive_some(self) -> bytes:
-        # Read at once only while the last read filled its buffer (more is likely waiting), at
-        # most _READY_STREAK times in a row; after a short read the socket was empty, and a
-        # read now would mostly fail (a syscall and an exception per token, for nothing).
-        sock = self.sock
-        if self._streak < _READY_STREAK:
-            try:
-                data = sock.recv(RECEIVE_SIZE)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _broken(exc) from None
-            else:
-                self._streak = self._streak + 1 if len(data) == RECEIVE_SIZE else _READY_STREAK
-                return data
-        if self._timed_out:
-            raise _timed_out(self.timeout)
-        self._waiting_since = now = trio.current_time()
-        self._timers.arm(self, now + self.timeout)  # a no-op unless nothing earlier is armed
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                try:
-                    data = sock.recv(RECEIVE_SIZE)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    raise _broken(exc) from None
-                self._streak = 0 if len(data) == RECEIVE_SIZE else _READY_STREAK
-                return data
-        except trio.ClosedResourceError:
-            if self._timed_out:
-                raise _timed_out(self.timeout) from None
-            raise UpstreamTransportError("disconnect", "the connection was closed") from None
-        finally:
-            self._waiting_since = None
+            scope.deadline = math.inf
+        return data if type(data) is bytes else bytes(data)
 
     async def send_all(self, data: bytes) -> None:
-        sock = self.sock
-        with memoryview(data) as view:
-            sent = 0
-            while sent < len(view):
-                try:
-                    sent += sock.send(view[sent:])
-                except BlockingIOError:
-                    with trio.move_on_after(self.timeout) as scope:
-                        await trio.lowlevel.wait_writable(sock)
-                    if scope.cancelled_caught:
-                        raise _timed_out(self.timeout) from None
-                except OSError as exc:
-                    raise _broken(exc) from None
-
-    def close(self) -> None:
-        self._timers.disarm(self)
-        if self._registered and self._reactor is not None:
-            self._reactor.unregister(self)
-            self._registered = False
-        self._end_pump(
-            outcome.Error(UpstreamTransportError("disconnect", "the connection was closed"))
-        )
-        _close_socket(self.sock)
-
-
-class _StreamTransport:
-    """A trio stream (TLS) over the TCP socket ``sock``."""
-
-    __slots__ = ("_stream", "sock", "timeout")
-
-    def __init__(self, stream: trio.abc.Stream, sock: socket.socket) -> None:
-        self._stream = stream
-        self.sock = sock
-        self.timeout = 0.0
-
-    async def receive_some(self) -> bytes:
-        with trio.move_on_after(self.timeout):
-            try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _stream_broken(exc) from None
-            return data if isinstance(data, bytes) else bytes(data)
-        raise _timed_out(self.timeout)
-
-    async def send_all(self, data: bytes) -> None:
-        with trio.move_on_after(self.timeout):
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _stream_broken(exc) from None
-            return
-        raise _timed_out(self.timeout)
-
-    def close(self) -> None:
-        # No TLS close_notify: it would need an await, and the upstream only has to see the
-        # connection end. Closing the socket under the stream is enough, and immediate.
-        _close_socket(self.sock)
+        scope = self.scope
+        scope.deadline = trio.current_time() + self.read_timeout
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _stream_broken(exc) from None
+        finally:
+            scope.deadline = math.inf
 
 
 def _stream_broken(exc: Exception) -> UpstreamTransportError:
     cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return UpstreamTransportError("disconnect", cause.strerror)
     return UpstreamTransportError("disconnect", str(cause or exc) or type(exc).__name__)
+
+
+def _timed_out(timeout: float) -> UpstreamTransportError:
+    return UpstreamTransportError("timeout", f"the connection was idle for {timeout:g} s")
 
 
 # --- connecting -------------------------------------------------------------------------------
@@ -572,42 +278,33 @@ def _proxy_for(scheme: str, host: str, proxies: Mapping[str, str]) -> _Proxy | N
     )
 
 
-async def _open_socket(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket with TCP_NODELAY; the addresses of ``host`` are
-    tried in order. Put a timeout around it."""
+async def _open_tcp(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to ``host`` (TCP_NODELAY on, as trio sets it), its addresses tried the
+    happy-eyeballs way. Put a timeout around it."""
     try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:  # socket.gaierror, mostly
+        return await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+    except socket.gaierror as exc:
         raise UpstreamTransportError(
             "connect", f"cannot resolve {host}: {exc.strerror or exc}"
         ) from None
-    failure: OSError | None = None
-    for family, kind, proto, _, address in infos:
-        try:
-            sock = socket.socket(family, kind, proto)
-        except OSError as exc:  # out of file descriptors, an unsupported family
-            failure = exc
-            continue
-        connected = False
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                sock.connect(address)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code:
-                    raise OSError(code, os.strerror(code)) from None
-            connected = True
-            return sock
-        except OSError as exc:
-            failure = exc
-        finally:
-            if not connected:
-                _close_socket(sock)
-    detail = failure.strerror if failure is not None and failure.strerror else "no address"
-    raise UpstreamTransportError("connect", f"{_authority(host, port)}: {detail}")
+    except OSError as exc:
+        raise UpstreamTransportError(
+            "connect", f"{_authority(host, port)}: {_connect_failure(exc)}"
+        ) from None
+
+
+def _connect_failure(exc: OSError) -> str:
+    """What went wrong, from trio's "all attempts failed" error and the attempts' errors."""
+    cause = exc.__cause__
+    if isinstance(cause, ExceptionGroup):
+        reasons: list[str] = []
+        for error in cause.exceptions:
+            reason = (error.strerror if isinstance(error, OSError) else None) or str(error)
+            if reason and reason not in reasons:
+                reasons.append(reason)
+        if reasons:
+            return "; ".join(reasons)
+    return exc.strerror or str(exc) or "no address"
 
 
 async def _start_tls(
@@ -623,16 +320,16 @@ async def _start_tls(
     return tls
 
 
-async def _open_tunnel(transport: _Transport, target: _Target, proxy: _Proxy) -> None:
-    """Ask ``proxy`` (at the other end of ``transport``) for a tunnel to ``target``."""
+async def _open_tunnel(link: _Link, target: _Target, proxy: _Proxy) -> None:
+    """Ask ``proxy`` (at the other end of ``link``) for a tunnel to ``target``."""
     authority = _authority(target.host, target.port)
     headers = [("host", authority)]
     if proxy.authorization:
         headers.append(("proxy-authorization", proxy.authorization))
     request = request_head("CONNECT", authority, headers) + b"\r\n"
     try:
-        await transport.send_all(request)
-        head, after = await _receive_head(transport)
+        await link.send_all(request)
+        head, after = await _receive_head(link)
     except UpstreamTransportError as exc:
         if exc.kind != "disconnect":
             raise
@@ -663,16 +360,14 @@ class _ClosedEarly(Exception):
         self.detail = detail
 
 
-async def _receive_head(transport: _Transport) -> tuple[ResponseHead, bytes]:
+async def _receive_head(link: _Link) -> tuple[ResponseHead, bytes]:
     """Read until the final response head is in (1xx heads are skipped); the head and the
     bytes read past it."""
     buffer = b""
     while True:
         try:
-            data = await transport.receive_some()
+            data = await link.receive()
         except UpstreamTransportError as exc:
-            if exc.kind != "disconnect":
-                raise
             raise _ClosedEarly(bool(buffer), exc.message) from None
         if not data:
             raise _ClosedEarly(bool(buffer), "")
@@ -687,25 +382,28 @@ async def _receive_head(transport: _Transport) -> tuple[ResponseHead, bytes]:
 
 
 class _Connection:
-    __slots__ = ("closed", "idle_since", "origin", "reused", "transport")
+    __slots__ = ("closed", "idle_since", "origin", "reused", "stream", "tcp")
 
     def __init__(self, origin: tuple[object, ...]) -> None:
         self.origin = origin
-        self.transport: _Transport | None = None
+        self.tcp: trio.SocketStream | None = None  # the TCP connection
+        self.stream: trio.abc.Stream | None = None  # what is read and written: tcp, or TLS on it
         self.reused = False  # it served a request before this one
         self.idle_since = 0.0
         self.closed = False
 
     def looks_usable(self) -> bool:
-        """An idle connection the server has not closed or written to (one non-blocking peek)."""
-        assert self.transport is not None
-        try:
-            self.transport.sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        return False  # EOF, or bytes nobody asked for
+        """An idle connection the server has not closed or written to (one ``poll``, no wait)."""
+        assert self.tcp is not None
+        poller = select.poll()
+        poller.register(self.tcp.socket.fileno(), select.POLLIN)
+        return not poller.poll(0)  # readable: EOF, or bytes nobody asked for
+
+    def close(self) -> None:
+        """Close the socket now. No TLS close_notify: it would need an await, and the upstream
+        only has to see the connection end."""
+        if self.tcp is not None:
+            self.tcp.socket.close()
 
 
 class _StaleConnection(Exception):
@@ -714,14 +412,16 @@ class _StaleConnection(Exception):
 
 class UpstreamResponse:
     """A response whose head has been read; the body streams through :meth:`receive_some` or
-    ``async for`` (non-empty chunks, each as soon as it arrives)."""
+    ``async for`` (non-empty chunks, each as soon as it arrives), in the task that entered the
+    exchange."""
 
     __slots__ = (
         "_conn",
         "_decoder",
         "_keep_alive",
+        "_link",
         "_pending",
-        "_transport",
+        "_task",
         "headers",
         "http_version",
         "reason_phrase",
@@ -731,7 +431,7 @@ class UpstreamResponse:
     def __init__(
         self,
         conn: _Connection,
-        transport: _Transport,
+        link: _Link,
         head: ResponseHead,
         decoder: BodyDecoder,
         keep_alive: bool,
@@ -742,7 +442,8 @@ class UpstreamResponse:
         self.http_version = head.http_version.decode("ascii")
         self.headers = Headers(head.headers)
         self._conn = conn
-        self._transport = transport
+        self._link = link
+        self._task = trio.lowlevel.current_task()
         self._decoder = decoder
         self._keep_alive = keep_alive
         self._pending = decoder.feed(initial) if initial else b""  # bytes read with the head
@@ -775,7 +476,9 @@ class UpstreamResponse:
         while not decoder.done:
             if self._conn.closed:
                 raise UpstreamTransportError("disconnect", "the response was closed")
-            data = await self._transport.receive_some()
+            if trio.lowlevel.current_task() is not self._task:
+                raise RuntimeError("a response is read in the task that entered its exchange")
+            data = await self._link.receive()
             if not data:
                 decoder.eof()
                 break
@@ -783,36 +486,6 @@ class UpstreamResponse:
             if payload:
                 return payload
         return b""
-
-    async def pump(self, take: Feed) -> None:
-        """Call ``take`` with the body's bytes (non-empty, as they arrive) until it returns
-        False or the body ends. On a plain-TCP connection the calls come from the client's
-        reactor task, not this one (see :class:`_Reactor`), so ``take`` must not block; what it
-        raises is raised here."""
-        if self._pending:
-            data, self._pending = self._pending, b""
-            if not take(data):
-                return
-        decoder = self._decoder
-        if decoder.done:
-            return
-        if self._conn.closed:
-            raise UpstreamTransportError("disconnect", "the response was closed")
-
-        def feed(data: bytes) -> bool:
-            if not data:
-                decoder.eof()
-                return False
-            payload = decoder.feed(data)
-            if payload and not take(payload):
-                return False
-            return not decoder.done
-
-        transport = self._transport
-        if isinstance(transport, _SocketTransport):
-            await transport.pump(feed)
-        else:
-            await _pump_by_reads(transport, feed)
 
     def __aiter__(self) -> UpstreamResponse:
         return self
@@ -826,9 +499,13 @@ class UpstreamResponse:
 
 class Exchange:
     """One ``POST`` as an async context manager (see :meth:`UpstreamClient.post`): a class,
-    because a generator-based one costs a generator and its bookkeeping on every request."""
+    because a generator-based one costs a generator and its bookkeeping on every request.
 
-    __slots__ = ("_args", "_client", "_conn", "_response")
+    Entering it enters the exchange's deadline scope (the read timeout, see the module
+    docstring); leaving it leaves the scope, and turns the scope's own expiry into a
+    ``timeout`` error."""
+
+    __slots__ = ("_args", "_client", "_conn", "_response", "_scope")
 
     def __init__(
         self,
@@ -841,13 +518,20 @@ class Exchange:
     ) -> None:
         self._client = client
         self._args = (url, headers, body, connect_timeout, read_timeout)
+        self._scope: trio.CancelScope | None = None
         self._conn: _Connection | None = None
         self._response: UpstreamResponse | None = None
 
     async def __aenter__(self) -> UpstreamResponse:
-        if self._conn is not None:
+        if self._scope is not None:
             raise RuntimeError("an exchange is entered once")
-        self._conn, self._response = await self._client._open(*self._args)
+        scope = self._scope = trio.CancelScope()
+        scope.__enter__()
+        try:
+            self._conn, self._response = await self._client._open(*self._args, scope)
+        except BaseException as exc:
+            self._leave(exc)
+            raise
         return self._response
 
     async def __aexit__(
@@ -858,6 +542,17 @@ class Exchange:
     ) -> None:
         if self._conn is not None and self._response is not None:
             self._client._release(self._conn, self._response)
+        self._leave(exc)
+
+    def _leave(self, exc: BaseException | None) -> None:
+        scope = self._scope
+        assert scope is not None
+        if exc is None:
+            scope.__exit__(None, None, None)
+        else:
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+        if scope.cancelled_caught:  # its deadline: a read or a write waited read_timeout
+            raise _timed_out(self._args[4]) from None
 
 
 class UpstreamClient:
@@ -884,8 +579,6 @@ class UpstreamClient:
         self._targets: dict[str, _Target] = {}
         self._heads: dict[tuple[object, ...], bytes] = {}
         self._user_agent = f"raafd/{__version__}"
-        self._timers = Timers()  # run by open_upstream_client
-        self._reactor = _Reactor()  # run by open_upstream_client
 
     @property
     def is_closed(self) -> bool:
@@ -916,15 +609,17 @@ class UpstreamClient:
         body: bytes,
         connect_timeout: float,
         read_timeout: float,
+        scope: trio.CancelScope,
     ) -> tuple[_Connection, UpstreamResponse]:
         target = self._target(url)
         request = self._head(url, target, headers) + b"content-length: %d\r\n\r\n" % len(body)
+        request += body
         fresh = False
         while True:
-            conn = await self._checkout(target, connect_timeout, fresh=fresh)
+            conn = await self._checkout(target, connect_timeout, scope, fresh=fresh)
             response = None
             try:
-                response = await self._exchange(conn, request, body, read_timeout)
+                response = await self._exchange(conn, request, read_timeout, scope)
             except _StaleConnection:
                 fresh = True  # once: on a fresh connection, _exchange raises instead
             finally:
@@ -940,19 +635,18 @@ class UpstreamClient:
             self._close(conn)
 
     async def _exchange(
-        self, conn: _Connection, request: bytes, body: bytes, read_timeout: float
+        self, conn: _Connection, request: bytes, read_timeout: float, scope: trio.CancelScope
     ) -> UpstreamResponse:
-        transport = conn.transport
-        assert transport is not None
-        transport.timeout = read_timeout
+        assert conn.stream is not None
+        link = _Link(conn.stream, scope, read_timeout)
         try:
-            await transport.send_all(request + body)
+            await link.send_all(request)
         except UpstreamTransportError as exc:
             if conn.reused and exc.kind == "disconnect":
                 raise _StaleConnection from None
             raise
         try:
-            head, initial = await _receive_head(transport)
+            head, initial = await _receive_head(link)
         except _ClosedEarly as exc:
             if conn.reused and not exc.received:
                 raise _StaleConnection from None
@@ -963,7 +657,7 @@ class UpstreamClient:
             ) from None
         decoder = decoder_for(head)
         reusable = keep_alive(head) and not isinstance(decoder, CloseDelimitedBody)
-        return UpstreamResponse(conn, transport, head, decoder, reusable, initial)
+        return UpstreamResponse(conn, link, head, decoder, reusable, initial)
 
     def _head(self, url: str, target: _Target, headers: Mapping[str, str]) -> bytes:
         """The request line and headers of a ``POST`` to ``url``, all but ``content-length``
@@ -1003,7 +697,7 @@ class UpstreamClient:
     # --- the pool -----------------------------------------------------------------------------
 
     async def _checkout(
-        self, target: _Target, connect_timeout: float, *, fresh: bool
+        self, target: _Target, connect_timeout: float, scope: trio.CancelScope, *, fresh: bool
     ) -> _Connection:
         if self._closed:
             raise UpstreamTransportError("config", "the upstream client is closed")
@@ -1015,19 +709,18 @@ class UpstreamClient:
                     return conn
         conn = _Connection(target.origin)
         await self._acquire(conn, connect_timeout)
-        transport = None
+        connected = False
         try:
             with trio.move_on_after(connect_timeout):
-                transport = await self._connect(target)
+                await self._connect(target, conn, scope)
+                connected = True
         finally:
-            if transport is None:
-                conn.closed = True
-                self._limiter.release_on_behalf_of(conn)
-        if transport is None:
+            if not connected:
+                self._close(conn)
+        if not connected:
             raise UpstreamTransportError(
                 "connect_timeout", f"no connection within {connect_timeout:g} s"
             )
-        conn.transport = transport
         return conn
 
     def _take_idle(self, origin: tuple[object, ...], idle: list[_Connection]) -> _Connection | None:
@@ -1065,30 +758,22 @@ class UpstreamClient:
             "pool", f"no free connection within {connect_timeout:g} s (the pool is full)"
         )
 
-    async def _connect(self, target: _Target) -> _Transport:
+    async def _connect(self, target: _Target, conn: _Connection, scope: trio.CancelScope) -> None:
+        """Connect ``conn`` to ``target``: TCP to the upstream or its proxy, a tunnel through
+        the proxy for ``https://``, TLS with the proxy and with the upstream as needed. The
+        caller closes ``conn`` if this fails."""
         proxy = target.proxy
         host, port = (proxy.host, proxy.port) if proxy is not None else (target.host, target.port)
-        sock = await _open_socket(host, port)
-        transport: _Transport | None = None
-        try:
-            if not target.tls and (proxy is None or not proxy.tls):
-                # To the upstream, or to a plain proxy.
-                transport = _SocketTransport(sock, self._timers, self._reactor)
-                return transport
-            stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            if proxy is not None and proxy.tls:
-                stream = await _start_tls(stream, self._tls_context, proxy.host)
-            if target.tls:
-                if proxy is not None:
-                    tunnel = _StreamTransport(stream, sock)
-                    tunnel.timeout = math.inf  # the caller bounds the whole connect
-                    await _open_tunnel(tunnel, target, proxy)
-                stream = await _start_tls(stream, self._tls_context, target.host)
-            transport = _StreamTransport(stream, sock)
-            return transport
-        finally:
-            if transport is None:
-                _close_socket(sock)
+        tcp = conn.tcp = await _open_tcp(host, port)
+        stream: trio.abc.Stream = tcp
+        if proxy is not None and proxy.tls:
+            stream = await _start_tls(stream, self._tls_context, proxy.host)
+        if target.tls:
+            if proxy is not None:
+                # Bounded by the connect timeout around this only: no read deadline.
+                await _open_tunnel(_Link(stream, scope, math.inf), target, proxy)
+            stream = await _start_tls(stream, self._tls_context, target.host)
+        conn.stream = stream
 
     def _checkin(self, conn: _Connection) -> None:
         if self._closed:
@@ -1128,8 +813,7 @@ class UpstreamClient:
         if conn.closed:
             return
         conn.closed = True
-        if conn.transport is not None:
-            conn.transport.close()
+        conn.close()
         self._limiter.release_on_behalf_of(conn)
 
     def close(self) -> None:
@@ -1161,7 +845,8 @@ async def open_upstream_client(
     idle_expiry: float = 30.0,
     trust_env: bool = True,
 ) -> AsyncIterator[UpstreamClient]:
-    """The providers' shared upstream client, its pooled connections closed on exit.
+    """The providers' shared upstream client, its idle connections closed on exit (it has no
+    task: every read runs in its caller's task).
 
     ``max_connections`` bounds the connections in use or idle; ``max_idle`` the idle ones kept;
     ``idle_expiry`` (seconds) how long one may stay idle. ``trust_env`` honours the proxy
@@ -1173,10 +858,6 @@ async def open_upstream_client(
         trust_env=trust_env,
     )
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client._timers.run)  # the connections' read timeouts
-            await nursery.start(client._reactor.run)  # the pumps' reads
-            yield client
-            nursery.cancel_scope.cancel()
+        yield client
     finally:
         client.close()
