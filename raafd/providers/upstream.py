@@ -31,8 +31,8 @@ Why not httpx on this path: per streamed token, httpcore scans its pool on each 
 runs every body chunk through about six nested async iterators, and h11 spends about ten times
 :mod:`raafd.providers.wire`'s time on each chunk of a chunked body. Here the HTTP/1.1 itself
 (the request head written once per URL and header set, the response head and the body read)
-is :mod:`raafd.providers.wire`, pure functions and classes of bytes; this module does the I/O
-and the pool.
+is :mod:`raafd.providers.wire`, pure functions and classes of bytes checked against h11; this
+module does the I/O and the pool.
 
 The pool keeps idle connections per origin (scheme, host, port, proxy), checks them cheaply
 before reuse (a non-blocking ``poll``: data or EOF waiting means the server is done with it),
