@@ -30,6 +30,7 @@ from raafd.admin.server import AdminServer
 from raafd.agents.bodies import AgentBodies
 from raafd.agents.runner import AgentLoop
 from raafd.agents.tools import ToolRegistry
+from raafd.agents.workflows import start_workflow
 from raafd.config import (
     Config,
     ConfigError,
@@ -39,18 +40,20 @@ from raafd.config import (
     merge_reloadable,
 )
 from raafd.errors import BadRequest, NotFound
+from raafd.gateway.commands import add_stream_commands
 from raafd.gateway.gateway import Gateway
 from raafd.http.app import build_app
 from raafd.http.raw import RawHttpServer
 from raafd.logging import get_level, get_logger, set_level
 from raafd.metrics import Metrics
 from raafd.net.listener import PublicListener
+from raafd.protocol.commands import WorkflowStart
 from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
 from raafd.providers.registry import build_providers, open_http_client, open_upstream_client
 from raafd.sdnotify import SdNotifier
 from raafd.store import SessionBackend, open_session_backend
-from raafd.streams import StreamManager
+from raafd.streams import Stream, StreamManager
 
 __all__ = ["Daemon"]
 
@@ -96,7 +99,8 @@ class Daemon:
             config.default_agent,
             bodies=self.bodies,
         )
-        self.gateway = Gateway(lambda: self.config, self.streams, self.metrics, self.tokens)
+        self.gateway = Gateway(lambda: self.config, self.metrics, self.tokens)
+        add_stream_commands(self.gateway.commands, self.streams, self.start_workflow)
         self.raw_http = RawHttpServer(self)
         self.listener = PublicListener(
             config.server,
@@ -234,6 +238,10 @@ class Daemon:
     def tokens(self) -> frozenset[str]:
         """The bearer tokens clients may use now (``[auth]``, reloadable); empty: auth off."""
         return self.config.auth.all_tokens(self.environ)
+
+    def start_workflow(self, cmd: WorkflowStart, owner: str) -> Stream:
+        """Start a workflow's stream, checked against the agents configured now."""
+        return start_workflow(self.streams, cmd, self.config.agents, owner=owner)
 
     def _env(self) -> dict[str, Any]:
         return {} if self.environ is None else {"environ": self.environ}

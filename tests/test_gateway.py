@@ -495,13 +495,11 @@ async def test_stalled_subscriber_is_coalesced_then_closed_4001_others_keep_pace
 async def test_a_bug_in_one_connection_costs_only_that_connection(
     start_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from raafd.gateway.connection import Connection
-
-    async def broken_handler(self: Connection, kind: str, cmd: Any) -> None:
+    async def broken_handler(conn: Any, cmd: Any) -> None:
         raise RuntimeError("a bug")
 
     rd = await start_daemon(**FAST)
-    monkeypatch.setitem(Connection._handlers, "ping", broken_handler)
+    monkeypatch.setitem(rd.daemon.gateway.commands.handlers, "ping", broken_handler)
     async with open_websocket_url(rd.ws_url) as other, open_websocket_url(rd.ws_url) as victim:
         await recv(other)
         await recv(victim)

@@ -5,7 +5,10 @@ tens of thousands of them are what the memory goes on, and a connection whose cl
 has no task per stream either. Its heartbeat (a ping every ``heartbeat_interval``, close 4408
 after ``heartbeat_timeout`` of silence or an ``auth_timeout`` without authentication) is a
 timer in the gateway's shared heap (:mod:`raafd.timers`), not a deadline around each read: a
-read costs no cancel scope.
+read costs no cancel scope. A client command goes to its handler in the gateway's command table
+(:mod:`raafd.gateway.table`), which sees the connection only as a
+:class:`~raafd.gateway.table.Peer` (reply, attach a feed, detach): the connection knows no
+stream manager, and a new subsystem's commands need no change here.
 
 Ordering rule of this file: everything the connection sends goes through ``_out``
 (:class:`~raafd.gateway.sockio.Output`), which writes straight to the socket when nothing is
@@ -43,32 +46,16 @@ from wsproto.events import (
     TextMessage,
 )
 
-from raafd.agents.workflows import start_workflow
 from raafd.auth import bearer_token, token_ok
 from raafd.core.feed import SlowConsumer, SubscriberFailed, Subscription
-from raafd.errors import (
-    BadRequest,
-    Conflict,
-    NotFound,
-    RaafdError,
-    TooManyStreams,
-    Unavailable,
-)
+from raafd.errors import BadRequest, Conflict, NotFound, RaafdError, TooManyStreams
 from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
 from raafd.gateway.sockio import Output, RawSocket
 from raafd.logging import get_logger
 from raafd.net.delivery import Delivery
 from raafd.net.h1 import RequestHead
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode
-from raafd.protocol.commands import (
-    Hello,
-    StreamAttach,
-    StreamControl,
-    StreamDetach,
-    StreamStart,
-    WorkflowStart,
-    parse_command,
-)
+from raafd.protocol.commands import parse_command
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
@@ -421,122 +408,62 @@ class Connection:
         self._message_size = 0
         await self._command(text)
 
-    # --- commands -----------------------------------------------------------------------------
+    # --- commands (the gateway's table: raafd.gateway.table) ---------------------------------
 
     async def _command(self, text: str) -> None:
+        commands = self.gateway.commands
         ref: str | None = None
         try:
-            kind, command = parse_command(text)
+            kind, command = parse_command(text, commands.types)
             ref = getattr(command, "ref", None)
             if not self.authenticated and kind != "hello":
                 raise _Close(CloseCode.UNAUTHORIZED, "authenticate with a hello frame first")
-            handler = self._handlers[kind]
-            await handler(self, kind, command)
+            await commands.handlers[kind](self, command)
         except RaafdError as err:
             await self.send_error(err, ref if ref is not None else getattr(err, "ref", None))
 
-    async def _hello(self, kind: str, cmd: Hello) -> None:
-        if self.authenticated:
-            await self.send_json(
-                {"type": "welcome", "conn": self.id, "user": self.user, "ref": cmd.ref}
-            )
-            return
-        if cmd.token is None or not token_ok(cmd.token, self.gateway.tokens()):
+    async def authenticate(self, token: str | None) -> None:
+        """A ``hello``'s token: welcome the client, or close 4401."""
+        if token is None or not token_ok(token, self.gateway.tokens()):
             raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
-        self.user = _user_for(cmd.token)
+        self.user = _user_for(token)
         self.authenticated = True
         await self._welcome()
 
-    async def _ping(self, kind: str, cmd: Any) -> None:
-        await self.send_json({"type": "pong", "ref": cmd.ref})
+    # --- feed delivery ------------------------------------------------------------------------
 
-    async def _stream_start(self, kind: str, cmd: StreamStart) -> None:
-        if self.draining:
-            raise Unavailable("the server is draining; start the stream elsewhere")
-        self._check_room()  # before the stream starts: nobody would receive it
-        stream = self.gateway.manager.start(
-            agent=cmd.agent,
-            messages=cmd.conversation(),
-            stream_id=cmd.stream,
-            owner=self.id,
-            session=cmd.session,
-        )
-        self._attach(
-            stream.id, 0, _reply({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
-        )
-
-    async def _workflow_start(self, kind: str, cmd: WorkflowStart) -> None:
-        if self.draining:
-            raise Unavailable("the server is draining; start the workflow elsewhere")
-        self._check_room()
-        stream = start_workflow(
-            self.gateway.manager, cmd, self.gateway.config().agents, owner=self.id
-        )
-        self._attach(
-            stream.id, 0, _reply({"type": "stream.started", "ref": cmd.ref, "stream": stream.id})
-        )
-
-    async def _stream_attach(self, kind: str, cmd: StreamAttach) -> None:
-        reply = b""
-        if cmd.ref is not None:
-            reply = _reply(
-                {
-                    "type": "stream.attached",
-                    "ref": cmd.ref,
-                    "stream": cmd.stream,
-                    "after": cmd.after,
-                }
-            )
-        self._attach(cmd.stream, cmd.after, reply, cmd.ref)
-
-    async def _stream_detach(self, kind: str, cmd: StreamDetach) -> None:
-        delivery = self.attachments.pop(cmd.stream, None)
-        if delivery is None:
-            raise NotFound(f"stream {cmd.stream} is not attached here", field="stream")
-        delivery.close()
-        await self.send_json({"type": "stream.detached", "ref": cmd.ref, "stream": cmd.stream})
-
-    async def _stream_control(self, kind: str, cmd: StreamControl) -> None:
-        manager = self.gateway.manager
-        if kind == "stream.cancel":
-            manager.cancel(cmd.stream, "client")
-        elif kind == "stream.pause":
-            manager.pause(cmd.stream)
-        else:
-            manager.resume(cmd.stream)
-        await self.send_json({"type": "ok", "ref": cmd.ref, "command": kind, "stream": cmd.stream})
-
-    _handlers: dict[str, Callable[..., Any]] = {
-        "hello": _hello,
-        "ping": _ping,
-        "stream.start": _stream_start,
-        "stream.attach": _stream_attach,
-        "stream.detach": _stream_detach,
-        "stream.cancel": _stream_control,
-        "stream.pause": _stream_control,
-        "stream.resume": _stream_control,
-        "workflow.start": _workflow_start,
-    }
-
-    # --- stream delivery ----------------------------------------------------------------------
-
-    def _check_room(self) -> None:
+    def check_room(self) -> None:
+        """``too_many_streams`` when one more attachment would pass the limit."""
         limit = self.gateway.config().streams.max_streams_per_connection
         if len(self.attachments) >= limit:
             raise TooManyStreams(f"at most {limit} attached streams per connection")
 
-    def _attach(self, stream_id: str, after: int, reply: bytes, ref: str | None = None) -> None:
+    def attach(
+        self,
+        feed_id: str,
+        subscribe: Callable[[], Subscription],
+        reply: dict[str, Any] | None,
+        ref: str | None = None,
+    ) -> None:
         """Subscribe and send ``reply`` with the first batch of events, synchronously. The
-        command's errors (``not_found``, ``gone``, ``bad_request``, ``conflict``,
-        ``too_many_streams``) are raised before anything is registered or sent."""
-        if stream_id in self.attachments:
-            raise Conflict(f"stream {stream_id} is already attached", field="stream")
-        self._check_room()
-        subscription = self.gateway.manager.subscribe(stream_id, after)
+        command's errors (``conflict``, ``too_many_streams``, then what ``subscribe`` raises:
+        ``not_found``, ``gone``, ``bad_request``) are raised before anything is registered or
+        sent."""
+        if feed_id in self.attachments:
+            raise Conflict(f"stream {feed_id} is already attached", field="stream")
+        self.check_room()
+        subscription = subscribe()
         subscription.open()
-        delivery = _Delivery(self, stream_id, subscription, ref)
-        self.attachments[stream_id] = delivery
-        delivery.begin(reply)
+        delivery = _Delivery(self, feed_id, subscription, ref)
+        self.attachments[feed_id] = delivery
+        delivery.begin(b"" if reply is None else _reply(reply))
+
+    def detach(self, feed_id: str) -> None:
+        """Stop delivering ``feed_id`` (its stream's detach grace starts)."""
+        delivery = self.attachments.pop(feed_id, None)
+        if delivery is None:
+            raise NotFound(f"stream {feed_id} is not attached here", field="stream")
+        delivery.close()
 
     # --- sending ------------------------------------------------------------------------------
 

@@ -1,22 +1,21 @@
-"""The WebSocket gateway: owns the set of live connections and what applies to all of them,
-their heartbeat timers included (one :class:`~raafd.timers.Timers` heap and task for all)."""
+"""The WebSocket gateway: owns the set of live connections and what applies to all of them:
+their heartbeat timers (one :class:`~raafd.timers.Timers` heap and task for all) and the
+command table (:mod:`raafd.gateway.table`) that subsystems add their commands to."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import trio
 
 from raafd.config import Config
+from raafd.gateway.commands import add_connection_commands
 from raafd.gateway.connection import Connection
+from raafd.gateway.table import CommandTable
 from raafd.metrics import Metrics
 from raafd.net.h1 import RequestHead
 from raafd.protocol.codes import CloseCode
 from raafd.timers import Timers
-
-if TYPE_CHECKING:
-    from raafd.streams import StreamManager
 
 __all__ = ["Gateway"]
 
@@ -25,19 +24,24 @@ class Gateway:
     """Serves ``/v1/ws`` connections handed over by the public listener. Each connection runs
     in the listener's per-connection task; the gateway only keeps the registry (bounded by the
     listener's ``max_connections``) for drain, stats and admin, and the connections'
-    heartbeat timers: :meth:`run` must run (in the daemon's nursery) for them to fire."""
+    heartbeat timers: :meth:`run` must run (in the daemon's nursery) for them to fire.
+
+    It gets what every connection reads: the running configuration (``config()``, reloadable
+    sections included), the metrics and the bearer tokens accepted now (``tokens()``; empty:
+    auth off). What a command uses comes with its handler (:attr:`commands`, which holds
+    ``hello`` and ``ping`` from the start)."""
 
     def __init__(
         self,
         config: Callable[[], Config],
-        manager: StreamManager,
         metrics: Metrics,
         tokens: Callable[[], frozenset[str]],
     ) -> None:
         self.config = config
-        self.manager = manager
         self.metrics = metrics
         self.tokens = tokens
+        self.commands = CommandTable()
+        add_connection_commands(self.commands)
         self.connections: dict[str, Connection] = {}
         self.draining = False
         self.timers = Timers()

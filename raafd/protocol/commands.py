@@ -8,6 +8,7 @@ error, not a silently ignored option.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final, Literal, TypeVar
 
 import attrs
@@ -190,8 +191,12 @@ def structure(data: Any, cls: type[T]) -> T:
     return _converter.structure(data, cls)
 
 
-def parse_command(raw: bytes | str) -> tuple[str, Any]:
-    """One frame → ``(type, command)``; raises BadRequest (with ``ref`` when known)."""
+def parse_command(
+    raw: bytes | str, commands: Mapping[str, type[Any]] = COMMANDS
+) -> tuple[str, Any]:
+    """One frame → ``(type, command)``, structured into the class ``commands`` maps its type
+    to (the gateway passes its command table's); raises BadRequest (with ``ref`` when
+    known)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -203,7 +208,7 @@ def parse_command(raw: bytes | str) -> tuple[str, Any]:
     kind = data.pop("type", None)
     if not isinstance(kind, str):
         raise _with_ref(BadRequest("missing command 'type'", field="type"), ref)
-    cls = COMMANDS.get(kind)
+    cls = commands.get(kind)
     if cls is None:
         raise _with_ref(BadRequest(f"unknown command type {kind!r}", field="type"), ref)
     try:
