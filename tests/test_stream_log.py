@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from raafd.core import EventLog
 from raafd.errors import BadRequest, Gone
 from raafd.protocol.events import StreamEvent, make_event
-from raafd.core import EventLog
 
 
 def content(seq: int, text: str = "word") -> StreamEvent:

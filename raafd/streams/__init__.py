@@ -1,6 +1,8 @@
-"""The stream engine: a stream per agent run, its event log with replay, the manager that owns
-their tasks, and the runner that turns a provider's output into stream events.
+"""Agent runs: a stream per run (a lifecycle around a :class:`~raafd.core.feed.Feed`) and the
+manager that owns their tasks.
 
+- ``body``: :class:`StreamWriter`, :class:`Body` and :class:`BodyFactory`, what a run's body
+  writes through and how the manager gets one (the daemon gives it the agent loop's);
 - ``stream``: :class:`Stream` (one run, its controls and timers around a
   :class:`~raafd.core.feed.Feed`; :class:`Subscription` and :class:`SlowConsumer` are the
   feed's, re-exported);
@@ -8,14 +10,13 @@ their tasks, and the runner that turns a provider's output into stream events.
 """
 
 from raafd.core.log import EventLog
+from raafd.streams.body import Body, BodyFactory, StreamWriter
 from raafd.streams.manager import StreamManager
 from raafd.streams.stream import (
     STATUSES,
-    Body,
     SlowConsumer,
     Status,
     Stream,
-    StreamWriter,
     Subscription,
     new_stream_id,
 )
@@ -23,6 +24,7 @@ from raafd.streams.stream import (
 __all__ = [
     "STATUSES",
     "Body",
+    "BodyFactory",
     "EventLog",
     "SlowConsumer",
     "Status",

@@ -42,6 +42,7 @@ from raafd.core.feed import Backpressure, Feed, FeedLimits, SlowConsumer, Subscr
 from raafd.errors import BadRequest, Conflict
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
+from raafd.protocol.codes import ErrorCode
 from raafd.protocol.events import CANCEL_REASONS, TERMINAL_KINDS, StreamEvent
 from raafd.streams.body import Body, StreamWriter
 from raafd.timers import Timers
@@ -323,18 +324,18 @@ class Stream:
             self._gap_left = None
         if not self.finished:
             log.error("stream body returned without a terminal event")
-            self._finish("error", error={"code": "internal", "message": "internal error"})
+            self._finish("error", error={"code": ErrorCode.INTERNAL, "message": "internal error"})
 
     def _timed_out(self, message: str) -> None:
         log.info("stream timed out", stream=self.id, reason=message)
-        self._finish("error", error={"code": "timeout", "message": message})
+        self._finish("error", error={"code": ErrorCode.TIMEOUT, "message": message})
 
     def _crashed(self, group: BaseExceptionGroup[Exception]) -> None:
         if self.finished:
             log.warning("stream body failed after the stream ended", exc_info=group)
             return
         log.error("stream failed", exc_info=group)
-        self._finish("error", error={"code": "internal", "message": "internal error"})
+        self._finish("error", error={"code": ErrorCode.INTERNAL, "message": "internal error"})
 
     # --- timers (see raafd.timers) ------------------------------------------------------------
 
