@@ -1,7 +1,14 @@
-"""Shared fixtures: a real daemon on port 0 inside the test's nursery."""
+"""Shared fixtures: a real daemon on port 0 inside the test's nursery.
+
+A daemon started under ``autojump_clock`` keeps its sessions in memory (``[store] backend =
+"memory"``): the SQLite store works in a worker thread, which the autojump clock cannot see, so
+on a busy disk the clock would jump past a test's deadline while a commit is still running.
+Tests that need durability run on real time.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -10,10 +17,16 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, settings
 
 from raafd.config import Config, parse_config
 from raafd.providers.registry import open_http_client, open_upstream_client
 from raafd.providers.upstream import UpstreamClient
+
+# Hypothesis times each example (and its data generation) in real time, which a busy machine
+# stretches at will: what a property test checks is its property, not the machine's speed.
+settings.register_profile("raafd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("raafd")
 
 
 @pytest.fixture
@@ -32,6 +45,22 @@ async def upstream() -> AsyncIterator[UpstreamClient]:
         yield upstream_client
 
 
+# Real seconds an autojump clock waits, with every task blocked, before it jumps (see
+# start_daemon). Tests that only ever wait on trio (no sockets) keep trio's 0.
+LOOPBACK_SETTLE = 0.02
+
+
+def autojump_clock_in_use() -> trio.testing.MockClock | None:
+    """The running test's clock, if it is an autojump clock (None outside trio too)."""
+    try:
+        clock = trio.lowlevel.current_clock()
+    except RuntimeError:
+        return None
+    if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold != math.inf:
+        return clock
+    return None
+
+
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., Config]:
     """Build a validated Config for tests: port 0, state and admin socket under tmp_path.
@@ -43,6 +72,8 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
             "state": {"dir": str(tmp_path / "var")},
             "admin": {"socket": str(tmp_path / "admin.sock")},
         }
+        if autojump_clock_in_use() is not None:
+            data["store"] = {"backend": "memory"}
         for name, values in sections.items():
             if isinstance(values, dict) and isinstance(data.get(name), dict):
                 data[name] = {**data[name], **values}
@@ -69,14 +100,15 @@ def start_daemon(nursery: trio.Nursery, make_config: Callable[..., Config]) -> C
     async def start(config: Config | None = None, **sections: Any) -> RunningDaemon:
         from raafd.daemon import Daemon
 
-        clock = trio.lowlevel.current_clock()
-        if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold < 0.02:
-            # A real daemon does work outside trio's view (SQLite in worker threads, bytes in
-            # flight on loopback); an autojump clock must let it land before jumping past a
-            # deadline. Time still jumps: minutes of timeouts take milliseconds.
-            clock.autojump_threshold = 0.02
-
         cfg = config or make_config(**sections)
+        clock = autojump_clock_in_use()
+        if clock is not None:
+            if cfg.store.backend != "memory":
+                pytest.fail("a daemon under autojump_clock must keep its sessions in memory")
+            # Loopback bytes in flight are outside trio's view too: the kernel may hand a
+            # segment to the receiving socket a little after send() returned (later still on
+            # a loaded machine), and a clock jumping in between could skip past a deadline.
+            clock.autojump_threshold = max(clock.autojump_threshold, LOOPBACK_SETTLE)
         daemon = Daemon(cfg, environ={})
         scope = trio.CancelScope()
 
