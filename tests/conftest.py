@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings
 from raafd.config import Config, parse_config
 from raafd.providers.registry import open_http_client, open_upstream_client
 from raafd.providers.upstream import UpstreamClient
+from tests.waiting import let_loopback_land
 
 # Hypothesis times each example (and its data generation) in real time, which a busy machine
 # stretches at will: what a property test checks is its property, not the machine's speed.
@@ -43,11 +44,6 @@ async def upstream() -> AsyncIterator[UpstreamClient]:
     environment ignored)."""
     async with open_upstream_client(trust_env=False) as upstream_client:
         yield upstream_client
-
-
-# Real seconds an autojump clock waits, with every task blocked, before it jumps (see
-# start_daemon). Tests that only ever wait on trio (no sockets) keep trio's 0.
-LOOPBACK_SETTLE = 0.02
 
 
 def autojump_clock_in_use() -> trio.testing.MockClock | None:
@@ -105,10 +101,7 @@ def start_daemon(nursery: trio.Nursery, make_config: Callable[..., Config]) -> C
         if clock is not None:
             if cfg.store.backend != "memory":
                 pytest.fail("a daemon under autojump_clock must keep its sessions in memory")
-            # Loopback bytes in flight are outside trio's view too: the kernel may hand a
-            # segment to the receiving socket a little after send() returned (later still on
-            # a loaded machine), and a clock jumping in between could skip past a deadline.
-            clock.autojump_threshold = max(clock.autojump_threshold, LOOPBACK_SETTLE)
+            let_loopback_land(clock)  # the daemon's sockets are real
         daemon = Daemon(cfg, environ={})
         scope = trio.CancelScope()
 
