@@ -25,6 +25,7 @@ from raafd.agents.tools import (
 )
 from raafd.config import ConfigError, ToolConfig, check_tool_configs, parse_config
 from raafd.metrics import Metrics
+from tests.waiting import let_loopback_land
 
 SECRET = "s3cr3t-Weather-Token-0042"  # not key-shaped: only the env redaction can hide it
 FIXED = datetime(2026, 3, 29, 0, 30, 15, 123456, tzinfo=UTC)
@@ -136,7 +137,7 @@ class Upstream:
                 await send({"type": "http.response.body", "body": b"b" * 1000, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         elif path == "/slow":
-            await trio.sleep(3600)
+            await trio.sleep_forever()  # an upstream that never answers
         elif path == "/redirect":
             await send(
                 {
@@ -346,7 +347,7 @@ async def test_http_tool_response_too_large(
 async def test_http_tool_timeout(
     autojump_clock: MockClock, upstream: tuple[Upstream, str], client: httpx.AsyncClient
 ) -> None:
-    autojump_clock.autojump_threshold = 0.02  # real sockets: let real I/O run first
+    let_loopback_land(autojump_clock)
     app, base = upstream
     tool = http_tool(client, f"{base}/slow", timeout=7.0)
     start = trio.current_time()
