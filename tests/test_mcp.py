@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from hypothesis import given, settings
@@ -224,7 +225,8 @@ async def test_server_process_dies_then_reconnects(
     with trio.fail_after(20):
         pid = int(await pid_tool.call({}))
         nursery.start_soon(call_in_flight)
-        await trio.sleep(0.2)  # let it reach the server (if not, it fails the same way)
+        # Once every task waits, the call's request is written and it waits for the answer.
+        await trio.testing.wait_all_tasks_blocked()
         os.kill(pid, signal.SIGKILL)
         await server.wait_until(available=False)
         # The tools stay offered, and say why they cannot work.
