@@ -7,8 +7,9 @@ from typing import Any
 
 import httpx
 import trio
-import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.waiting import wait_until
 
 NDJSON = "application/x-ndjson"
 
@@ -66,7 +67,7 @@ async def test_readyz_turns_503_while_draining(start_daemon: Any, autojump_clock
         with trio.fail_after(2):
             assert (await client.get("/readyz")).status_code == 200
         rd.daemon.request_drain()
-        await trio.sleep(1)
+        await trio.sleep(1)  # clock seconds: inside the drain delay, still listening
         with trio.fail_after(2):
             r = await client.get("/readyz")
             assert r.status_code == 503
@@ -105,7 +106,7 @@ async def test_max_connections_refuses_with_503_before_upgrade(start_daemon: Any
     host, port = rd.address.rsplit(":", 1)
     with trio.fail_after(10):
         held = [await trio.open_tcp_stream(host, int(port)) for _ in range(2)]
-        await trio.testing.wait_all_tasks_blocked()
+        await wait_until(lambda: rd.daemon.listener.open_connections == 2)
         extra = await trio.open_tcp_stream(host, int(port))
         await extra.send_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
         answer = b""
