@@ -890,7 +890,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stall (default 10,20,30,50,75,100,150,200,300,400,500,750,1000; "
         "quick: none)",
     )
-    ap.add_argument("--profile", action="store_true", help="py-spy raafd under the largest N")
+    ap.add_argument(
+        "--profile",
+        nargs="?",
+        const="ws",
+        choices=TRANSPORTS,
+        help="py-spy raafd under the largest N, over this transport (default ws)",
+    )
     ap.add_argument(
         "--quiet",
         type=float,
@@ -1065,12 +1071,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.profile:
             n = max(ns or [500])
-            print(f"\nProfile: py-spy on raafd, ws, N={n}")
+            print(f"\nProfile: py-spy on raafd, {args.profile}, N={n}")
             with fresh() as server:
-                prof = profile_run(n, "ws", server, upstream, duration, workdir)
+                prof = profile_run(n, args.profile, server, upstream, duration, workdir)
             if prof:
                 raw["profile"] = prof
-                print(_run_line("ws", n, prof["run"]))
+                print(_run_line(args.profile, n, prof["run"]))
                 busy = prof["samples"] / max(1, prof["samples"] + prof["idle_samples"])
                 print(
                     f"  {prof['samples']} busy samples, {100 * busy:.0f}% of all "
