@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -150,3 +152,42 @@ def test_rebuilt_events_are_the_appended_ones() -> None:
         )
         assert got.fields == want.fields
     assert log.nbytes == sum(e.size for e in appended[-50:])
+
+
+def exact_size(log: EventLog) -> int:
+    """What a log holding its events costs with no slack: an empty log, plus its JSON bytes, a
+    4-byte end offset and a kind byte per event (and the NUL each bytearray ends with)."""
+    return sys.getsizeof(EventLog(1, 1)) + log.nbytes + 5 * len(log) + 2
+
+
+def test_a_closed_log_holds_its_events_at_exact_size() -> None:
+    # A finished stream's log is kept for `retention`, thousands of them: at the terminal event
+    # the evicted slots are cut off and the buffers lose the slack their growth left.
+    log = filled(65, max_events=40)  # 25 evicted, still in the buffers (not compacted yet)
+    assert sys.getsizeof(log) > exact_size(log)
+    end = make_event("st_t", 66, "complete", final_response="", usage={}, finish_reason="stop")
+    held = [e.json for e in log.after(log.oldest)] + [end.json]
+    log.append(end)
+    assert sys.getsizeof(log) == exact_size(log)
+    assert (len(log), log.oldest, log.head) == (40, 27, 66)
+    assert [e.json for e in log.after(log.oldest - 1)] == [*(e.json for e in log.after(26))]
+    assert [e.json for e in log.after(26)] == held
+    assert log.terminal == end
+    with pytest.raises(Gone, match="oldest available is seq 27"):
+        log.after(25)
+
+
+@given(n=st.integers(0, 150), max_events=st.integers(1, 60), size=st.integers(1, 300))
+def test_a_closed_log_answers_as_before_it_was_sealed(n: int, max_events: int, size: int) -> None:
+    log = EventLog(max_events, 2000)
+    for seq in range(1, n + 1):
+        log.append(content(seq, "x" * (size + seq % 7)))
+    log.append(make_event("st_t", n + 1, "cancelled", reason="client"))
+    assert sys.getsizeof(log) == exact_size(log)
+    assert log.nbytes <= 2000 or len(log) == 1
+    oldest = log.oldest
+    assert [e.seq for e in log.after(oldest - 1)] == list(range(oldest, n + 2))
+    assert [e.kind for e in log.after(n)] == ["cancelled"]
+    if oldest > 1:
+        with pytest.raises(Gone):
+            log.after(oldest - 2)

@@ -21,10 +21,16 @@ of the thousands of streams a busy daemon retains (hundreds of thousands of even
 full collection stall the daemon for hundreds of milliseconds. Flat, a log is four objects
 whatever it holds. ``after`` rebuilds the events it answers (their ``fields`` are decoded from
 ``json`` only if someone reads them).
+
+A closed log is sealed: at the terminal event the evicted slots are cut off and the buffers are
+copied to their exact size, since a finished feed's log is kept unchanged for a long time (a
+finished stream for ``retention``, thousands of them) while appends leave up to an eighth of
+each buffer unused. ``sys.getsizeof(log)`` counts the buffers.
 """
 
 from __future__ import annotations
 
+import sys
 from array import array
 from typing import Final
 
@@ -38,6 +44,7 @@ __all__ = ["EventLog"]
 _KINDS: list[str] = sorted(EVENT_KINDS)
 _CODE: dict[str, int] = {kind: code for code, kind in enumerate(_KINDS)}
 _MAX_KINDS: Final = 256
+_MAX_I: Final = 2 ** (8 * array("I").itemsize) - 1  # the largest offset array("I") holds
 
 
 def _code(kind: str) -> int:
@@ -132,6 +139,8 @@ class EventLog:
             len(blob) - (ends[first - 1] if first else 0) > self.max_bytes
         ):
             self._evict()
+        if self.closed:
+            self._seal()
 
     def _evict(self) -> None:
         """Drop the oldest events until both bounds hold (never the newest one)."""
@@ -149,6 +158,27 @@ class EventLog:
         del self._kinds[:first]
         self._base += first
         self._first = 0
+
+    def _seal(self) -> None:
+        """Hold the events of a closed log in exact-size buffers: nothing is appended any more,
+        and the log may be kept for long (see the module docstring)."""
+        if self._first:
+            self._compact()
+        # A bytearray copied, or an array built from a list, is allocated at its exact size; the
+        # originals keep the slack of their growth (and a bytearray may keep the prefix _compact
+        # cut off). The end offsets take 4 bytes each instead of 8 when the blob allows (it
+        # nearly always does: after the cut it holds only the held events, within max_bytes).
+        self._blob = bytearray(self._blob)
+        self._ends = array("I" if len(self._blob) <= _MAX_I else "Q", self._ends.tolist())
+        self._kinds = bytearray(self._kinds)
+
+    def __sizeof__(self) -> int:
+        return (
+            object.__sizeof__(self)
+            + sys.getsizeof(self._blob)
+            + sys.getsizeof(self._ends)
+            + sys.getsizeof(self._kinds)
+        )
 
     def _event(self, slot: int) -> StreamEvent:
         json = bytes(self._blob[self._start(slot) : self._ends[slot]])
