@@ -10,8 +10,10 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import httpx
 import pytest
 import trio
+from openai import AsyncOpenAI
 from trio.testing import MockClock
 
 from raafd.config import ConfigError, ProviderConfig, parse_config
@@ -39,6 +41,7 @@ from tests.providers import (
     run_stream,
     text_of,
 )
+from tests.sse import stream_to_end
 
 SECRET = "sk-test-SECRETKEY-0123456789abcdef"
 KEY_ENV = "RAAFD_TEST_OPENAI_KEY"
@@ -661,6 +664,80 @@ async def test_non_retryable_and_zero_retries_raise_at_once() -> None:
         )
         events, error = await run_stream(stream)
         assert error is not None and events == [] and provider.calls == 1
+
+
+# --- what the upstream did not say -----------------------------------------------------------
+#
+# llama.cpp's server, among others, sends no usage: unknown usage is null, not 0.
+
+
+def test_usage_sums_are_unknown_where_a_part_is() -> None:
+    assert Usage(3, 4) + Usage(1, 2) == Usage(4, 6)
+    assert Usage(3, 4) + Usage() == Usage(None, None)
+    assert Usage(3, None) + Usage(1, 2) == Usage(4, None)
+    assert sum([Usage(1, 1), Usage(2, 2)], Usage(0, 0)) == Usage(3, 3)
+
+
+@pytest.fixture
+async def daemon_on_fake(fake: FakeOpenAI, start_daemon: Callable[..., Awaitable[Any]]) -> Any:
+    return await start_daemon(
+        providers={"up": {"type": "openai", "base_url": fake.base_url, "max_retries": 0}},
+        agents={"assistant": {"provider": "up", "tools": ["clock"]}},
+    )
+
+
+async def run_to_end(rd: Any, text: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=rd.base_url) as client:
+        stream = (await client.post("/v1/streams", json={"input": text})).json()["stream"]
+        return await stream_to_end(client, stream)
+
+
+async def test_an_upstream_without_usage_gives_null_usage_not_zero(
+    fake: FakeOpenAI, daemon_on_fake: Any
+) -> None:
+    fake.default = Script(deltas=3, interval=0, usage=False)
+    with trio.fail_after(20):
+        end = (await run_to_end(daemon_on_fake, "hello"))[-1]
+        async with httpx.AsyncClient(base_url=daemon_on_fake.base_url) as client:
+            body = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}]}
+            whole = (await client.post("/v1/chat/completions", json=body)).json()
+            streamed = await client.post(
+                "/v1/chat/completions",
+                json=body | {"stream": True, "stream_options": {"include_usage": True}},
+            )
+        async with AsyncOpenAI(
+            base_url=daemon_on_fake.base_url + "/v1", api_key="x", max_retries=0
+        ) as sdk:
+            reply = await sdk.chat.completions.create(model="assistant", messages=body["messages"])
+    assert end["event"] == "complete" and end["final_response"] == "tok0 tok1 tok2 "
+    assert end["usage"] == {"prompt_tokens": None, "completion_tokens": None}
+    assert whole["usage"] is None
+    frames = [f.removeprefix("data: ") for f in streamed.text.split("\n\n") if f]
+    assert frames[-1] == "[DONE]"
+    last = json.loads(frames[-2])
+    assert last["choices"] == [] and last["usage"] is None
+    assert reply.usage is None  # the official client takes a null usage
+    assert reply.choices[0].message.content == "tok0 tok1 tok2 "
+
+
+async def test_a_turn_without_usage_makes_the_runs_usage_unknown(
+    fake: FakeOpenAI, daemon_on_fake: Any
+) -> None:
+    # The first turn (a tool call) reports usage, the answer after the tool does not: a sum of
+    # the first alone would be a wrong number.
+    fake.push(
+        Script(deltas=0, interval=0, tool_calls=(ToolCallScript("clock", "{}", fragments=2),)),
+        Script(deltas=2, interval=0, usage=False),
+    )
+    with trio.fail_after(20):
+        events = await run_to_end(daemon_on_fake, "what time is it?")
+    assert [e["event"] for e in events if e["event"] in ("tool_call", "tool_result")] == [
+        "tool_call",
+        "tool_result",
+    ]
+    assert events[-1]["event"] == "complete"
+    assert events[-1]["usage"] == {"prompt_tokens": None, "completion_tokens": None}
+    assert fake.request_count == 2
 
 
 # --- small pieces -----------------------------------------------------------------------------

@@ -27,6 +27,8 @@ What the loop keeps true:
 - bounds: at most ``max_turns`` model turns per run (the limit of the agent running now; a
   turn that still asks for tools at the limit raises :class:`~raafd.errors.MaxTurns` before
   its tools run), at most :data:`MAX_TOOL_CALLS` tool calls per turn;
+- usage: summed over the turns; a turn whose upstream reported none makes the sum's counts
+  ``None`` (unknown), never a partial number;
 - the loop never emits a terminal event; failures are raised as ``RaafdError`` (see
   :class:`~raafd.agents.base.AgentRunner`).
 """
@@ -312,7 +314,7 @@ class AgentLoop:
         """Run ``agent`` on ``messages`` into ``out``; see the module docstring."""
         current = self._resolve(agent)
         conversation = list(messages)
-        prompt_tokens = completion_tokens = 0
+        usage = Usage(0, 0)  # summed over the turns; a turn without usage makes it unknown
         turns = 0
 
         emit: Emit = out.emit
@@ -331,9 +333,7 @@ class AgentLoop:
                 metrics=self._metrics,
                 agent=current.name if tag else None,
             )
-            if turn.usage is not None:
-                prompt_tokens += turn.usage.prompt_tokens
-                completion_tokens += turn.usage.completion_tokens
+            usage += turn.usage if turn.usage is not None else Usage()
             calls = turn.calls()
             if not calls:
                 conversation.append({"role": "assistant", "content": turn.answer})
@@ -341,7 +341,7 @@ class AgentLoop:
                     agent=current.name,
                     text=turn.answer,
                     messages=conversation,
-                    usage=Usage(prompt_tokens, completion_tokens),
+                    usage=usage,
                     finish_reason=turn.finish_reason or "stop",
                 )
             if turns >= current.config.max_turns:

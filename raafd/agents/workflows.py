@@ -35,6 +35,7 @@ from raafd.agents.bodies import AgentBodies
 from raafd.errors import NotFound, RaafdError
 from raafd.logging import get_logger
 from raafd.protocol.commands import WorkflowStart
+from raafd.providers.base import Usage
 
 if TYPE_CHECKING:
     from raafd.streams.body import Body, StreamWriter
@@ -122,9 +123,9 @@ async def run_workflow(out: StreamWriter, runner: AgentRunner, workflow: Workflo
     await out.emit(
         "complete",
         final_response=last.text,
-        usage={
-            "prompt_tokens": sum(r.usage.prompt_tokens for r in results),
-            "completion_tokens": sum(r.usage.completion_tokens for r in results),
+        usage={  # a count an agent's upstream did not give is unknown (None) in the sum too
+            "prompt_tokens": sum((r.usage for r in results), Usage(0, 0)).prompt_tokens,
+            "completion_tokens": sum((r.usage for r in results), Usage(0, 0)).completion_tokens,
         },
         finish_reason=last.finish_reason,
     )

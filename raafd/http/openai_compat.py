@@ -351,11 +351,15 @@ class _Reader:
     def tool_calls(self) -> list[dict[str, Any]]:
         return list(self.pending.values()) if self.finish_reason() == "tool_calls" else []
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, int] | None:
+        """The answer's ``usage``; None (JSON null) when the upstream did not give both counts:
+        unknown is not 0."""
         assert self.terminal is not None
         usage = self.terminal.fields.get("usage") or {}
-        prompt = int(usage.get("prompt_tokens", 0))
-        completion = int(usage.get("completion_tokens", 0))
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if not isinstance(prompt, int) or not isinstance(completion, int):
+            return None
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,

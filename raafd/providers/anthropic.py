@@ -28,7 +28,8 @@ thinking blocks do not count). A ``tool_use`` block that closes without any argu
 one fragment ``{}`` (a call without parameters). Thinking, citations and server-tool blocks are
 not forwarded; ``ping`` and unknown events are ignored. Usage: ``input_tokens`` (plus the cache
 read and cache creation tokens, which Anthropic counts apart) from ``message_start``;
-``output_tokens`` of ``message_delta`` is cumulative, so the last value is kept, not a sum.
+``output_tokens`` of ``message_delta`` is cumulative, so the last value is kept, not a sum; a
+count the stream never gave is ``None`` (unknown).
 Stop reasons: ``end_turn`` and ``stop_sequence`` → ``stop``, ``max_tokens`` → ``length``,
 ``tool_use`` → ``tool_calls``, ``refusal`` → ``content_filter``, anything else → ``stop``.
 The last thing sent is ``Delta(usage=…, finish_reason=…)``.
@@ -317,16 +318,16 @@ class _StreamState:
         # Open content blocks by Anthropic index; closed ones are removed, so it stays small.
         self.blocks: dict[int, _Block] = {}
         self.tool_count = 0
-        self.input_tokens = 0
+        self.input_tokens: int | None = None  # None until the upstream says
         self.cache_tokens = 0
-        self.completion_tokens = 0
+        self.completion_tokens: int | None = None
         self.stop_reason: str | None = None
         self.stopped = False
         self.sent = False  # a delta went into the sink
 
     @property
-    def prompt_tokens(self) -> int:
-        return self.input_tokens + self.cache_tokens
+    def prompt_tokens(self) -> int | None:
+        return None if self.input_tokens is None else self.input_tokens + self.cache_tokens
 
     def take_usage(self, usage: dict[str, Any]) -> None:
         # Every count Anthropic reports is the total so far: the last one wins.

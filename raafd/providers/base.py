@@ -33,8 +33,22 @@ __all__ = [
 
 @frozen
 class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    """An answer's token counts. ``None`` means the upstream did not say (some
+    OpenAI-compatible servers send no usage): never a silent 0."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def __add__(self, other: Usage) -> Usage:
+        """The counts of two answers together; a count either of them lacks is unknown."""
+        return Usage(
+            _sum(self.prompt_tokens, other.prompt_tokens),
+            _sum(self.completion_tokens, other.completion_tokens),
+        )
+
+
+def _sum(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
 
 
 @frozen

@@ -17,7 +17,8 @@ The answer is NDJSON, one object a line: ``message.content`` → ``Delta(text)``
 ``message.tool_calls`` arrive whole, each becoming one :class:`ToolCallDelta` with ``id`` (the
 upstream's, or ``call_<n>``), ``name`` and the ``arguments`` object as one JSON text; ``n`` and
 the ``index`` count the calls across the whole answer. The line with ``done: true`` ends it:
-``prompt_eval_count`` and ``eval_count`` → :class:`Usage`, ``done_reason`` → ``finish_reason``
+``prompt_eval_count`` and ``eval_count`` → :class:`Usage` (``None`` for a count the line lacks),
+``done_reason`` → ``finish_reason``
 (``length`` stays ``length``; ``tool_calls`` when the answer had tool calls; else ``stop``).
 ``message.thinking`` (a reasoning model's thoughts) is not forwarded.
 A line ``{"error": "..."}`` is a :class:`ProviderError`, retryable only while no delta has been
@@ -215,7 +216,7 @@ class _StreamState:
                 self.finish_reason = "tool_calls"
             else:
                 self.finish_reason = _DONE_REASONS.get(str(reason), "stop")
-            self.usage = Usage(_int(doc.get("prompt_eval_count")), _int(doc.get("eval_count")))
+            self.usage = Usage(_count(doc.get("prompt_eval_count")), _count(doc.get("eval_count")))
         if text or tool_calls:
             return Delta(text=text, tool_calls=tool_calls)
         return None
@@ -247,8 +248,9 @@ class _StreamState:
         return tuple(out)
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+def _count(value: Any) -> int | None:
+    """A token count the upstream gave, or ``None`` (missing, null, not a number)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _error_message(body: bytes) -> str:

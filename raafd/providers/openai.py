@@ -1,10 +1,11 @@
 """The OpenAI-compatible provider: Chat Completions with ``stream: true``.
 
 It speaks to OpenAI and to the servers that copy its wire format (vLLM, llama.cpp's server,
-Ollama's ``/v1``), so it is lenient in what it reads: ``usage`` may be missing, ``content`` may be
-``null``, ``choices`` may be empty, unknown fields are ignored, ``finish_reason`` may come with
-the usage chunk or before it, and the stream may end without ``data: [DONE]`` once a
-``finish_reason`` was seen. An ``error`` object in a data line is a :class:`ProviderError`.
+Ollama's ``/v1``), so it is lenient in what it reads: ``usage`` may be missing (the answer's
+usage is then unknown, ``None``, never 0), ``content`` may be ``null``, ``choices`` may be
+empty, unknown fields are ignored, ``finish_reason`` may come with the usage chunk or before
+it, and the stream may end without ``data: [DONE]`` once a ``finish_reason`` was seen. An
+``error`` object in a data line is a :class:`ProviderError`.
 
 What it sends into the sink: one :class:`Delta` per upstream chunk that carries text or
 tool-call fragments, forwarded the moment its line arrives (the sink's ``send`` is the
@@ -236,12 +237,13 @@ class _ChunkState:
         self.usage: Usage | None = None
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+def _count(value: Any) -> int | None:
+    """A token count the upstream gave, or ``None`` (missing, null, not a number)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _usage(usage: dict[str, Any]) -> Usage:
-    return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
 
 
 def _tool_call_deltas(calls: list[Any]) -> tuple[ToolCallDelta, ...]:

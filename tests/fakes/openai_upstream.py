@@ -458,8 +458,9 @@ class FakeOpenAI:
             "choices": [
                 {"index": 0, "message": message, "finish_reason": script.final_finish_reason}
             ],
-            "usage": _usage(script, self._frames(script)),
         }
+        if script.usage:
+            doc["usage"] = _usage(script, self._frames(script))
         await self._send_json(stream, conn, rec, 200, doc, script.headers)
 
     async def _send_error(
