@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -503,6 +504,12 @@ async def test_a_cut_before_message_stop_is_a_disconnect(
     assert error is not None
     assert error.reason == "disconnect"
     assert text_of(events) == "tok0 tok1 tok2 " and fake.request_count == 1
+    # What came is named: bytes, events, the last line.
+    assert re.search(
+        r"closed the stream after \d+ bytes \(\d+ events\) before the answer was complete \(.+\);"
+        r' last line: data: \{"type":"content_block_delta".*"tok2 "',
+        error.message,
+    ), error.message
 
     fake.push(AnthropicScript(close_after=0))  # before the first delta: retried
     events, error = await run_stream(with_retry(make_provider(fake, upstream)))

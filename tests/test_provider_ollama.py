@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -386,6 +387,12 @@ async def test_a_stream_without_its_done_line_is_a_disconnect(
     assert error is not None
     assert error.reason == "disconnect"
     assert text_of(events) == "tok0 tok1 tok2 " and fake.request_count == 1
+    # What came is named: bytes, lines, the last line.
+    assert re.search(
+        r"closed the stream after \d+ bytes \(3 events\) before the answer was complete \(.+\);"
+        r' last line: \{.*"tok2 "',
+        error.message,
+    ), error.message
 
     fake.push(OllamaScript(done=False))  # the body ends properly, but without a done line
     events, error = await run_stream(partial(make_provider(fake, upstream).stream, REQUEST))

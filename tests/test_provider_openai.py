@@ -27,11 +27,14 @@ from raafd.providers.base import (
     Usage,
 )
 from raafd.providers.demo import DemoProvider
+from raafd.providers.http import LAST_LINE_LIMIT
 from raafd.providers.openai import OpenAIProvider, parse_retry_after, redact_secrets
 from raafd.providers.registry import build_providers, open_upstream_client
 from raafd.providers.retry import stream_with_retry
 from raafd.providers.upstream import UpstreamClient
+from raafd.providers.wire import ChunkedBody
 from tests.fakes import FakeOpenAI, Script, ToolCallScript
+from tests.fakes.openai_upstream import _encode
 from tests.providers import (
     Send,
     content_deltas,
@@ -229,8 +232,9 @@ async def test_tool_call_fragments_merge_into_whole_calls(
         (Script(deltas=3, interval=0, usage_with_finish=True), Usage(7, 3)),  # llama.cpp
         (Script(deltas=3, interval=0, done=False), Usage(7, 3)),  # EOF after finish, no [DONE]
         (Script(deltas=3, interval=0, usage=False, done=False, role_content_null=True), None),
+        (Script(deltas=3, interval=0, close_after_finish=True), None),  # cut after the finish
     ],
-    ids=["no-usage", "usage-with-finish", "no-done", "bare"],
+    ids=["no-usage", "usage-with-finish", "no-done", "bare", "cut-after-finish"],
 )
 async def test_compatible_stream_shapes_are_tolerated(
     fake: FakeOpenAI, upstream: UpstreamClient, script: Script, usage: Usage | None
@@ -666,9 +670,63 @@ async def test_non_retryable_and_zero_retries_raise_at_once() -> None:
         assert error is not None and events == [] and provider.calls == 1
 
 
-# --- what the upstream did not say -----------------------------------------------------------
+# --- what the upstream did not say, and a body that ends too soon ----------------------------
 #
-# llama.cpp's server, among others, sends no usage: unknown usage is null, not 0.
+# llama.cpp's server sends no usage unless asked in its own way, and when a request overflows
+# its context window it answers 200 and then cuts the body. Neither may look like something
+# else: unknown usage is null, not 0; a cut body names what came.
+
+
+def cut_report(script: Script, deltas: int) -> tuple[int, int, str]:
+    """What raafd saw of ``script``'s body cut after ``deltas`` deltas: bytes, events (the role
+    chunk and the deltas) and the last line as the error shows it."""
+    frames = _encode(script)
+    decoder = ChunkedBody()
+    body = b"".join(decoder.feed(chunk) for chunk in (frames.head, *frames.body[:deltas]))
+    line = body.rstrip(b"\n").rsplit(b"\n", 1)[-1].decode()
+    if len(line) > LAST_LINE_LIMIT:
+        line = line[:LAST_LINE_LIMIT] + "…"
+    return len(body), 1 + deltas, line
+
+
+async def test_a_200_body_cut_after_a_token_names_what_came_and_is_not_retried(
+    fake: FakeOpenAI, upstream: UpstreamClient
+) -> None:
+    script = Script(interval=0, close_after=3)  # the connection closes inside the chunked body
+    fake.push(script)
+    metrics = Metrics()
+    events, error = await run_stream(with_retry(make_provider(fake, upstream), metrics))
+    assert error is not None and error.reason == "disconnect"
+    size, count, line = cut_report(script, 3)
+    assert error.message.startswith(
+        f"up: the upstream closed the stream after {size} bytes ({count} events) before the"
+        " answer was complete ("
+    )
+    assert error.message.endswith(f"; last line: {line}")
+    assert line.startswith('data: {"id":"chatcmpl-fake"') and len(line) == 201
+    assert text_of(events) == "tok0 tok1 tok2 "
+    assert not any(isinstance(e, RetryNotice) for e in events)
+    assert fake.request_count == 1
+    assert metric(metrics, "raafd_upstream_retries_total", "disconnect") == 0
+
+
+async def test_a_body_that_ends_before_the_answer_is_retried_only_before_the_first_token(
+    fake: FakeOpenAI, upstream: UpstreamClient
+) -> None:
+    # A well-framed end of the HTTP body, but no finish_reason and no [DONE].
+    fake.push(Script(interval=0, end_after=0), Script(interval=0, end_after=2))
+    provider = make_provider(fake, upstream)
+    events, error = await run_stream(with_retry(provider, base=0.001, max_retries=1))
+    assert error is not None and error.reason == "disconnect"
+    retries = [e for e in events if isinstance(e, RetryNotice)]
+    assert [r.reason for r in retries] == ["disconnect"]  # the first: nothing had gone out
+    size, count, line = cut_report(Script(interval=0), 2)
+    assert error.message == (
+        f"up: the upstream closed the stream after {size} bytes ({count} events) before the"
+        f" answer was complete; last line: {line}"
+    )
+    assert text_of(events) == "tok0 tok1 "
+    assert fake.request_count == 2
 
 
 def test_usage_sums_are_unknown_where_a_part_is() -> None:
@@ -738,6 +796,21 @@ async def test_a_turn_without_usage_makes_the_runs_usage_unknown(
     assert events[-1]["event"] == "complete"
     assert events[-1]["usage"] == {"prompt_tokens": None, "completion_tokens": None}
     assert fake.request_count == 2
+
+
+async def test_a_cut_body_reaches_the_client_as_an_error_naming_what_came(
+    fake: FakeOpenAI, daemon_on_fake: Any
+) -> None:
+    fake.default = Script(interval=0, close_after=3)
+    with trio.fail_after(20):
+        events = await run_to_end(daemon_on_fake, "hello")
+    size, count, line = cut_report(Script(interval=0), 3)
+    assert "".join(e["delta"] for e in events if e["event"] == "content") == "tok0 tok1 tok2 "
+    end = events[-1]
+    assert end["event"] == "error"
+    assert f"closed the stream after {size} bytes ({count} events)" in end["error"]["message"]
+    assert end["error"]["message"].endswith(f"; last line: {line}")
+    assert fake.request_count == 1
 
 
 # --- small pieces -----------------------------------------------------------------------------

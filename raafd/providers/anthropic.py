@@ -226,6 +226,7 @@ class AnthropicProvider(HttpProvider):
                 events = parser.feed(chunk)
             except SSEError as exc:
                 raise self._error(f"bad event stream: {exc}", reason="protocol") from None
+            state.events += len(events)
             for event in events:
                 delta = self._event_delta(event.event, event.data, state)
                 if delta is not None:
@@ -234,15 +235,11 @@ class AnthropicProvider(HttpProvider):
                 if state.stopped:
                     return
 
-        await pump_deltas(response, send, parse, lambda: state.stopped)
+        received = await pump_deltas(response, send, parse, lambda: state.stopped)
         if state.stopped:
             await drain(response)
         if not state.stopped:
-            raise self._error(
-                "the upstream closed the stream before it was complete",
-                retryable=True,
-                reason="disconnect",
-            )
+            raise self._closed_early(received, state.events)
         await send.send(
             Delta(
                 usage=Usage(state.prompt_tokens, state.completion_tokens),
@@ -307,6 +304,7 @@ class _StreamState:
         "blocks",
         "cache_tokens",
         "completion_tokens",
+        "events",
         "input_tokens",
         "sent",
         "stop_reason",
@@ -318,6 +316,7 @@ class _StreamState:
         # Open content blocks by Anthropic index; closed ones are removed, so it stays small.
         self.blocks: dict[int, _Block] = {}
         self.tool_count = 0
+        self.events = 0  # server-sent events read
         self.input_tokens: int | None = None  # None until the upstream says
         self.cache_tokens = 0
         self.completion_tokens: int | None = None

@@ -10,6 +10,12 @@ the exchange becomes a :class:`ProviderError` with a stable ``reason``:
   connection in the shared pool), ``timeout`` (nothing read for ``read_timeout``), ``config``
   (a bad URL), ``protocol`` (a malformed response head or body framing), ``disconnect`` (a
   broken connection, or one closed before the body's end);
+- a streamed answer whose body ends, or whose connection breaks, before the answer does (an
+  upstream that answered 200 and then gave up, as llama.cpp's server does past its context
+  window): ``disconnect``, retryable (so retried only before the first delta), its message
+  naming what came: "the upstream closed the stream after 1834 bytes (12 events) before the
+  answer was complete; last line: data: {...}" (:meth:`HttpProvider._closed_early`, the last
+  line cut to :data:`LAST_LINE_LIMIT` characters and redacted like every message);
 - HTTP: 429 is ``rate_limited``, 408 and 5xx are ``server_error``, all three retryable with the
   upstream's ``Retry-After``; 401 and 403 are ``auth``, anything else ``bad_request``.
 
@@ -47,8 +53,10 @@ from raafd.providers.upstream import (
 
 __all__ = [
     "ERROR_BODY_LIMIT",
+    "LAST_LINE_LIMIT",
     "MESSAGE_LIMIT",
     "HttpProvider",
+    "Received",
     "drain",
     "open_body",
     "parse_retry_after",
@@ -58,6 +66,7 @@ __all__ = [
 
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body read for its message
 MESSAGE_LIMIT = 500  # characters of an upstream message kept in an error
+LAST_LINE_LIMIT = 200  # characters of a body's last line kept in a "closed early" error
 DRAIN_TIMEOUT = 0.25  # seconds to read a body's end once the answer is complete
 _CLEANUP_TIMEOUT = 1.0  # seconds, shielded, to close a response and unwind its readers
 _REDACTED = "[redacted]"
@@ -128,14 +137,38 @@ async def drain(response: UpstreamResponse) -> None:
                 break
 
 
+class Received:
+    """What a streamed body brought before it ended, for the error that says it ended too
+    soon: its size, its last bytes (the last two reads) and, when the connection broke rather
+    than the body ending, why."""
+
+    __slots__ = ("broken", "size", "tail")
+
+    def __init__(self, size: int, tail: bytes, broken: str | None) -> None:
+        self.size = size
+        self.tail = tail
+        self.broken = broken
+
+    def last_line(self) -> str:
+        """The body's last non-blank line, cut to :data:`LAST_LINE_LIMIT` characters."""
+        lines = [line for line in self.tail.splitlines() if line.strip()]
+        if not lines:
+            return "(none)"
+        text = lines[-1].decode("utf-8", "replace")
+        if len(lines) == 1 and len(self.tail) < self.size:
+            text = "…" + text  # it may have begun before the bytes kept
+        return text[:LAST_LINE_LIMIT] + "…" if len(text) > LAST_LINE_LIMIT else text
+
+
 async def pump_deltas(
     response: UpstreamResponse,
     send: Sink,
     parse: Callable[[bytes], Iterator[Delta]],
     finished: Callable[[], bool],
-) -> None:
+) -> Received:
     """Read a streamed body until ``finished()`` or the body's end, turning each read into
-    deltas with ``parse`` and sending them into ``send`` in order, all in this task.
+    deltas with ``parse`` and sending them into ``send`` in order, all in this task; what the
+    body brought.
 
     Adjacent text-only deltas of one read go on as one delta (their texts joined): they arrived
     together, so joining them delays nothing, and the stream makes one ``content`` event of them
@@ -144,11 +177,23 @@ async def pump_deltas(
 
     ``send`` waits while the stream cannot take more (paused, its subscriber behind), and the
     next read waits for it: backpressure reaches the upstream's TCP window. What ``parse``
-    raises is raised once the deltas it yielded before went out."""
+    raises is raised once the deltas it yielded before went out. A connection that breaks (or
+    closes inside the HTTP framing) ends the body like its end does, with
+    :attr:`Received.broken` saying so: the provider's state tells whether the answer was
+    complete all the same."""
+    size = 0
+    last = previous = b""
     while not finished():
-        chunk = await response.receive_some()
+        try:
+            chunk = await response.receive_some()
+        except UpstreamTransportError as exc:
+            if exc.kind != "disconnect":
+                raise
+            return Received(size, previous + last, exc.message)
         if not chunk:
-            return
+            break
+        size += len(chunk)
+        previous, last = last, chunk
         deltas: list[Delta] = []
         texts: list[Delta] = []  # adjacent text-only deltas, not yet in deltas
         failure: Exception | None = None
@@ -169,6 +214,7 @@ async def pump_deltas(
             await send.send(delta)
         if failure is not None:
             raise failure
+    return Received(size, previous + last, None)
 
 
 def _text_only(delta: Delta) -> bool:
@@ -290,6 +336,19 @@ class HttpProvider(abc.ABC):
             read_timeout=self.config.read_timeout,
         )
         return _Post(self, exchange)
+
+    def _closed_early(self, received: Received, events: int) -> ProviderError:
+        """The error of an answer whose body ended (or whose connection broke) before the
+        answer did, saying what came: a retryable ``disconnect`` (retried only while no delta
+        went out, see :mod:`raafd.providers.retry`)."""
+        how = f" ({received.broken})" if received.broken else ""
+        plural = "" if events == 1 else "s"
+        return self._error(
+            f"the upstream closed the stream after {received.size} bytes ({events} event{plural})"
+            f" before the answer was complete{how}; last line: {received.last_line()}",
+            retryable=True,
+            reason="disconnect",
+        )
 
     def _transport_error(self, exc: UpstreamTransportError) -> ProviderError:
         detail = exc.message or exc.kind

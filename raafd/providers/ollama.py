@@ -140,6 +140,7 @@ class OllamaProvider(HttpProvider):
                 lines = splitter.feed(chunk)
             except NDJSONError as exc:
                 raise self._error(f"bad NDJSON stream: {exc}", reason="protocol") from None
+            state.events += len(lines)
             for line in lines:
                 delta = self._line(line, state)
                 if delta is not None:
@@ -147,21 +148,18 @@ class OllamaProvider(HttpProvider):
                 if state.done:
                     return
 
-        await pump_deltas(response, send, parse, lambda: state.done)
-        if not state.done:
+        received = await pump_deltas(response, send, parse, lambda: state.done)
+        if not state.done and received.broken is None:
             # The body ended: a last line without its newline still counts.
             for line in splitter.close():
+                state.events += 1
                 delta = self._line(line, state)
                 if delta is not None:
                     await send.send(delta)
         if state.done:
             await drain(response)
         if not state.done:
-            raise self._error(
-                "the upstream closed the stream before it was complete",
-                retryable=True,
-                reason="disconnect",
-            )
+            raise self._closed_early(received, state.events)
         await send.send(Delta(usage=state.usage, finish_reason=state.finish_reason))
 
     def _line(self, line: bytes, state: _StreamState) -> Delta | None:
@@ -192,9 +190,10 @@ class OllamaProvider(HttpProvider):
 class _StreamState:
     """What the lines of one answer have said so far."""
 
-    __slots__ = ("done", "finish_reason", "sent", "tool_count", "usage")
+    __slots__ = ("done", "events", "finish_reason", "sent", "tool_count", "usage")
 
     def __init__(self) -> None:
+        self.events = 0  # lines read
         self.tool_count = 0
         self.sent = False  # a delta went into the sink
         self.done = False

@@ -4,8 +4,10 @@ It speaks to OpenAI and to the servers that copy its wire format (vLLM, llama.cp
 Ollama's ``/v1``), so it is lenient in what it reads: ``usage`` may be missing (the answer's
 usage is then unknown, ``None``, never 0), ``content`` may be ``null``, ``choices`` may be
 empty, unknown fields are ignored, ``finish_reason`` may come with the usage chunk or before
-it, and the stream may end without ``data: [DONE]`` once a ``finish_reason`` was seen. An
-``error`` object in a data line is a :class:`ProviderError`.
+it, and the stream may end (or its connection break) without ``data: [DONE]`` once a
+``finish_reason`` was seen. An ``error`` object in a data line is a :class:`ProviderError`; a
+stream that ends before its ``finish_reason`` and ``[DONE]`` is a ``disconnect`` that names
+what came (see :mod:`raafd.providers.http`).
 
 What it sends into the sink: one :class:`Delta` per upstream chunk that carries text or
 tool-call fragments, forwarded the moment its line arrives (the sink's ``send`` is the
@@ -129,15 +131,11 @@ class OpenAIProvider(HttpProvider):
         parser = SSEParser()
         state = _ChunkState()
         parse = partial(self._chunk_deltas, parser, state)
-        await pump_deltas(response, send, parse, lambda: state.done)
+        received = await pump_deltas(response, send, parse, lambda: state.done)
         if state.done:
             await drain(response)
         if not state.done and state.finish_reason is None:
-            raise self._error(
-                "the upstream closed the stream before it was complete",
-                retryable=True,
-                reason="disconnect",
-            )
+            raise self._closed_early(received, state.events)
         if state.finish_reason is not None or state.usage is not None:
             await send.send(Delta(usage=state.usage, finish_reason=state.finish_reason))
 
@@ -149,6 +147,7 @@ class OpenAIProvider(HttpProvider):
                 datas = [event.data for event in parser.feed(chunk)]
             except SSEError as exc:
                 raise self._error(f"bad event stream: {exc}", reason="protocol") from None
+        state.events += len(datas)
         for data in datas:
             if data.strip() in _DONE:
                 state.done = True
@@ -229,9 +228,10 @@ class OpenAIProvider(HttpProvider):
 
 
 class _ChunkState:
-    __slots__ = ("done", "finish_reason", "usage")
+    __slots__ = ("done", "events", "finish_reason", "usage")
 
     def __init__(self) -> None:
+        self.events = 0  # server-sent events read
         self.done = False
         self.finish_reason: str | None = None
         self.usage: Usage | None = None

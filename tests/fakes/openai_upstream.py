@@ -9,7 +9,8 @@ Each request takes the next :class:`Script` pushed with :meth:`FakeOpenAI.push`,
 one. A script says what to answer: how many content deltas at what pace (default 64 at 20 ms,
 the benchmark's shape), tool calls with arguments split across fragments, where the usage and
 finish reason go, and failures (an HTTP error status with an OpenAI-shaped error body and extra
-headers, a connection cut mid-stream, an ``error`` object in a data line, a stall).
+headers, a connection cut mid-stream, a body that ends before the answer does, an ``error``
+object in a data line, a stall).
 
 Every request is recorded (:class:`RecordedRequest`: headers, JSON body, deltas sent) with a
 ``closed`` event set when its connection ends, and ``closed_by_client`` telling whether the
@@ -75,6 +76,8 @@ class Script:
     echo_authorization: bool = False  # put the request's Authorization value in the message
     headers: tuple[tuple[str, str], ...] = ()  # extra response headers (Retry-After …)
     close_after: int | None = None  # cut the connection after this many deltas
+    end_after: int | None = None  # end the HTTP body (well framed) after this many deltas
+    close_after_finish: bool = False  # cut the connection after the finish_reason chunk
     error_after: int | None = None  # send a data line with an ``error`` object after this many
     hang_after: int | None = None  # stop sending (connection kept open) after this many
 
@@ -143,6 +146,7 @@ class _Frames:
     body: tuple[bytes, ...]  # one HTTP chunk per delta
     tail: bytes  # finish, usage, [DONE]
     error: bytes  # an ``error`` data line
+    finish: bytes  # the finish_reason chunk alone
 
 
 def _http_chunk(payload: bytes) -> bytes:
@@ -227,6 +231,7 @@ def _encode(script: Script) -> _Frames:
         body=tuple(_http_chunk(b) for b in body),
         tail=_http_chunk(tail),
         error=_http_chunk(error),
+        finish=_http_chunk(_sse(_chunk_doc(script, {}, finish))),
     )
 
 
@@ -417,6 +422,10 @@ class FakeOpenAI:
         for i, frame in enumerate(body):
             if i == script.close_after:
                 return False  # the connection is closed mid-body
+            if i == script.end_after:  # the body ends, no finish, usage or [DONE]
+                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+                rec.completed = True
+                return True
             if i == script.hang_after:
                 await trio.sleep_forever()
             if i == script.error_after:
@@ -432,6 +441,9 @@ class FakeOpenAI:
                 return False
             if script.hang_after is not None and script.hang_after >= len(body):
                 await trio.sleep_forever()
+        if script.close_after_finish:
+            await stream.send_all(frames.finish)
+            return False
         # The ending and the body's terminator in one write, as real servers flush them.
         await stream.send_all(ending + (conn.send(h11.EndOfMessage()) or b""))
         rec.completed = True
