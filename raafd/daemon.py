@@ -43,7 +43,12 @@ from raafd.errors import BadRequest, NotFound
 from raafd.gateway.commands import add_stream_commands
 from raafd.gateway.gateway import Gateway
 from raafd.http.app import build_app
+from raafd.http.context import StreamingContext
+from raafd.http.openai_compat import add_openai_routes
 from raafd.http.raw import RawHttpServer
+from raafd.http.sessions import add_session_routes
+from raafd.http.streams import add_stream_routes
+from raafd.http.workflows import add_workflow_routes
 from raafd.logging import get_level, get_logger, set_level
 from raafd.metrics import Metrics
 from raafd.net.listener import PublicListener
@@ -101,10 +106,23 @@ class Daemon:
         )
         self.gateway = Gateway(lambda: self.config, self.metrics, self.tokens)
         add_stream_commands(self.gateway.commands, self.streams, self.start_workflow)
-        self.raw_http = RawHttpServer(self)
+        # The HTTP adapters get the services they use, never the daemon.
+        http = StreamingContext(
+            config=lambda: self.config,
+            metrics=self.metrics,
+            tokens=self.tokens,
+            draining=lambda: self.draining,
+            streams=self.streams,
+        )
+        app = build_app(http, stats=self.stats, refresh_gauges=self.refresh_gauges)
+        add_stream_routes(app, http)
+        add_openai_routes(app, http)
+        add_session_routes(app, lambda: self.sessions)
+        add_workflow_routes(app, http, self.start_workflow)
+        self.raw_http = RawHttpServer(http)
         self.listener = PublicListener(
             config.server,
-            build_app(self),
+            app,
             self.metrics,
             self.gateway.handle,
             http_handler=self.raw_http,

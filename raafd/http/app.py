@@ -1,29 +1,34 @@
-"""The HTTP API's routes. Transports only frame; the daemon's components decide.
+"""The HTTP API's own routes: health, readiness, metrics, stats and the agent list. The
+subsystems add theirs to the same router (``add_stream_routes``, ``add_session_routes`` …),
+each with the services it uses; the daemon wires them.
 
 When ``[auth]`` has tokens every request needs one (see :mod:`raafd.auth`), except
 ``GET /healthz``, ``GET /readyz`` and, with ``http.public_metrics``, ``GET /metrics``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from raafd.auth import check_http
 from raafd.errors import Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router
-from raafd.http.openai_compat import add_openai_routes
-from raafd.http.sessions import add_session_routes
-from raafd.http.streams import add_stream_routes
-from raafd.http.workflows import add_workflow_routes
-
-if TYPE_CHECKING:
-    from raafd.daemon import Daemon
+from raafd.http.context import HttpContext
 
 __all__ = ["build_app"]
 
 
-def build_app(daemon: Daemon) -> Router:
+def build_app(
+    ctx: HttpContext,
+    *,
+    stats: Callable[[], dict[str, Any]],
+    refresh_gauges: Callable[[], None],
+) -> Router:
+    """The router with the API's own routes. ``stats`` gives ``GET /v1/stats`` its figures;
+    ``refresh_gauges`` sets the gauges that mirror component state before a scrape."""
+
     def authorize(request: Request) -> None:
         # Read at each request: tokens and public_metrics are reloadable.
         check_http(
@@ -31,26 +36,26 @@ def build_app(daemon: Daemon) -> Router:
             request.path,
             request.headers,
             request.query,
-            daemon.tokens(),
-            public_metrics=daemon.config.http.public_metrics,
+            ctx.tokens(),
+            public_metrics=ctx.config().http.public_metrics,
         )
 
-    router = Router(daemon.metrics, lambda: daemon.config.http.max_body_bytes, authorize)
+    router = Router(ctx.metrics, lambda: ctx.config().http.max_body_bytes, authorize)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if daemon.draining:
+        if ctx.draining():
             raise Unavailable("draining", retry_after=1)
         return JSONResponse({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
-        daemon.refresh_gauges()
-        return Response(200, daemon.metrics.render(), CONTENT_TYPE_LATEST)
+        refresh_gauges()
+        return Response(200, ctx.metrics.render(), CONTENT_TYPE_LATEST)
 
     async def agents(request: Request) -> Response:
-        cfg = daemon.config
+        cfg = ctx.config()
         listing = [
             {
                 "name": name,
@@ -66,16 +71,12 @@ def build_app(daemon: Daemon) -> Router:
         ]
         return JSONResponse({"agents": listing})
 
-    async def stats(request: Request) -> Response:
-        return JSONResponse(daemon.stats())
+    async def stats_route(request: Request) -> Response:
+        return JSONResponse(stats())
 
     router.add("GET", "/healthz", healthz)
     router.add("GET", "/readyz", readyz)
     router.add("GET", "/metrics", metrics)
-    router.add("GET", "/v1/stats", stats)
+    router.add("GET", "/v1/stats", stats_route)
     router.add("GET", "/v1/agents", agents)
-    add_stream_routes(router, daemon)
-    add_openai_routes(router, daemon)
-    add_session_routes(router, daemon)
-    add_workflow_routes(router, daemon)
     return router

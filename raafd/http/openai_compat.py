@@ -31,6 +31,7 @@ sampling overrides yet); ``n`` must be 1. Any other unknown field is a 400.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
@@ -41,13 +42,13 @@ from attrs import frozen
 
 from raafd.errors import BadRequest, NotFound, RaafdError, TooLarge, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
+from raafd.http.context import StreamingContext
 from raafd.net.delivery import Delivery, Sink
 from raafd.protocol.commands import describe_structure_error
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
     from raafd.core.feed import Subscription
-    from raafd.daemon import Daemon
     from raafd.streams.stream import Stream
 
 __all__ = [
@@ -440,7 +441,11 @@ def _arguments_text(arguments: Any) -> str:
 
 
 async def _chunks(
-    daemon: Daemon, sink: Sink, stream: Stream, subscription: Subscription, framing: ChunkFraming
+    ctx: StreamingContext,
+    sink: Sink,
+    stream: Stream,
+    subscription: Subscription,
+    framing: ChunkFraming,
 ) -> None:
     """A streaming completion's body on a connection hypercorn serves (raafd's raw HTTP path
     serves it through the same framing: :mod:`raafd.http.raw`)."""
@@ -450,8 +455,8 @@ async def _chunks(
                 subscription,
                 framing,
                 sink,
-                daemon.metrics.events_sent.labels(framing.transport),
-                heartbeat=daemon.config.http.heartbeat_interval,
+                ctx.metrics.events_sent.labels(framing.transport),
+                heartbeat=ctx.config().http.heartbeat_interval,
             )
             ended = await delivery.run(framing.opening(), live=False)
         if not ended:
@@ -487,19 +492,19 @@ class Completion:
         return ChunkFraming(self.req, self.id, self.created)
 
 
-def start_completion(daemon: Daemon, body: bytes, request_id: str) -> Response | Completion:
+def start_completion(ctx: StreamingContext, body: bytes, request_id: str) -> Response | Completion:
     """Validate a ``POST /v1/chat/completions`` body and start its stream; refusals come back
     as OpenAI-shaped responses (both HTTP paths answer them as they are)."""
     try:
         req = parse_request(body)
         messages = conversation(req)
-        if req.model not in daemon.config.agents:
-            daemon.metrics.errors.labels("not_found").inc()
+        if req.model not in ctx.config().agents:
+            ctx.metrics.errors.labels("not_found").inc()
             return _model_not_found(req.model)
-        if daemon.draining:
+        if ctx.draining():
             raise Unavailable("the server is draining", retry_after=1)
         try:
-            stream = daemon.streams.start(
+            stream = ctx.streams.start(
                 agent=req.model, messages=messages, owner=f"openai:{request_id}"
             )
         except NotFound as err:
@@ -507,7 +512,7 @@ def start_completion(daemon: Daemon, body: bytes, request_id: str) -> Response |
                 return _model_not_found(req.model)
             raise
     except RaafdError as err:
-        daemon.metrics.errors.labels(err.code).inc()
+        ctx.metrics.errors.labels(err.code).inc()
         return _from_raafd(err)
     return Completion(stream, req)
 
@@ -515,21 +520,23 @@ def start_completion(daemon: Daemon, body: bytes, request_id: str) -> Response |
 # --- routes -----------------------------------------------------------------------------------
 
 
-def add_openai_routes(router: Router, daemon: Daemon) -> None:
+def add_openai_routes(router: Router, ctx: StreamingContext) -> None:
+    created = int(time.time())  # the models' creation: when the daemon was wired
+
     def model_object(name: str) -> dict[str, Any]:
         return {
             "id": name,
             "object": "model",
-            "created": int(daemon.started_at),
+            "created": created,
             "owned_by": "raafd",
         }
 
     async def models(request: Request) -> Response:
-        data = [model_object(name) for name in daemon.config.agents]
+        data = [model_object(name) for name in ctx.config().agents]
         return JSONResponse({"object": "list", "data": data})
 
     async def model(request: Request, model: str) -> Response:
-        if model not in daemon.config.agents:
+        if model not in ctx.config().agents:
             return _model_not_found(model)
         return JSONResponse(model_object(model))
 
@@ -537,11 +544,11 @@ def add_openai_routes(router: Router, daemon: Daemon) -> None:
         try:
             return await _completions(request)
         except RaafdError as err:
-            daemon.metrics.errors.labels(err.code).inc()
+            ctx.metrics.errors.labels(err.code).inc()
             return _from_raafd(err)
 
     async def _completions(request: Request) -> Response | StreamingResponse:
-        started = start_completion(daemon, await request.body(), request.id)
+        started = start_completion(ctx, await request.body(), request.id)
         if isinstance(started, Response):
             return started
         if started.req.stream:
@@ -549,7 +556,7 @@ def add_openai_routes(router: Router, daemon: Daemon) -> None:
             subscription = started.stream.subscribe(0)
             framing = started.framing()
             return StreamingResponse(
-                lambda sink: _chunks(daemon, sink, started.stream, subscription, framing),
+                lambda sink: _chunks(ctx, sink, started.stream, subscription, framing),
                 "text/event-stream",
                 headers=started.headers,
             )
@@ -580,7 +587,7 @@ def add_openai_routes(router: Router, daemon: Daemon) -> None:
             nursery.start_soon(watch)
             try:
                 # Subscribed (not just waiting), so the detach grace never cancels the run.
-                async with daemon.streams.subscribe(stream.id, 0) as subscription:
+                async with ctx.streams.subscribe(stream.id, 0) as subscription:
                     async for batch in subscription:
                         for event in batch:
                             reader.take(event)
@@ -595,7 +602,7 @@ def add_openai_routes(router: Router, daemon: Daemon) -> None:
         assert terminal is not None
         if terminal.kind != "complete":
             status, error = _terminal_failure(terminal)
-            daemon.metrics.errors.labels(error["code"]).inc()
+            ctx.metrics.errors.labels(error["code"]).inc()
             return JSONResponse({"error": error}, status, headers)
         tool_calls = reader.tool_calls()
         text = str(terminal.fields.get("final_response", ""))

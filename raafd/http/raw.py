@@ -48,6 +48,7 @@ from raafd.auth import check_http
 from raafd.errors import RaafdError, TooLarge
 from raafd.gateway.sockio import Output, RawSocket
 from raafd.http.asgi import Response, error_response, next_request_id
+from raafd.http.context import StreamingContext
 from raafd.http.openai_compat import ChunkFraming, Completion, start_completion
 from raafd.http.streams import FRAMINGS, SSE, Framing, framing_for, replay_after, start_stream
 from raafd.logging import get_logger
@@ -57,7 +58,6 @@ from raafd.net.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, res
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
-    from raafd.daemon import Daemon
     from raafd.streams import Subscription
 
 __all__ = ["RawHttpServer", "StreamRequest", "route"]
@@ -141,8 +141,8 @@ class RawHttpServer:
     """Serves the streaming requests of the connections the listener gives it (see the module
     docstring); implements :class:`raafd.net.listener.HttpHandler`."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, ctx: StreamingContext) -> None:
+        self.ctx = ctx
         self.closing = False
         # The keep-alive waits of idle connections, cancelled by a drain. At most one per open
         # connection, so bounded by server.max_connections.
@@ -163,10 +163,10 @@ class RawHttpServer:
 class _Connection:
     def __init__(self, server: RawHttpServer, stream: trio.SocketStream, prefix: bytes) -> None:
         self.server = server
-        self.daemon = server.daemon
+        self.ctx = server.ctx
         self.sock = RawSocket(stream)
         self.buf = bytearray(prefix)  # read, not yet served: the next request's bytes
-        self.out = Output(self.sock, self.daemon.config.http.send_queue)
+        self.out = Output(self.sock, self.ctx.config().http.send_queue)
         self.eof = False  # the client closed (or reset) its side
         self.broken = False  # a send failed
         self.linger = False  # a last response went out: half-close and drain before closing
@@ -189,7 +189,7 @@ class _Connection:
                         self._reading.cancel()  # what it read is in the buffer (handed over)
                         self.out.close()
                     # What is queued goes out before the socket is closed or handed over.
-                    with trio.move_on_after(self.daemon.config.http.send_timeout):
+                    with trio.move_on_after(self.ctx.config().http.send_timeout):
                         await self._writer_done.wait()
                     if not self._writer_done.is_set():
                         hand_over = self.linger = False
@@ -211,7 +211,7 @@ class _Connection:
     async def _reader(self) -> None:
         """Append what the client sends to the buffer, up to one request's worth beyond what
         the request loop has taken; at the client's end, end a streaming response at once."""
-        cfg = self.daemon.config
+        cfg = self.ctx.config()
         limit = cfg.server.max_header_bytes + cfg.http.max_body_bytes
         with self._reading:
             while True:
@@ -248,7 +248,7 @@ class _Connection:
         while True:
             if not self.buf and not await self._wait_for_request():
                 return False
-            deadline = trio.current_time() + self.daemon.config.server.header_timeout
+            deadline = trio.current_time() + self.ctx.config().server.header_timeout
             head_end = await self._read_head(deadline)
             if head_end is None:
                 return False
@@ -275,7 +275,7 @@ class _Connection:
         if server.closing:
             return False
         scope = trio.CancelScope(
-            deadline=trio.current_time() + self.daemon.config.server.keep_alive_timeout
+            deadline=trio.current_time() + self.ctx.config().server.keep_alive_timeout
         )
         server.idle.add(scope)
         try:
@@ -289,7 +289,7 @@ class _Connection:
         """The length of the request head at the start of the buffer, blank line included;
         0 when it is over ``max_header_bytes`` (hypercorn answers that); None when the client
         left or did not finish it by ``deadline``."""
-        limit = self.daemon.config.server.max_header_bytes
+        limit = self.ctx.config().server.max_header_bytes
         end = self.buf.find(b"\r\n\r\n")
         if 0 <= end <= limit:
             return end + 4  # the usual case, the whole head in one read: no deadline needed
@@ -310,7 +310,7 @@ class _Connection:
         """Whether the body after the head is JSON with ``"stream": true``, read without taking
         it (so hypercorn can serve the request whole when not); None when the client left or
         did not send it by ``deadline``."""
-        if length > self.daemon.config.http.max_body_bytes:
+        if length > self.ctx.config().http.max_body_bytes:
             return False  # hypercorn answers 413
         end = head_end + length
         if len(self.buf) < end:
@@ -354,8 +354,8 @@ class _Connection:
         self, head: RequestHead, head_end: int, request: StreamRequest, deadline: float
     ) -> bool:
         """Answer one request; True when the connection may serve another."""
-        daemon = self.daemon
-        cfg = daemon.config
+        ctx = self.ctx
+        cfg = ctx.config()
         request_id = next_request_id()
         structlog.contextvars.bind_contextvars(req=request_id)
         self._take(head_end)
@@ -375,22 +375,22 @@ class _Connection:
                     return False
                 self._authorize(head, query)
                 if request.openai:
-                    started = start_completion(daemon, body, request_id)
+                    started = start_completion(ctx, body, request_id)
                     if isinstance(started, Response):
                         return await self._answer(head.method, started, keep)
                     return await self._complete(head.method, started, keep)
                 if request.stream_id is None:
-                    stream_id = start_stream(daemon, body, request_id).id
+                    stream_id = start_stream(ctx, body, request_id).id
                     after = 0
                 else:
                     stream_id = request.stream_id
                     after = replay_after(head.headers, query)
                 # Registered before the head goes out: not_found, gone and a bad `after`
                 # are answered with their status, as on the ASGI path.
-                subscription = daemon.streams.subscribe(stream_id, after)
+                subscription = ctx.streams.subscribe(stream_id, after)
                 subscription.open()
             except RaafdError as err:
-                daemon.metrics.errors.labels(err.code).inc()
+                ctx.metrics.errors.labels(err.code).inc()
                 return await self._answer(head.method, error_response(err), keep)
             except Exception:
                 log.exception("unhandled error in an HTTP request", path=head.path)
@@ -408,8 +408,8 @@ class _Connection:
             head.path,
             head.headers,
             query,
-            self.daemon.tokens(),
-            public_metrics=self.daemon.config.http.public_metrics,
+            self.ctx.tokens(),
+            public_metrics=self.ctx.config().http.public_metrics,
         )
 
     async def _answer(self, method: str, response: Response, keep: bool) -> bool:
@@ -421,7 +421,7 @@ class _Connection:
         if not keep and "connection" not in response.headers:
             headers.append(("connection", "close"))
         await self._send(response_head(response.status, headers) + response.body)
-        self.daemon.metrics.http_requests.labels(method, str(response.status)).inc()
+        self.ctx.metrics.http_requests.labels(method, str(response.status)).inc()
         self.linger = not keep
         return keep
 
@@ -431,7 +431,7 @@ class _Connection:
         if self.out.write_nowait(data):  # the usual case, without the cost of a deadline
             await trio.lowlevel.checkpoint()
         else:
-            with trio.fail_after(self.daemon.config.http.send_timeout):
+            with trio.fail_after(self.ctx.config().http.send_timeout):
                 await self.out.write(data)
 
     # --- streaming responses ------------------------------------------------------------------
@@ -454,15 +454,15 @@ class _Connection:
             ("x-accel-buffering", "no"),
             ("transfer-encoding", "chunked") if keep else ("connection", "close"),
         ]
-        self.daemon.metrics.http_requests.labels(method, "200").inc()
+        self.ctx.metrics.http_requests.labels(method, "200").inc()
         if opening and keep:
             opening = chunk(opening)
         delivery = Delivery(
             subscription,
             _Chunked(framing) if keep else framing,
             self,
-            self.daemon.metrics.events_sent.labels(framing.transport),
-            heartbeat=self.daemon.config.http.heartbeat_interval,
+            self.ctx.metrics.events_sent.labels(framing.transport),
+            heartbeat=self.ctx.config().http.heartbeat_interval,
         )
         ended = False
         with trio.CancelScope() as response:  # cancelled by the reader when the client leaves
@@ -494,7 +494,7 @@ class _Connection:
             ):
                 return True
             if not self.eof and not self.broken:
-                with trio.move_on_after(self.daemon.config.http.send_timeout):
+                with trio.move_on_after(self.ctx.config().http.send_timeout):
                     failure = framing.failure(None)
                     await self._send(chunk(failure) + LAST_CHUNK if keep else failure)
             return False

@@ -9,23 +9,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from raafd.errors import NotFound, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router
 
 if TYPE_CHECKING:
-    from raafd.daemon import Daemon
     from raafd.store import SessionBackend
 
 __all__ = ["add_session_routes"]
 
 
-def add_session_routes(router: Router, daemon: Daemon) -> None:
+def add_session_routes(router: Router, sessions: Callable[[], SessionBackend | None]) -> None:
+    """``sessions()``: the session store, None until the daemon has opened it."""
+
     def store() -> SessionBackend:
-        if daemon.sessions is None:  # only before the daemon has opened its store
+        opened = sessions()
+        if opened is None:  # only before the daemon has opened its store
             raise Unavailable("the session store is not open yet")
-        return daemon.sessions
+        return opened
 
     async def get(request: Request, session: str) -> Response:
         found = await store().get(session)

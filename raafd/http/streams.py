@@ -30,13 +30,13 @@ from raafd.http.asgi import (
     StreamingResponse,
     decode_body,
 )
+from raafd.http.context import StreamingContext
 from raafd.logging import get_logger
 from raafd.net.delivery import Delivery, Sink
 from raafd.protocol.commands import StreamStart
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
-    from raafd.daemon import Daemon
     from raafd.streams import Stream
 
 __all__ = [
@@ -101,20 +101,22 @@ def framing_for(accept: str, default: str | None) -> str | None:
     return default
 
 
-def event_stream(daemon: Daemon, stream_id: str, after: int, framing: str) -> StreamingResponse:
+def event_stream(
+    ctx: StreamingContext, stream_id: str, after: int, framing: str
+) -> StreamingResponse:
     """Replay and follow a stream as SSE or NDJSON from ``after``. A missing stream or an
     ``after`` the log no longer holds is refused here, before any header is sent."""
-    daemon.streams.get(stream_id).log.check(after)
+    ctx.streams.get(stream_id).log.check(after)
     framer = FRAMINGS[framing]
 
     async def body(sink: Sink) -> None:
-        async with daemon.streams.subscribe(stream_id, after) as subscription:
+        async with ctx.streams.subscribe(stream_id, after) as subscription:
             delivery = Delivery(
                 subscription,
                 framer,
                 sink,
-                daemon.metrics.events_sent.labels(framer.transport),
-                heartbeat=daemon.config.http.heartbeat_interval,
+                ctx.metrics.events_sent.labels(framer.transport),
+                heartbeat=ctx.config().http.heartbeat_interval,
             )
             try:
                 await delivery.run(live=False)
@@ -124,13 +126,13 @@ def event_stream(daemon: Daemon, stream_id: str, after: int, framing: str) -> St
     return StreamingResponse(body, framing, headers={"x-raafd-stream": stream_id})
 
 
-def start_stream(daemon: Daemon, body: bytes, request_id: str) -> Stream:
+def start_stream(ctx: StreamingContext, body: bytes, request_id: str) -> Stream:
     """``POST /v1/streams``: validate the body (``stream.start`` without ``type``) and start the
     stream; refused with ``unavailable`` while draining."""
-    if daemon.draining:
+    if ctx.draining():
         raise Unavailable("the server is draining", retry_after=1)
     cmd = decode_body(body, StreamStart)
-    return daemon.streams.start(
+    return ctx.streams.start(
         agent=cmd.agent,
         messages=cmd.conversation(),
         stream_id=cmd.stream,
@@ -154,20 +156,20 @@ def _status_reply(stream: Stream) -> dict[str, Any]:
     return {"stream": stream.id, **stream.info()}
 
 
-def add_stream_routes(router: Router, daemon: Daemon) -> None:
+def add_stream_routes(router: Router, ctx: StreamingContext) -> None:
     def manager() -> Any:
-        return daemon.streams
+        return ctx.streams
 
     async def start(request: Request) -> Response | StreamingResponse:
-        if daemon.draining:  # before reading a body that would be refused anyway
+        if ctx.draining():  # before reading a body that would be refused anyway
             raise Unavailable("the server is draining", retry_after=1)
-        stream = start_stream(daemon, await request.body(), request.id)
+        stream = start_stream(ctx, await request.body(), request.id)
         framing = framing_for(request.headers.get("accept", ""), None)
         if framing is None:
             return JSONResponse(
                 {"stream": stream.id}, 201, {"location": f"/v1/streams/{stream.id}"}
             )
-        return event_stream(daemon, stream.id, 0, framing)
+        return event_stream(ctx, stream.id, 0, framing)
 
     async def status(request: Request, stream_id: str) -> Response:
         return JSONResponse(_status_reply(manager().get(stream_id)))
@@ -175,7 +177,7 @@ def add_stream_routes(router: Router, daemon: Daemon) -> None:
     async def events(request: Request, stream_id: str) -> StreamingResponse:
         after = replay_after(request.headers, request.query)
         framing = framing_for(request.headers.get("accept", ""), SSE) or SSE
-        return event_stream(daemon, stream_id, after, framing)
+        return event_stream(ctx, stream_id, after, framing)
 
     def control(action: str) -> Callable[..., Any]:
         async def handler(request: Request, stream_id: str) -> Response:

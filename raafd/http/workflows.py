@@ -10,9 +10,9 @@ and detach rule), anything else answers ``201`` {``stream``} with ``location``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from raafd.agents.workflows import start_workflow
 from raafd.errors import BadRequest, Unavailable
 from raafd.http.asgi import (
     JSONResponse,
@@ -23,18 +23,26 @@ from raafd.http.asgi import (
     decode_body,
     structure,
 )
+from raafd.http.context import StreamingContext
 from raafd.http.streams import event_stream, framing_for
 from raafd.protocol.commands import WorkflowStart
 
 if TYPE_CHECKING:
-    from raafd.daemon import Daemon
+    from raafd.streams import Stream
 
 __all__ = ["add_workflow_routes"]
 
 
-def add_workflow_routes(router: Router, daemon: Daemon) -> None:
+def add_workflow_routes(
+    router: Router,
+    ctx: StreamingContext,
+    start_workflow: Callable[[WorkflowStart, str], Stream],
+) -> None:
+    """``start_workflow(cmd, owner)`` checks the command against the running agents and
+    starts its stream."""
+
     async def start(request: Request) -> Response | StreamingResponse:
-        if daemon.draining:
+        if ctx.draining():
             raise Unavailable("the server is draining", retry_after=1)
         data: dict[str, Any] = decode_body(await request.body(), dict)
         if "type" in data:
@@ -42,12 +50,10 @@ def add_workflow_routes(router: Router, daemon: Daemon) -> None:
                 raise BadRequest("give mode or its synonym type, not both", field="type")
             data["mode"] = data.pop("type")
         cmd = structure(data, WorkflowStart)
-        stream = start_workflow(
-            daemon.streams, cmd, daemon.config.agents, owner=f"http:{request.id}"
-        )
+        stream = start_workflow(cmd, f"http:{request.id}")
         framing = framing_for(request.headers.get("accept", ""), None)
         if framing is not None:
-            return event_stream(daemon, stream.id, 0, framing)
+            return event_stream(ctx, stream.id, 0, framing)
         return JSONResponse({"stream": stream.id}, 201, {"location": f"/v1/streams/{stream.id}"})
 
     router.add("POST", "/v1/workflows", start)

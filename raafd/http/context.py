@@ -1,0 +1,41 @@
+"""What the HTTP adapters receive instead of the daemon: the services they use.
+
+The daemon (the composition root) builds one of these and hands it to the routes and to the raw
+streaming server; an adapter never sees the daemon object. A subsystem's routes take what they
+need beside it (the session routes take the store, the workflow routes a starter), as its
+gateway commands do (:mod:`raafd.gateway.table`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from attrs import frozen
+
+from raafd.config import Config
+from raafd.metrics import Metrics
+
+if TYPE_CHECKING:
+    from raafd.streams import StreamManager
+
+__all__ = ["HttpContext", "StreamingContext"]
+
+
+@frozen
+class HttpContext:
+    """What every HTTP adapter reads. Getters, not values, where a reload or a drain changes
+    the answer."""
+
+    config: Callable[[], Config]  # the running configuration (reloadable sections change)
+    metrics: Metrics
+    tokens: Callable[[], frozenset[str]]  # the bearer tokens accepted now; empty: auth off
+    draining: Callable[[], bool]  # the daemon is draining: start nothing new
+
+
+@frozen
+class StreamingContext(HttpContext):
+    """... and the stream manager: for the ``/v1/streams`` routes, the OpenAI-compatible API,
+    the workflow routes and the raw streaming server."""
+
+    streams: StreamManager
