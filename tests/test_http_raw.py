@@ -14,12 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import raafd.http.raw as raw
-from raafd.gateway.sockio import Output
 from raafd.http.raw import route
 from raafd.http.streams import FRAMINGS, NDJSON, SSE, Framing, ndjson_line, sse_frame
 from raafd.net.h1 import parse_request_head
+from raafd.net.sockio import Output
 from raafd.protocol.events import StreamEvent
 from tests.rawhttp import RawClient, request, start_sse
+from tests.waiting import wait_until
 
 FAST = {"providers": {"demo": {"tokens_per_second": 2000.0, "reply_words": 20}}}
 SLOW = {"providers": {"demo": {"tokens_per_second": 200.0, "reply_words": 40}}}
@@ -76,8 +77,7 @@ async def test_sse_and_ndjson_back_to_back_then_hypercorn_on_the_same_connection
         again = await client.exchange(request("GET", f"/v1/streams/{stream_b}/events"))
         assert again.status == 200 and again.body == b"".join(sse_frame(e) for e in events_b)
         await client.aclose()
-        while metric(rd, "raafd_open_connections{transport=http}") != 0:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+        await wait_until(lambda: metric(rd, "raafd_open_connections{transport=http}") == 0)
     assert metric(rd, "raafd_connections_total{transport=http}") == 1
     assert metric(rd, "raafd_events_sent_total{transport=sse}") == len(events) + len(events_b)
     assert metric(rd, "raafd_events_sent_total{transport=ndjson}") == len(events_b)
@@ -236,8 +236,7 @@ async def test_client_disconnect_detaches_at_once(
         assert stream.subscribers == 1
         await client.aclose()
         left = trio.current_time()
-        while stream.subscribers:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+        await wait_until(lambda: not stream.subscribers)
         assert trio.current_time() - left < 0.5  # the reader saw the close, not the next write
         assert stream.status == "running"
         await stream.wait()
@@ -257,8 +256,7 @@ async def test_a_client_gone_before_its_response_starts_is_detached_at_once(
         head = await client.read_head()
         stream = manager.get(head.headers["x-raafd-stream"])
         left = trio.current_time()
-        while stream.subscribers:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+        await wait_until(lambda: not stream.subscribers)
         assert trio.current_time() - left < 0.5
         await stream.wait()
         await client.aclose()
@@ -428,8 +426,7 @@ async def test_errors_are_answered_before_any_header_as_hypercorn_answers_them(
             await conn.aclose()
 
         rd.daemon.request_drain()
-        while not rd.daemon.draining:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+        await wait_until(lambda: rd.daemon.draining)
         client = await RawClient.connect(rd.address)
         answer = await client.exchange(start_sse())
         assert answer.status == 503 and answer.headers["retry-after"] == "1"
@@ -462,17 +459,15 @@ async def test_a_slow_reader_does_not_hold_back_others_and_its_pushes_fall_back_
     with trio.fail_after(30):
         slow = await RawClient.connect(rd.address, rcvbuf=2048)
         await slow.send(start_sse("[words:5000]"))
-        while not manager.list_streams():  # noqa: ASYNC110
-            await trio.sleep(0.01)
+        await wait_until(lambda: bool(manager.list_streams()))
         (info,) = manager.list_streams()
         stream = manager.get(info["id"])
-        # It fills the socket, then its queue; then the stream waits for it (backpressure).
-        while not refused:  # noqa: ASYNC110
-            await trio.sleep(0.01)
-        await trio.sleep(0.2)
+        # It fills the socket, then its queue; then the stream waits for it (backpressure):
+        # every task quiet for 50 ms (a token is due every 10 us) with the stream unfinished.
+        await wait_until(lambda: refused > 0)
+        await trio.testing.wait_all_tasks_blocked(0.05)
         stalled_at = stream.head
-        await trio.sleep(0.2)
-        assert stream.head == stalled_at < 5000 and stream.status == "running"
+        assert stalled_at < 5000 and stream.status == "running"
 
         # Meanwhile other clients are served in full.
         for _ in range(3):
