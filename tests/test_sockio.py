@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from raafd.gateway.sockio import Output, RawSocket
+from raafd.net.sockio import Output, RawSocket
 
 Pair = tuple[RawSocket, socket.socket]
 

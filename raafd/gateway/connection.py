@@ -11,7 +11,7 @@ read costs no cancel scope. A client command goes to its handler in the gateway'
 stream manager, and a new subsystem's commands need no change here.
 
 Ordering rule of this file: everything the connection sends goes through ``_out``
-(:class:`~raafd.gateway.sockio.Output`), which writes straight to the socket when nothing is
+(:class:`~raafd.net.sockio.Output`), which writes straight to the socket when nothing is
 queued and otherwise queues, bounded, for a drain task; so frames never interleave and a slow
 socket pushes back on whatever feeds it (for a private stream, all the way to the provider's
 read). A live event reaches a caught-up subscriber through ``push``, in the stream's own task;
@@ -50,10 +50,10 @@ from raafd.auth import bearer_token, token_ok
 from raafd.core.feed import SlowConsumer, SubscriberFailed, Subscription
 from raafd.errors import BadRequest, Conflict, NotFound, RaafdError, TooManyStreams
 from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
-from raafd.gateway.sockio import Output, RawSocket
 from raafd.logging import get_logger
 from raafd.net.delivery import Delivery
 from raafd.net.h1 import RequestHead
+from raafd.net.sockio import Output, RawSocket
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode
 from raafd.protocol.commands import parse_command
 from raafd.protocol.events import StreamEvent

@@ -13,7 +13,7 @@ So this server stays small, and hypercorn remains the HTTP server for everything
 Rules of this file:
 
 - One connection, one nursery: the writer task of the connection's
-  :class:`~raafd.gateway.sockio.Output`, the request loop, and a reader that appends what the
+  :class:`~raafd.net.sockio.Output`, the request loop, and a reader that appends what the
   client sends to the connection's buffer (pipelined requests included, up to one request's
   worth) and ends a streaming response the moment the client closes or resets the connection.
   The request loop waits on the reader, never on the socket, so a response needs no task of its
@@ -46,7 +46,6 @@ import trio
 
 from raafd.auth import check_http
 from raafd.errors import RaafdError, TooLarge
-from raafd.gateway.sockio import Output, RawSocket
 from raafd.http.asgi import Response, error_response, next_request_id
 from raafd.http.context import StreamingContext
 from raafd.http.openai_compat import ChunkFraming, Completion, start_completion
@@ -55,6 +54,7 @@ from raafd.logging import get_logger
 from raafd.net.delivery import Delivery
 from raafd.net.delivery import Framing as DeliveryFraming
 from raafd.net.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
+from raafd.net.sockio import Output, RawSocket
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
