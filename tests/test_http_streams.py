@@ -129,7 +129,6 @@ async def test_control_over_http(start_daemon: Any) -> None:
 async def test_heartbeats_while_waiting_for_the_first_token(
     start_daemon: Any, autojump_clock: trio.testing.MockClock, via: str
 ) -> None:
-    autojump_clock.autojump_threshold = 0.02
     rd = await start_daemon(
         providers={"demo": {"first_token_delay": 40.0, "reply_words": 1}},
         http={"heartbeat_interval": 15.0},
@@ -165,7 +164,6 @@ async def test_heartbeats_while_waiting_for_the_first_token(
 async def test_closing_an_http_stream_detaches_it(
     start_daemon: Any, autojump_clock: trio.testing.MockClock, via: str
 ) -> None:
-    autojump_clock.autojump_threshold = 0.02
     rd = await start_daemon(
         providers={"demo": {"tokens_per_second": 1.0, "reply_words": 1000}},
         streams={"detach_grace": 10.0, "idle_timeout": 3600.0, "max_duration": 36000.0},
