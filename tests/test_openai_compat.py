@@ -208,7 +208,6 @@ async def test_upstream_failure(start_daemon: Any) -> None:
 async def test_disconnect_cancels_the_completion(
     start_daemon: Any, autojump_clock: trio.testing.MockClock
 ) -> None:
-    autojump_clock.autojump_threshold = 0.02
     rd = await start_daemon(
         **SLOW, streams={"detach_grace": 3600.0, "idle_timeout": 3600.0, "max_duration": 36000.0}
     )
