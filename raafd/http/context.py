@@ -15,8 +15,10 @@ from attrs import frozen
 
 from raafd.config import Config
 from raafd.metrics import Metrics
+from raafd.net.delivery import Delivery, Framing, Sink
 
 if TYPE_CHECKING:
+    from raafd.core.feed import Subscription
     from raafd.streams import StreamManager
 
 __all__ = ["HttpContext", "StreamingContext"]
@@ -39,3 +41,14 @@ class StreamingContext(HttpContext):
     the workflow routes and the raw streaming server."""
 
     streams: StreamManager
+
+    def delivery(self, subscription: Subscription, framing: Framing, sink: Sink) -> Delivery:
+        """A streaming response's :class:`~raafd.net.delivery.Delivery`: counted under the
+        framing's transport, with the running config's heartbeat."""
+        return Delivery(
+            subscription,
+            framing,
+            sink,
+            self.metrics.events_sent.labels(framing.transport),
+            heartbeat=self.config().http.heartbeat_interval,
+        )

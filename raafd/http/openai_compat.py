@@ -43,7 +43,7 @@ from attrs import frozen
 from raafd.errors import BadRequest, NotFound, RaafdError, TooLarge, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
 from raafd.http.context import StreamingContext
-from raafd.net.delivery import Delivery, Sink
+from raafd.net.delivery import Sink
 from raafd.protocol.commands import describe_structure_error
 from raafd.protocol.events import StreamEvent
 
@@ -451,13 +451,7 @@ async def _chunks(
     serves it through the same framing: :mod:`raafd.http.raw`)."""
     try:
         async with subscription:
-            delivery = Delivery(
-                subscription,
-                framing,
-                sink,
-                ctx.metrics.events_sent.labels(framing.transport),
-                heartbeat=ctx.config().http.heartbeat_interval,
-            )
+            delivery = ctx.delivery(subscription, framing, sink)
             ended = await delivery.run(framing.opening(), live=False)
         if not ended:
             await sink.write(framing.failure(None))

@@ -51,7 +51,6 @@ from raafd.http.context import StreamingContext
 from raafd.http.openai_compat import ChunkFraming, Completion, start_completion
 from raafd.http.streams import FRAMINGS, SSE, Framing, framing_for, replay_after, start_stream
 from raafd.logging import get_logger
-from raafd.net.delivery import Delivery
 from raafd.net.delivery import Framing as DeliveryFraming
 from raafd.net.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
 from raafd.net.sockio import Output, RawSocket
@@ -457,13 +456,7 @@ class _Connection:
         self.ctx.metrics.http_requests.labels(method, "200").inc()
         if opening and keep:
             opening = chunk(opening)
-        delivery = Delivery(
-            subscription,
-            _Chunked(framing) if keep else framing,
-            self,
-            self.ctx.metrics.events_sent.labels(framing.transport),
-            heartbeat=self.ctx.config().http.heartbeat_interval,
-        )
+        delivery = self.ctx.delivery(subscription, _Chunked(framing) if keep else framing, self)
         ended = False
         with trio.CancelScope() as response:  # cancelled by the reader when the client leaves
             self._response = response

@@ -32,7 +32,7 @@ from raafd.http.asgi import (
 )
 from raafd.http.context import StreamingContext
 from raafd.logging import get_logger
-from raafd.net.delivery import Delivery, Sink
+from raafd.net.delivery import Sink
 from raafd.protocol.commands import StreamStart
 from raafd.protocol.events import StreamEvent
 
@@ -111,13 +111,7 @@ def event_stream(
 
     async def body(sink: Sink) -> None:
         async with ctx.streams.subscribe(stream_id, after) as subscription:
-            delivery = Delivery(
-                subscription,
-                framer,
-                sink,
-                ctx.metrics.events_sent.labels(framer.transport),
-                heartbeat=ctx.config().http.heartbeat_interval,
-            )
+            delivery = ctx.delivery(subscription, framer, sink)
             try:
                 await delivery.run(live=False)
             except RaafdError as err:  # slow_consumer on a shared stream, gone while replaying
