@@ -41,6 +41,7 @@ from raafd.providers.upstream import open_upstream_client
 from raafd.streams import SlowConsumer, Stream, StreamManager, new_stream_id
 from raafd.timers import Timers
 from tests.fakes import FakeOpenAI, Script
+from tests.waiting import let_loopback_land, wait_until
 
 LIMIT = 1000  # clock seconds: the absolute timeout around every wait
 
@@ -395,7 +396,7 @@ async def test_a_flooding_openai_upstream_is_read_at_the_slow_subscribers_pace_w
     # producer never more than subscriber_buffer ahead. A pause in the middle stops appends.
     # The deltas of one read are one event, and a read is at most 64 KiB: 10,000 deltas (over
     # 1 MB) are more than subscriber_buffer events, so the stream is still running at the pause.
-    autojump_clock.autojump_threshold = 0.02  # loopback I/O is never overtaken by the clock
+    let_loopback_land(autojump_clock)
     script = Script(deltas=10_000, interval=0)
     fake = FakeOpenAI(script)
     await nursery.start(fake.run)
@@ -433,7 +434,7 @@ async def test_tokens_queued_behind_a_slow_subscriber_go_out_before_the_upstream
 ) -> None:
     # The error line arrives in the same read as tokens the stream could not take yet: they
     # are emitted first, then the error.
-    autojump_clock.autojump_threshold = 0.02
+    let_loopback_land(autojump_clock)
     fake = FakeOpenAI(Script(deltas=60, interval=0, error_after=40))
     await nursery.start(fake.run)
     async with open_upstream_client(trust_env=False) as upstream:
@@ -1141,13 +1142,14 @@ async def test_a_reader_without_a_task_takes_what_pushes_refused(
     sub = manager.subscribe(stream.id, 0)
     sub.open()
     taken: list[StreamEvent] = []
-    offers = 0
+    offers = refused = 0
 
     def push(event: StreamEvent) -> bool:
-        nonlocal offers
+        nonlocal offers, refused
         assert not sub._held and event.seq == sub.cursor + 1
         offers += 1
         if offers % 4 == 0:
+            refused += 1
             return False  # refused: left for take_nowait
         taken.append(event)
         return True
@@ -1162,7 +1164,8 @@ async def test_a_reader_without_a_task_takes_what_pushes_refused(
         while not sub.done:
             while (batch := sub.take_nowait()) is not None:
                 taken += batch
-            await trio.sleep(0.05)
+            # As the gateway does: come back when a push was refused (or the last was taken).
+            await wait_until(lambda seen=refused: refused > seen or sub.done)
     sub.close()
     assert sub.take_nowait() is None and stream.subscribers == 0
     assert_whole(taken)
