@@ -275,7 +275,7 @@ async def test_raw_event_stream_shapes_give_the_same_tokens(
         await stream.send_all(head + b"transfer-encoding: chunked\r\n\r\n")
         for chunk in chunks:
             await stream.send_all(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            await trio.sleep(0.002)  # one read per chunk, mostly
+            await trio.testing.wait_all_tasks_blocked()  # read: one read per chunk
         await stream.send_all(b"0\r\n\r\n")
         while await stream.receive_some(65536):
             pass
@@ -580,10 +580,8 @@ async def test_a_stalled_consumer_stalls_the_upstream_and_cancel_still_closes_it
             nursery.start_soon(provider.stream, REQUEST, send)
             await recv.receive()
             recorded = fake.requests[-1]
-            sent = -1
-            while sent != recorded.deltas_sent:  # until the upstream's writes stop
-                sent = recorded.deltas_sent
-                await trio.sleep(0.05)
+            # Every task quiet for 50 ms: the upstream's writes have stopped.
+            await trio.testing.wait_all_tasks_blocked(0.05)
             assert not recorded.completed
             assert recorded.deltas_sent < len(script.content_pieces)
             nursery.cancel_scope.cancel()

@@ -664,7 +664,9 @@ async def test_a_connection_closed_while_idle_is_replaced(
     url = f"http://127.0.0.1:{server.port}/"
     with trio.fail_after(5):
         await post(upstream, url)
-        await trio.sleep(0.05)  # the server's FIN lands in the idle connection
+        # Every task waits once the server's handler has closed: its FIN is in the idle
+        # connection.
+        await trio.testing.wait_all_tasks_blocked()
         assert (await post(upstream, url))[2] == b"two"
     assert server.connections == 2
 
