@@ -22,10 +22,12 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     resource = parts.path + (f"?{parts.query}" if parts.query else "")
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
     try:
         async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(nursery, stream, parts.hostname, resource, **kwargs)
+            with trio.fail_after(10):  # the opening handshake
+                ws = await wrap_client_stream(nursery, stream, parts.hostname, resource, **kwargs)
             try:
                 yield ws
             finally:
