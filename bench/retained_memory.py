@@ -203,11 +203,15 @@ async def in_process(args: argparse.Namespace) -> dict[str, Any]:
 
 def serve(args: argparse.Namespace) -> None:
     """The child: the daemon, and ``mark`` / ``report N`` / ``quit`` on stdin."""
+    with tempfile.TemporaryDirectory(prefix="raafd-retained-") as state:
+        _serve(args, Path(state))
+
+
+def _serve(args: argparse.Namespace, state: Path) -> None:
     from raafd.config import parse_config
     from raafd.daemon import Daemon
     from raafd.metrics import observing_gc
 
-    state = Path(tempfile.mkdtemp(prefix="raafd-retained-"))
     config = parse_config(
         {
             "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": 1.0},
