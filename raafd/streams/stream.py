@@ -115,6 +115,43 @@ class Stream:
     """One agent run; see the module docstring. Built by :class:`StreamManager`, whose nursery
     runs :meth:`run`."""
 
+    # Slots: a finished stream is retained for `retention`, and its 32 attributes would
+    # overflow an instance dict's compact layout (about 1.6 KB of a retained stream's 10 KB).
+    __slots__ = (
+        "_detach_grace",
+        "_detached_since",
+        "_done",
+        "_ended_clock",
+        "_first_token_at",
+        "_gap_due",
+        "_gap_left",
+        "_gap_on",
+        "_holds",
+        "_last_content_at",
+        "_metrics",
+        "_on_finish",
+        "_paused",
+        "_paused_since",
+        "_ran",
+        "_scope",
+        "_t0",
+        "_timer_at",
+        "_timers",
+        "_total_due",
+        "_unyielded",
+        "agent",
+        "config",
+        "created_at",
+        "ended_at",
+        "feed",
+        "id",
+        "log",
+        "model",
+        "owner",
+        "session",
+        "status",
+    )
+
     def __init__(
         self,
         *,
@@ -140,12 +177,7 @@ class Stream:
         self.ended_at: float | None = None
         self.feed = Feed(
             self.id,
-            FeedLimits(
-                config.log_max_events,
-                config.log_max_bytes,
-                config.subscriber_buffer,
-                config.max_lag,
-            ),
+            _feed_limits(config),
             metrics=metrics,
             policy=Backpressure.SOLE_WAITS,
             on_subscribers=self._subscribers_changed,
