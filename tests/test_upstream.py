@@ -230,6 +230,15 @@ def test_a_malformed_response_head_is_a_protocol_error(wire: bytes) -> None:
     assert info.value.kind == "protocol"
 
 
+def test_a_later_minor_version_is_read_as_http_1_1_and_1_0_is_not_kept_alive() -> None:
+    # RFC 9112 §2.3: a higher minor version is processed as the highest one supported.
+    for version, kept in [(b"1.0", False), (b"1.1", True), (b"1.2", True)]:
+        parsed = parse_response_head(b"HTTP/" + version + b" 200 OK\r\ncontent-length: 0\r\n\r\n")
+        assert parsed is not None and keep_alive(parsed[0]) is kept
+    closing = parse_response_head(b"HTTP/1.2 200 OK\r\nConnection: Close\r\n\r\n")
+    assert closing is not None and not keep_alive(closing[0])
+
+
 def test_repeated_equal_lengths_are_one_length() -> None:
     parsed = parse_response_head(b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n")
     assert parsed is not None and parsed[0].headers == [(b"content-length", b"3, 3")]

@@ -368,7 +368,9 @@ class Headers(Mapping[str, str]):
 
 
 def keep_alive(head: ResponseHead) -> bool:
-    if head.http_version != b"1.1":
+    """Whether the connection outlives this response: HTTP/1.1 (or a later 1.x, read as 1.1,
+    RFC 9112 §2.3) without ``connection: close``."""
+    if head.http_version == b"1.0":
         return False
     for name, value in head.headers:
         if name == b"connection" and b"close" in (t.strip() for t in value.lower().split(b",")):
