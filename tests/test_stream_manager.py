@@ -390,9 +390,8 @@ async def test_single_slow_subscriber_slows_the_provider_without_loss(
 async def test_a_flooding_openai_upstream_is_read_at_the_slow_subscribers_pace_without_loss(
     autojump_clock: trio.testing.MockClock, start_manager: StartManager, nursery: trio.Nursery
 ) -> None:
-    # A real socket and the OpenAI provider: its tokens reach the stream from the upstream
-    # client's reactor (try_send) while the subscriber keeps up, and through the provider's
-    # task (send, which waits) once it does not; either way in order, none lost, and the
+    # A real socket and the OpenAI provider: its tokens reach the stream from the stream's own
+    # task, whose send waits once the subscriber falls behind; in order, none lost, and the
     # producer never more than subscriber_buffer ahead. A pause in the middle stops appends.
     # The deltas of one read are one event, and a read is at most 64 KiB: 10,000 deltas (over
     # 1 MB) are more than subscriber_buffer events, so the stream is still running at the pause.

@@ -149,9 +149,12 @@ class _Chat:
             self._say(f"[{kind}]")
         elif kind == "complete":
             usage = event.get("usage") or {}
+            prompt, completion = (
+                "?" if usage.get(key) is None else usage[key]  # null: the upstream did not say
+                for key in ("prompt_tokens", "completion_tokens")
+            )
             self._say(
-                f"[usage: {usage.get('prompt_tokens', '?')} prompt + "
-                f"{usage.get('completion_tokens', '?')} completion tokens; "
+                f"[usage: {prompt} prompt + {completion} completion tokens; "
                 f"{event.get('finish_reason')}]"
             )
         elif kind == "error":
