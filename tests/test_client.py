@@ -1,8 +1,8 @@
 """The Python client (``raafd.client``) and ``raafd chat`` against a real daemon on port 0.
 
 Time-dependent behaviour (backoff, ``reconnect_after``, giving up) runs on the autojump clock;
-the daemon's sockets are loopback, so data is always there when trio looks. Every wait has an
-absolute ``fail_after``.
+the daemon fixture lets loopback bytes land before the clock jumps (``tests/waiting.py``).
+Every wait has an absolute ``fail_after``.
 """
 
 from __future__ import annotations
