@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from raafd.config import SessionsConfig
 from raafd.errors import Unavailable
 from raafd.store import (
     SCHEMA_VERSION,
+    MemorySessionStore,
     SessionBackend,
     open_memory_session_store,
     open_session_store,
@@ -367,3 +369,15 @@ async def test_sessions_http_api(start_daemon: Any, tmp_path: Path, backend: str
                 }
     # Only the SQLite backend touches the disk.
     assert (tmp_path / "var" / "raafd.sqlite3").exists() == (backend == "sqlite")
+
+
+async def test_a_daemon_under_autojump_keeps_its_sessions_in_memory(
+    start_daemon: Any, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # No worker thread the clock cannot see (tests/conftest.py); nothing on disk.
+    rd = await start_daemon()
+    assert isinstance(rd.daemon.sessions, MemorySessionStore)
+    with trio.fail_after(10):
+        await rd.daemon.sessions.append("s", turn(1))
+        assert await rd.daemon.sessions.load("s") == turn(1)
+    assert not (tmp_path / "var" / "raafd.sqlite3").exists()
