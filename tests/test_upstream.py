@@ -22,6 +22,7 @@ import attrs
 import h11
 import pytest
 import trio
+import trio.testing
 import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1454,3 +1455,36 @@ async def test_the_client_runs_no_task_of_its_own(serve: Any) -> None:
         assert trio.lowlevel.current_task().child_nurseries == before  # no nursery opened
         with trio.fail_after(5):
             assert (await post(client, f"http://127.0.0.1:{server.port}/"))[2] == b"onetwo"
+
+
+async def test_plain_reads_that_find_bytes_waiting_still_let_other_tasks_run() -> None:
+    """A plain connection is read the syscall first, without a yield when bytes are waiting;
+    every _YIELD_EVERY such reads still yield, so an upstream that floods cannot hold the
+    loop."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    steps = 0
+
+    async def other() -> None:
+        nonlocal steps
+        while True:
+            await trio.lowlevel.checkpoint()
+            steps += 1
+
+    try:
+        with trio.fail_after(10), trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other)
+                link = upstream_module._Link(stream, scope, 30.0, ours)
+                reads = 4 * upstream_module._YIELD_EVERY
+                for n in range(reads):
+                    peer.send(b"x%d" % n)  # in the socket before the read: no wait
+                    assert await link.receive() == b"x%d" % n
+                # One yield per _YIELD_EVERY reads, none in between (the other task's first
+                # turn only starts it): 3 or 4 steps; without the yields, none.
+                assert 3 <= steps <= 4
+                nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        peer.close()

@@ -94,6 +94,7 @@ __all__ = [
 ]
 
 RECEIVE_SIZE = 65536  # bytes asked of one read
+_YIELD_EVERY = 16  # plain reads that found bytes waiting, between two yields
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address of a host is tried (RFC 8305)
 _TARGET_CACHE = 256  # parsed URLs kept per client
 
@@ -103,28 +104,75 @@ _TARGET_CACHE = 256  # parsed URLs kept per client
 
 class _Link:
     """A connection's stream under its exchange's deadline scope: each read or write waits at
-    most ``read_timeout`` seconds (see the module docstring; ``math.inf`` for none)."""
+    most ``read_timeout`` seconds (see the module docstring; ``math.inf`` for none).
 
-    __slots__ = ("read_timeout", "scope", "stream")
+    A plain TCP connection (``raw``, the socket under its :class:`trio.SocketStream`) is read
+    the syscall first: bytes already in the socket are taken with no wait, no yield and no
+    deadline moved (under load most reads find the next token waiting), and only a read that
+    would block arms the deadline and waits for readability, in this task. A read that did
+    not wait yields every :data:`_YIELD_EVERY` reads, so a flooding upstream cannot hold the
+    loop. TLS goes through its :class:`trio.SSLStream`."""
+
+    __slots__ = ("_unyielded", "raw", "read_timeout", "scope", "stream")
 
     def __init__(
-        self, stream: trio.abc.Stream, scope: trio.CancelScope, read_timeout: float
+        self,
+        stream: trio.abc.Stream,
+        scope: trio.CancelScope,
+        read_timeout: float,
+        raw: socket.socket | None = None,
     ) -> None:
         self.stream = stream
         self.scope = scope
         self.read_timeout = read_timeout
+        self.raw = raw
+        self._unyielded = 0
 
     async def receive(self) -> bytes:
         """One read (``b""`` at the stream's end)."""
+        raw = self.raw
+        if raw is not None:
+            try:
+                data = raw.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                return await self._wait_and_receive(raw)
+            except OSError as exc:
+                raise UpstreamTransportError("disconnect", exc.strerror or str(exc)) from None
+            self._unyielded += 1
+            if self._unyielded >= _YIELD_EVERY:
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            return data
         scope = self.scope
         scope.deadline = trio.current_time() + self.read_timeout
         try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            received = await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _stream_broken(exc) from None
         finally:
             scope.deadline = math.inf
-        return data if type(data) is bytes else bytes(data)
+        return received if type(received) is bytes else bytes(received)
+
+    async def _wait_and_receive(self, raw: socket.socket) -> bytes:
+        self._unyielded = 0
+        scope = self.scope
+        scope.deadline = trio.current_time() + self.read_timeout
+        try:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(raw)
+                except trio.ClosedResourceError as exc:
+                    raise _stream_broken(exc) from None
+                try:
+                    return raw.recv(RECEIVE_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise UpstreamTransportError("disconnect", exc.strerror or str(exc)) from None
+        finally:
+            scope.deadline = math.inf
 
     async def send_all(self, data: bytes) -> None:
         scope = self.scope
@@ -382,11 +430,12 @@ async def _receive_head(link: _Link) -> tuple[ResponseHead, bytes]:
 
 
 class _Connection:
-    __slots__ = ("closed", "idle_since", "origin", "reused", "stream", "tcp")
+    __slots__ = ("closed", "idle_since", "origin", "raw", "reused", "stream", "tcp")
 
     def __init__(self, origin: tuple[object, ...]) -> None:
         self.origin = origin
         self.tcp: trio.SocketStream | None = None  # the TCP connection
+        self.raw: socket.socket | None = None  # its socket, read directly when no TLS is on it
         self.stream: trio.abc.Stream | None = None  # what is read and written: tcp, or TLS on it
         self.reused = False  # it served a request before this one
         self.idle_since = 0.0
@@ -638,7 +687,7 @@ class UpstreamClient:
         self, conn: _Connection, request: bytes, read_timeout: float, scope: trio.CancelScope
     ) -> UpstreamResponse:
         assert conn.stream is not None
-        link = _Link(conn.stream, scope, read_timeout)
+        link = _Link(conn.stream, scope, read_timeout, conn.raw)
         try:
             await link.send_all(request)
         except UpstreamTransportError as exc:
@@ -764,7 +813,12 @@ class UpstreamClient:
         caller closes ``conn`` if this fails."""
         proxy = target.proxy
         host, port = (proxy.host, proxy.port) if proxy is not None else (target.host, target.port)
-        tcp = conn.tcp = await _open_tcp(host, port)
+        tcp = await _open_tcp(host, port)
+        # The standard socket under trio's, kept to read it the syscall first (see _Link): the
+        # trio socket made from it is the same socket, and closing either closes it.
+        raw = socket.socket(fileno=tcp.socket.detach())
+        raw.setblocking(False)
+        tcp = conn.tcp = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
         stream: trio.abc.Stream = tcp
         if proxy is not None and proxy.tls:
             stream = await _start_tls(stream, self._tls_context, proxy.host)
@@ -774,6 +828,7 @@ class UpstreamClient:
                 await _open_tunnel(_Link(stream, scope, math.inf), target, proxy)
             stream = await _start_tls(stream, self._tls_context, target.host)
         conn.stream = stream
+        conn.raw = raw if stream is tcp else None
 
     def _checkin(self, conn: _Connection) -> None:
         if self._closed:
