@@ -160,17 +160,36 @@ class WebSocketConfig:
 
 @frozen
 class AuthConfig:
-    """``[auth]``: static bearer tokens. Empty means authentication is off."""
+    """``[auth]``: static bearer tokens. No source configured means authentication is off; a
+    source configured that yields no token is a configuration error (see :meth:`problems`)."""
 
     tokens: list[str] = field(factory=list, repr=False)
     tokens_env: str = ""  # name of an environment variable holding comma-separated tokens
 
-    def all_tokens(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    def _env_tokens(self, environ: Mapping[str, str] | None) -> list[str]:
+        if not self.tokens_env:
+            return []
         env = os.environ if environ is None else environ
-        extra = (
-            [t.strip() for t in env.get(self.tokens_env, "").split(",")] if self.tokens_env else []
-        )
-        return frozenset(t for t in [*self.tokens, *extra] if t)
+        return [t.strip() for t in env.get(self.tokens_env, "").split(",")]
+
+    def all_tokens(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+        """Every usable token of every source (blank entries are not tokens)."""
+        return frozenset(t for t in [*self.tokens, *self._env_tokens(environ)] if t.strip())
+
+    def problems(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """One ``auth.KEY: reason`` line for each configured source that yields no token: auth
+        fails closed, never open. The lines name sources, never a token's value."""
+        out: list[str] = []
+        if self.tokens and not any(t.strip() for t in self.tokens):
+            out.append("auth.tokens: every entry is empty, so it holds no token")
+        if self.tokens_env and not any(self._env_tokens(environ)):
+            env = os.environ if environ is None else environ
+            how = "is empty or holds no token" if env.get(self.tokens_env) else "is not set"
+            out.append(
+                f"auth.tokens_env: the environment variable {self.tokens_env} {how}; set it, or"
+                " remove tokens_env to run without authentication"
+            )
+        return out
 
 
 @frozen
@@ -525,8 +544,8 @@ def _near(word: str, known: Any) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def _cross_check(cfg: Config) -> list[str]:
-    problems: list[str] = []
+def _cross_check(cfg: Config, environ: Mapping[str, str] | None) -> list[str]:
+    problems: list[str] = cfg.auth.problems(environ)
     for name, agent in cfg.agents.items():
         if agent.provider not in cfg.providers:
             near = difflib.get_close_matches(agent.provider, list(cfg.providers), n=1)
@@ -584,7 +603,8 @@ def _cross_check(cfg: Config) -> list[str]:
             loopback = ipaddress.ip_address(cfg.server.host).is_loopback
         except ValueError:
             loopback = cfg.server.host == "localhost"
-        has_auth = bool(cfg.auth.tokens or cfg.auth.tokens_env)
+        # A source that yields nothing counts as no auth (and is reported on its own).
+        has_auth = bool(cfg.auth.all_tokens(environ))
         if not loopback and not has_auth and not cfg.server.allow_public_without_auth:
             problems.append(
                 f"server.host: {cfg.server.host!r} is not a loopback address and [auth] has no"
@@ -615,8 +635,9 @@ def _validate_tree(obj: Any, path: list[str], out: list[str]) -> None:
         _validate_tree(value, [*path, a.name], out)
 
 
-def parse_config(data: Mapping[str, Any]) -> Config:
-    """Structure a plain mapping (parsed TOML plus overrides) into :class:`Config`."""
+def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Structure a plain mapping (parsed TOML plus overrides) into :class:`Config`.
+    ``environ`` (default ``os.environ``) is where ``auth.tokens_env`` is looked up."""
     problems: list[str] = []
     data = dict(data)
     # The built-in demo provider and assistant agent stay available beside configured ones.
@@ -636,7 +657,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _validate_tree(cfg, [], problems)
     if problems:
         raise ConfigError(problems)
-    problems = _cross_check(cfg) + check_tool_configs(cfg.tools)
+    problems = _cross_check(cfg, environ) + check_tool_configs(cfg.tools)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -704,7 +725,7 @@ def load_config(
     data = read_toml(path) if path is not None else {}
     apply_env(data, env)
     try:
-        return parse_config(data), path
+        return parse_config(data, env), path
     except ConfigError as exc:
         raise ConfigError(exc.problems, str(path) if path else "") from None
 

@@ -79,9 +79,13 @@ class Daemon:
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
+        problems = config.auth.problems(environ)
+        if problems:  # auth fails closed: a token source that yields nothing is not "auth off"
+            raise ConfigError(problems)
         self.config = config
         self.config_path = config_path
         self.environ = environ
+        self._tokens = config.auth.all_tokens(environ)
         self.metrics = Metrics()
         self.notifier = SdNotifier.from_environ(environ)
         self.started_at = time.time()
@@ -210,7 +214,13 @@ class Daemon:
     # --- reload -------------------------------------------------------------------------------
 
     def reload(self, new: Config) -> dict[str, list[str]]:
-        """Apply what can change at run time; report what would need a restart."""
+        """Apply what can change at run time; report what would need a restart. Raises
+        :class:`ConfigError` and changes nothing when ``new``'s token sources yield no token
+        (the running tokens stay)."""
+        problems = new.auth.problems(self.environ)
+        if problems:
+            log.warning("reload rejected; the running configuration stays", problems=problems)
+            raise ConfigError(problems)
         changed = diff_configs(self.config, new)
         applied = [p for p in changed if is_reloadable(p)]
         restart = [p for p in changed if not is_reloadable(p)]
@@ -220,6 +230,7 @@ class Daemon:
         # the reloadable sections is enough; the rest keeps its running value until restart.
         self.config = merge_reloadable(self.config, new)
         cfg = self.config
+        self._tokens = cfg.auth.all_tokens(self.environ)
         self.listener.config = cfg.server
         if any(p.startswith("providers") for p in applied):
             self.providers = build_providers(cfg.providers, self._upstream_client, **self._env())
@@ -247,15 +258,16 @@ class Daemon:
         try:
             new, _ = load_config(str(self.config_path) if self.config_path else None, self.environ)
         except ConfigError as err:
-            log.error("reload rejected; the running configuration stays", problems=err.problems)
+            log.warning("reload rejected; the running configuration stays", problems=err.problems)
             raise
         finally:
             self.notifier.ready()
         return self.reload(new)
 
     def tokens(self) -> frozenset[str]:
-        """The bearer tokens clients may use now (``[auth]``, reloadable); empty: auth off."""
-        return self.config.auth.all_tokens(self.environ)
+        """The bearer tokens clients may use now (``[auth]``, resolved at start and at each
+        accepted reload); empty: auth off."""
+        return self._tokens
 
     def start_workflow(self, cmd: WorkflowStart, owner: str) -> Stream:
         """Start a workflow's stream, checked against the agents configured now."""

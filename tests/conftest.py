@@ -9,7 +9,7 @@ Tests that need durability run on real time.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,10 @@ def autojump_clock_in_use() -> trio.testing.MockClock | None:
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., Config]:
     """Build a validated Config for tests: port 0, state and admin socket under tmp_path.
-    Keyword arguments are TOML-shaped sections, e.g. ``streams={"detach_grace": 1}``."""
+    Keyword arguments are TOML-shaped sections, e.g. ``streams={"detach_grace": 1}``;
+    ``environ`` is where ``auth.tokens_env`` is looked up (default: an empty environment)."""
 
-    def make(**sections: Any) -> Config:
+    def make(*, environ: Mapping[str, str] | None = None, **sections: Any) -> Config:
         data: dict[str, Any] = {
             "server": {"port": 0, "shutdown_grace": 2.0},
             "state": {"dir": str(tmp_path / "var")},
@@ -75,7 +76,7 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
                 data[name] = {**data[name], **values}
             else:
                 data[name] = values
-        return parse_config(data)
+        return parse_config(data, {} if environ is None else environ)
 
     return make
 
@@ -91,9 +92,12 @@ class RunningDaemon:
 
 @pytest.fixture
 def start_daemon(nursery: trio.Nursery, make_config: Callable[..., Config]) -> Callable[..., Any]:
-    """``await start_daemon(**sections)`` starts a daemon in the test's nursery."""
+    """``await start_daemon(**sections)`` starts a daemon in the test's nursery (``environ``:
+    the daemon's environment, empty by default)."""
 
-    async def start(config: Config | None = None, **sections: Any) -> RunningDaemon:
+    async def start(
+        config: Config | None = None, *, environ: Mapping[str, str] | None = None, **sections: Any
+    ) -> RunningDaemon:
         from raafd.daemon import Daemon
 
         cfg = config or make_config(**sections)
@@ -102,7 +106,7 @@ def start_daemon(nursery: trio.Nursery, make_config: Callable[..., Config]) -> C
             if cfg.store.backend != "memory":
                 pytest.fail("a daemon under autojump_clock must keep its sessions in memory")
             let_loopback_land(clock)  # the daemon's sockets are real
-        daemon = Daemon(cfg, environ={})
+        daemon = Daemon(cfg, environ={} if environ is None else environ)
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:

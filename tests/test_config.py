@@ -94,8 +94,49 @@ def test_cross_references() -> None:
 def test_public_listener_needs_auth_or_explicit_consent() -> None:
     (line,) = problems('[server]\nhost = "0.0.0.0"')
     assert line.startswith("server.host: '0.0.0.0' is not a loopback address")
-    parse_config(tomllib.loads('[server]\nhost = "0.0.0.0"\n[auth]\ntokens_env = "T"'))
+    parse_config(tomllib.loads('[server]\nhost = "0.0.0.0"\n[auth]\ntokens = ["t"]'), {})
+    text = '[server]\nhost = "0.0.0.0"\n[auth]\ntokens_env = "T"'
+    parse_config(tomllib.loads(text), {"T": "t1,t2"})
     parse_config(tomllib.loads('[server]\nhost = "0.0.0.0"\nallow_public_without_auth = true'))
+    # A token source that yields nothing is no auth: the guard holds, beside the source's line.
+    with pytest.raises(ConfigError) as info:
+        parse_config(tomllib.loads(text), {})
+    assert [line.split(":")[0] for line in info.value.problems] == [
+        "auth.tokens_env",
+        "server.host",
+    ]
+
+
+def test_a_token_source_that_yields_no_token_fails_closed() -> None:
+    env_source = tomllib.loads('[auth]\ntokens_env = "RAAFD_TOKENS"')
+    unset = "auth.tokens_env: the environment variable RAAFD_TOKENS is not set; set it, or remove"
+    blank = "auth.tokens_env: the environment variable RAAFD_TOKENS is empty or holds no token;"
+    for environ, start in (
+        ({}, unset),
+        ({"RAAFD_TOKENS": ""}, unset),
+        ({"RAAFD_TOKENS": " , "}, blank),
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_config(env_source, environ)
+        (line,) = info.value.problems
+        assert line.startswith(start), line
+    good = parse_config(env_source, {"RAAFD_TOKENS": " a, ,b "})
+    assert good.auth.all_tokens({"RAAFD_TOKENS": " a, ,b "}) == {"a", "b"}
+    assert problems('[auth]\ntokens = ["", "  "]') == [
+        "auth.tokens: every entry is empty, so it holds no token"
+    ]
+    assert parse_config({"auth": {"tokens": ["k", " "]}}).auth.all_tokens({}) == {"k"}
+    assert parse_config({}).auth.all_tokens({}) == frozenset()  # no source: auth is off
+
+
+def test_the_daemon_refuses_a_token_source_that_yields_nothing() -> None:
+    from raafd.daemon import Daemon
+
+    config = parse_config({"auth": {"tokens_env": "RAAFD_TOKENS"}}, {"RAAFD_TOKENS": "k"})
+    with pytest.raises(ConfigError) as info:
+        Daemon(config, environ={"RAAFD_TOKENS": ""})
+    assert info.value.problems[0].startswith("auth.tokens_env: ")
+    assert Daemon(config, environ={"RAAFD_TOKENS": "k"}).tokens() == {"k"}
 
 
 def test_syntax_error_names_the_line(tmp_path: Path) -> None:
@@ -188,6 +229,16 @@ def test_check_config_cli(tmp_path: Path) -> None:
         "server.port: expected an integer, got the string 'x'",
         "server.prot: unknown key (did you mean 'port'?)",
     ]
+
+
+def test_check_config_and_serve_refuse_an_empty_token_source(tmp_path: Path) -> None:
+    path = tmp_path / "auth.toml"
+    path.write_text(f'[auth]\ntokens_env = "RAAFD_TEST_TOKENS"\n[state]\ndir = "{tmp_path}"\n')
+    line = "auth.tokens_env: the environment variable RAAFD_TEST_TOKENS is not set; set it,"
+    for command in ("check-config", "serve"):
+        out = _cli(command, "--config", str(path))  # RAAFD_TEST_TOKENS is not in its env
+        assert out.returncode == 2, (command, out.stderr)
+        assert out.stderr.startswith(line) and len(out.stderr.splitlines()) == 1, out.stderr
 
 
 def test_tool_and_handoff_references() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,9 +14,10 @@ import pytest
 import trio
 from openai import AsyncOpenAI
 
+from raafd.admin.client import admin_call
 from raafd.auth import bearer_token, check_http, token_ok
 from raafd.config import Config
-from raafd.errors import Unauthorized
+from raafd.errors import BadRequest, Unauthorized
 from tests.rawhttp import RawClient, request, start_sse
 from tests.sse import sse_events
 
@@ -228,3 +230,35 @@ def test_the_shared_token_helpers() -> None:
         check_http("GET", "/metrics", {}, {}, frozenset({"t"}), public_metrics=False)
     with pytest.raises(Unauthorized):
         check_http("DELETE", "/healthz", {}, {}, frozenset({"t"}), public_metrics=True)
+
+
+async def test_a_reload_whose_token_source_yields_nothing_keeps_the_old_tokens(
+    start_daemon: Any,
+    make_config: Callable[..., Config],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    environ = {"RAAFD_TEST_TOKENS": TOKEN}
+    config = make_config(**FAST, auth={"tokens_env": "RAAFD_TEST_TOKENS"}, environ=environ)
+    rd = await start_daemon(config, environ=environ)
+    file = tmp_path / "reload.toml"
+    file.write_text('[auth]\ntokens_env = "RAAFD_TEST_TOKENS"\n')
+    rd.daemon.config_path = file
+    async with httpx.AsyncClient(base_url=rd.base_url) as client:
+        with trio.fail_after(20):
+            assert (await client.get("/v1/stats", params={"token": TOKEN})).status_code == 200
+            environ["RAAFD_TEST_TOKENS"] = " "  # rotated to nothing by mistake
+            with pytest.raises(BadRequest) as info:  # what `raafd ctl reload` reports
+                await admin_call(rd.daemon.config.admin_socket_path, "reload")
+            assert info.value.message.startswith(
+                "configuration rejected: auth.tokens_env: the environment variable"
+                " RAAFD_TEST_TOKENS is empty or holds no token"
+            )
+            assert (await client.get("/v1/stats", params={"token": TOKEN})).status_code == 200
+            assert (await client.get("/v1/stats")).status_code == 401  # still closed
+            refused_stream = await client.post("/v1/streams", json={"input": "x"}, headers=SSE)
+            assert refused_stream.status_code == 401
+    out, err = capfd.readouterr()
+    (line,) = [line for line in (out + err).splitlines() if "reload rejected" in line]
+    assert "warning" in line and "auth.tokens_env" in line
+    assert TOKEN not in out + err
