@@ -635,6 +635,36 @@ def _validate_tree(obj: Any, path: list[str], out: list[str]) -> None:
         _validate_tree(value, [*path, a.name], out)
 
 
+def _validate_parts(data: Any, cls: Any, path: list[str], out: list[str]) -> None:
+    """Run the field validators of every key of ``data`` (as ``cls``) that structures on its
+    own, when the tree as a whole did not: a wrong type in one place must not hide the other
+    problems of the file. Keys that do not structure are skipped (cattrs reported them)."""
+    if not isinstance(data, dict) or not attrs.has(cls):
+        return
+    hints = typing.get_type_hints(cls)
+    for a in attrs.fields(cls):
+        if a.name not in data:
+            continue
+        value, t, where = data[a.name], hints[a.name], [*path, a.name]
+        if attrs.has(t):
+            _validate_parts(value, t, where, out)
+            continue
+        if typing.get_origin(t) is dict and attrs.has(typing.get_args(t)[1]):
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _validate_parts(item, typing.get_args(t)[1], [*where, str(key)], out)
+            continue
+        try:
+            structured = _converter.structure(value, t)
+        except Exception:
+            continue
+        if a.validator is not None:
+            try:
+                a.validator(None, a, structured)
+            except ValueError as exc:
+                out.append(f"{'.'.join(where)}: {exc}")
+
+
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     """Structure a plain mapping (parsed TOML plus overrides) into :class:`Config`.
     ``environ`` (default ``os.environ``) is where ``auth.tokens_env`` is looked up."""
@@ -653,6 +683,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = No
             cfg = _converter.structure(data, Config)
         except Exception as exc:
             _flatten(exc, [], problems)
+            _validate_parts(data, Config, [], problems)
             raise ConfigError(problems or [str(exc)]) from None
     _validate_tree(cfg, [], problems)
     if problems:

@@ -9,6 +9,7 @@ ever sent to a client.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from raafd.protocol.codes import ErrorCode
@@ -63,8 +64,14 @@ class NotFound(RaafdError):
 
 
 class MethodNotAllowed(RaafdError):
+    """``allow``: the methods the resource answers (HTTP sends them as the ``Allow`` header)."""
+
     code = ErrorCode.METHOD_NOT_ALLOWED
     http_status = 405
+
+    def __init__(self, message: str, *, allow: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.allow = tuple(allow)
 
 
 class Conflict(RaafdError):

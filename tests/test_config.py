@@ -226,8 +226,32 @@ def test_check_config_cli(tmp_path: Path) -> None:
     out = _cli("check-config", "--config", str(bad))
     assert out.returncode == 2
     assert sorted(out.stderr.splitlines()) == [
+        "logging.level: must be one of debug, info, warning, error, critical; got 'loud'",
         "server.port: expected an integer, got the string 'x'",
         "server.prot: unknown key (did you mean 'port'?)",
+    ]
+
+
+def test_a_wrong_type_does_not_hide_the_other_problems() -> None:
+    found = problems(
+        '[server]\nport = "x"\nmax_connections = 0\nbacklog = true\ngc_thresholds = [1]\n'
+        '[streams]\nretention = -1\nmax_streams = "many"\n'
+        '[providers.p]\ntype = "bogus"\nretry_base = []\n'
+        '[agents.a]\nmax_turns = 0\nprovider = "p"\n'
+        '[logging]\nlevel = "loud"\nformat = 1\n'
+    )
+    assert sorted(found) == [
+        "agents.a.max_turns: must be between 1 and 1000, got 0",
+        "logging.format: expected a string, got 1",
+        "logging.level: must be one of debug, info, warning, error, critical; got 'loud'",
+        "providers.p.retry_base: expected a number, got an array",
+        "providers.p.type: must be one of demo, openai, anthropic, ollama; got 'bogus'",
+        "server.backlog: expected an integer, got true",
+        "server.gc_thresholds: must be three integers (young, middle, old), got 1",
+        "server.max_connections: must be greater than 0, got 0",
+        "server.port: expected an integer, got the string 'x'",
+        "streams.max_streams: expected an integer, got the string 'many'",
+        "streams.retention: must be 0 or more, got -1.0",
     ]
 
 

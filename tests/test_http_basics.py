@@ -45,7 +45,15 @@ async def test_error_bodies(start_daemon: Any) -> None:
             r = await client.post("/healthz")
             assert r.status_code == 405
             assert r.json()["error"]["code"] == "method_not_allowed"
-            assert "GET" in r.json()["error"]["message"]
+            assert r.json()["error"]["message"] == "POST is not allowed on /healthz; use GET, HEAD"
+            assert r.headers["allow"] == "GET, HEAD"
+            # The methods of the resource, whichever HTTP path would serve its other requests.
+            r = await client.post("/v1/streams/st_x/events", headers={"accept": NDJSON})
+            assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD")
+            r = await client.get("/v1/streams")
+            assert (r.status_code, r.headers["allow"]) == (405, "POST")
+            r = await client.put("/v1/sessions/s1")
+            assert (r.status_code, r.headers["allow"]) == (405, "DELETE, GET, HEAD")
             r = await client.post("/v1/streams", content=b"x" * 65)
             assert r.status_code == 413
             assert r.json()["error"]["code"] == "too_large"

@@ -154,6 +154,8 @@ def error_response(err: RaafdError) -> Response:
         headers["connection"] = "close"  # the unread rest of the body makes it unusable
     if isinstance(err, Unauthorized):
         headers["www-authenticate"] = "Bearer"
+    if isinstance(err, MethodNotAllowed) and err.allow:
+        headers["allow"] = ", ".join(err.allow)
     return JSONResponse({"error": err.to_dict()}, err.http_status, headers)
 
 
@@ -190,8 +192,10 @@ class Router:
                     return methods[method], match.groupdict()
                 if method == "HEAD" and "GET" in methods:
                     return methods["GET"], match.groupdict()
-                allowed = ", ".join(sorted(methods))
-                raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}")
+                allow = sorted({*methods, "HEAD"} if "GET" in methods else methods)
+                raise MethodNotAllowed(
+                    f"{method} is not allowed on {path}; use {', '.join(allow)}", allow=allow
+                )
         raise NotFound(f"no such endpoint: {path}")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
