@@ -18,7 +18,7 @@ from raafd.logging import get_logger
 if TYPE_CHECKING:
     from raafd.streams.body import Body, StreamWriter
 
-__all__ = ["AgentBodies"]
+__all__ = ["AgentBodies", "emit_failure"]
 
 log = get_logger("raafd.streams")
 
@@ -50,10 +50,7 @@ class AgentBodies:
                     await store.append(session, result.messages[len(history) :])
             except RaafdError as exc:
                 log.info("stream failed", code=exc.code, reason=exc.message)
-                extra: dict[str, Any] = {}
-                if exc.retry_after is not None:
-                    extra["retry_after"] = exc.retry_after
-                await out.emit("error", error={"code": exc.code, "message": exc.message}, **extra)
+                await emit_failure(out, exc)
                 return
             # Anything else propagates: the stream logs it with its traceback and ends with
             # `error` {internal}, revealing nothing.
@@ -69,3 +66,12 @@ class AgentBodies:
             )
 
         return body
+
+
+async def emit_failure(out: StreamWriter, exc: RaafdError) -> None:
+    """End a stream with ``error`` for a failure the client may see (its code, its message,
+    and ``retry_after`` when the failure has one)."""
+    extra: dict[str, Any] = {}
+    if exc.retry_after is not None:
+        extra["retry_after"] = exc.retry_after
+    await out.emit("error", error={"code": exc.code, "message": exc.message}, **extra)

@@ -31,7 +31,7 @@ import trio
 from attrs import frozen
 
 from raafd.agents.base import AgentResult, AgentRunner
-from raafd.agents.bodies import AgentBodies
+from raafd.agents.bodies import AgentBodies, emit_failure
 from raafd.errors import NotFound, RaafdError
 from raafd.logging import get_logger
 from raafd.protocol.commands import WorkflowStart
@@ -114,10 +114,7 @@ async def run_workflow(out: StreamWriter, runner: AgentRunner, workflow: Workflo
         failure = _first(group)
     if failure is not None:
         log.info("workflow failed", code=failure.code, reason=failure.message)
-        extra: dict[str, Any] = {}
-        if failure.retry_after is not None:
-            extra["retry_after"] = failure.retry_after
-        await out.emit("error", error={"code": failure.code, "message": failure.message}, **extra)
+        await emit_failure(out, failure)
         return
     last = results[-1]
     await out.emit(
