@@ -104,6 +104,24 @@ def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute[Any], str], None]:
     return check
 
 
+def _origins(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
+    # As browsers send Origin: compared as written, so a path or capitals would never match.
+    for entry in value:
+        scheme, sep, rest = entry.partition("://")
+        ok = entry == "*" or (
+            bool(sep and rest)
+            and scheme.isascii()
+            and scheme.isalpha()
+            and entry == entry.lower()
+            and not any(c in rest for c in "/?#@ ")
+        )
+        if not ok:
+            raise ValueError(
+                f"{entry!r} is not an origin: give * or scheme://host[:port] in lower case,"
+                " with no path or trailing slash"
+            )
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -137,7 +155,9 @@ class HttpConfig:
 
     max_body_bytes: int = field(default=1 << 20, validator=_positive)
     heartbeat_interval: float = field(default=15.0, validator=_positive)
-    cors_origins: list[str] = field(factory=list)
+    # Origins whose browser pages may use the HTTP API (CORS); "*" allows any, without
+    # credentials. Empty: no CORS headers, and preflights are refused.
+    cors_origins: list[str] = field(factory=list, validator=_origins)
     # GET /metrics without a token when [auth] has tokens (for a scraper on a trusted network).
     public_metrics: bool = False
     # Streaming responses (SSE, NDJSON of /v1/streams): chunks queued per connection towards a

@@ -133,6 +133,8 @@ class RawClient:
         return data
 
     async def read_body(self, answer: Answer) -> Answer:
+        if answer.status in (204, 304):
+            return answer  # never a body (RFC 9112 6.3)
         if answer.chunked:
             while chunk := await self.read_chunk():
                 answer.chunks.append(chunk)

@@ -40,7 +40,12 @@ def build_app(
             public_metrics=ctx.config().http.public_metrics,
         )
 
-    router = Router(ctx.metrics, lambda: ctx.config().http.max_body_bytes, authorize)
+    router = Router(
+        ctx.metrics,
+        lambda: ctx.config().http.max_body_bytes,
+        authorize,
+        cors_origins=lambda: ctx.config().http.cors_origins,
+    )
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

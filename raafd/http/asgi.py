@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -18,7 +18,17 @@ import orjson
 import structlog
 import trio
 
-from raafd.errors import BadRequest, MethodNotAllowed, NotFound, RaafdError, TooLarge, Unauthorized
+from raafd.errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    RaafdError,
+    TooLarge,
+    Unauthorized,
+)
+from raafd.http.cors import NOTHING as NO_CORS
+from raafd.http.cors import cors
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
 from raafd.net.delivery import Sink
@@ -163,18 +173,22 @@ class Router:
     """Method + path-pattern routing; ``{name}`` segments become keyword arguments.
 
     ``authorize``, when given, sees every request before routing and raises (a
-    :class:`~raafd.errors.RaafdError`, e.g. ``unauthorized``) to refuse it."""
+    :class:`~raafd.errors.RaafdError`, e.g. ``unauthorized``) to refuse it. ``cors_origins``,
+    when given, is ``http.cors_origins`` now: every answer gets the headers
+    :func:`raafd.http.cors.cors` decides, and a preflight is answered before ``authorize``."""
 
     def __init__(
         self,
         metrics: Metrics,
         max_body: Callable[[], int],
         authorize: Callable[[Request], None] | None = None,
+        cors_origins: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
         self.metrics = metrics
         self._max_body = max_body
         self._authorize = authorize
+        self._cors_origins = cors_origins
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
@@ -208,11 +222,17 @@ class Router:
             return
         request = Request(scope, receive, self._max_body())
         structlog.contextvars.bind_contextvars(req=request.id)
+        access = NO_CORS
+        origin = request.headers.get("origin")
+        if origin is not None and self._cors_origins is not None:
+            access = cors(origin, request.method, request.headers, self._cors_origins())
         try:
-            if self._authorize is not None:
-                self._authorize(request)  # before routing: no endpoint is revealed
-            handler, params = self.route(request.method, request.path)
-            result = await handler(request, **params)
+            if access.preflight == 204:
+                result: Response | StreamingResponse = Response(204)
+            elif access.preflight is not None:  # a preflight from an origin not allowed
+                raise Forbidden("this origin may not use the API from a browser")
+            else:
+                result = await self._dispatch(request)
         except RaafdError as err:
             self.metrics.errors.labels(err.code).inc()
             result = error_response(err)
@@ -221,11 +241,19 @@ class Router:
         except Exception:
             log.exception("unhandled error in HTTP handler", path=request.path)
             result = error_response(RaafdError("internal error"))
+        if access.headers:  # a copy: a handler may answer with a shared Response
+            result.headers = {**result.headers, **dict(access.headers)}
         if isinstance(result, StreamingResponse):
             await _send_streaming(request, result, send)
         else:
             await _send_response(request, result, send)
         self.metrics.http_requests.labels(request.method, str(result.status)).inc()
+
+    async def _dispatch(self, request: Request) -> Response | StreamingResponse:
+        if self._authorize is not None:
+            self._authorize(request)  # before routing: no endpoint is revealed
+        handler, params = self.route(request.method, request.path)
+        return await handler(request, **params)
 
 
 def _headers(content_type: str, extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
@@ -235,6 +263,11 @@ def _headers(content_type: str, extra: Mapping[str, str]) -> list[tuple[bytes, b
 
 
 async def _send_response(request: Request, response: Response, send: Send) -> None:
+    if response.status == 204:  # no content: neither a type nor a length (RFC 9110 8.6)
+        headers = [(k.encode(), v.encode()) for k, v in response.headers.items()]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
     headers = _headers(response.content_type, response.headers)
     headers.append((b"content-length", str(len(response.body)).encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})

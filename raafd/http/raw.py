@@ -48,6 +48,7 @@ from raafd.auth import check_http
 from raafd.errors import RaafdError, TooLarge
 from raafd.http.asgi import Response, error_response, next_request_id
 from raafd.http.context import StreamingContext
+from raafd.http.cors import Headers, cors
 from raafd.http.openai_compat import ChunkFraming, Completion, start_completion
 from raafd.http.streams import FRAMINGS, SSE, Framing, framing_for, replay_after, start_stream
 from raafd.logging import get_logger
@@ -174,6 +175,7 @@ class _Connection:
         self._arrived = trio.lowlevel.ParkingLot()  # the request loop waits here for bytes
         self._taken = trio.lowlevel.ParkingLot()  # the reader waits here while the buffer is full
         self._response: trio.CancelScope | None = None  # a streaming response, while it runs
+        self._cors: Headers = ()  # the CORS headers of the request being answered
 
     async def run(self) -> Handover | None:
         hand_over = False
@@ -358,6 +360,12 @@ class _Connection:
         request_id = next_request_id()
         structlog.contextvars.bind_contextvars(req=request_id)
         self._take(head_end)
+        origin = head.headers.get("origin")  # none from non-browser clients: nothing to decide
+        self._cors = (
+            cors(origin, head.method, head.headers, cfg.http.cors_origins).headers
+            if origin is not None
+            else ()
+        )
         keep = head.keep_alive
         query = head.query
         subscription: Subscription | None = None
@@ -416,6 +424,7 @@ class _Connection:
         if response.headers.get("connection") == "close":
             keep = False
         headers = [("content-type", response.content_type), *response.headers.items()]
+        headers += self._cors
         headers.append(("content-length", str(len(response.body))))
         if not keep and "connection" not in response.headers:
             headers.append(("connection", "close"))
@@ -452,6 +461,7 @@ class _Connection:
             ("cache-control", "no-cache"),
             ("x-accel-buffering", "no"),
             ("transfer-encoding", "chunked") if keep else ("connection", "close"),
+            *self._cors,
         ]
         self.ctx.metrics.http_requests.labels(method, "200").inc()
         if opening and keep:
