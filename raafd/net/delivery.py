@@ -121,8 +121,9 @@ class Delivery:
         """In the feed's task: the live event to the sink, or refused (full, broken, closed)
         and left to the pull. Whatever it raises drops this subscriber alone (the feed's
         guard)."""
+        data = self.framing.event(event)  # may be empty: the OpenAI chunks skip `start`
         try:
-            taken = self.sink.write_nowait(self.framing.event(event))
+            taken = not data or self.sink.write_nowait(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             taken = False
         if not taken:
