@@ -50,6 +50,42 @@ def _types() -> collections.Counter[str]:
     )
 
 
+def growth_per(before: collections.Counter[str], n: int, top: int) -> list[tuple[str, float]]:
+    """The object types the collector tracks that grew most since ``before``, per item of
+    ``n`` (also used by retained_memory.py)."""
+    return [(name, round(count / n, 2)) for name, count in (_types() - before).most_common(top)]
+
+
+def sites_per(
+    snapshot: tracemalloc.Snapshot, n: int, frames: int, top: int
+) -> list[tuple[float, float, str]]:
+    """The largest allocation sites of ``snapshot`` (by line, or by call chain when ``frames``
+    > 1), as (bytes, blocks) per item of ``n`` and the site (also used by
+    retained_memory.py)."""
+    key = "lineno" if frames == 1 else "traceback"
+    return [
+        (
+            round(stat.size / n, 1),
+            round(stat.count / n, 2),
+            " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback),
+        )
+        for stat in snapshot.statistics(key)[:top]
+    ]
+
+
+def print_sites(
+    sites: list[tuple[float, float, str]], objects: list[tuple[str, float]], per: str
+) -> None:
+    """The allocation sites (when traced) and the object growth, per ``per``."""
+    if sites:
+        print(f"\n  bytes  blocks  allocation site (per {per})")
+        for size, count, where in sites:
+            print(f"{size:7,.1f} {count:7.2f}  {where}")
+    print(f"\nobjects tracked by the collector, growth per {per}")
+    for name, count in objects:
+        print(f"{count:7.2f}  {name}")
+
+
 def serve(trace: bool, frames: int, top: int) -> None:
     import trio
 
@@ -108,28 +144,14 @@ def serve(trace: bool, frames: int, top: int) -> None:
                         result: dict[str, Any] = {
                             "open": len(daemon.gateway.connections),
                             "rss_per_conn": (rss_bytes(os.getpid()) - mark["rss"]) / n,
-                            "objects_per_conn": [
-                                (name, round(count / n, 2))
-                                for name, count in (_types() - mark["types"]).most_common(top)
-                            ],
+                            "objects_per_conn": growth_per(mark["types"], n, top),
                         }
                         if trace:
                             snapshot = tracemalloc.take_snapshot()
                             heap = tracemalloc.get_traced_memory()[0] - mark["heap"]
                             tracemalloc.stop()
                             result["heap_per_conn"] = heap / n
-                            key = "lineno" if frames == 1 else "traceback"
-                            stats = snapshot.statistics(key)
-                            result["sites"] = [
-                                (
-                                    round(s.size / n, 1),
-                                    round(s.count / n, 2),
-                                    " <- ".join(
-                                        f"{Path(f.filename).name}:{f.lineno}" for f in s.traceback
-                                    ),
-                                )
-                                for s in stats[:top]
-                            ]
+                            result["sites"] = sites_per(snapshot, n, frames, top)
                         reply(result)
 
     trio.run(main)
@@ -223,12 +245,7 @@ def main() -> int:
     print(f"RSS per connection: {result['rss_per_conn']:,.0f} bytes{note}")
     if args.trace:
         print(f"Python heap per connection (tracemalloc): {result['heap_per_conn']:,.0f} bytes")
-        print("\nbytes  blocks  allocation site (per connection)")
-        for size, count, where in result["sites"]:
-            print(f"{size:7,.1f} {count:6.2f}  {where}")
-    print("\nobjects tracked by the collector, growth per connection")
-    for name, count in result["objects_per_conn"]:
-        print(f"{count:6.2f}  {name}")
+    print_sites(result.get("sites", []), result["objects_per_conn"], "connection")
     return 0
 
 

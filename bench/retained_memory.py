@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from idle_memory import _types  # bench/ is on sys.path when run
+from idle_memory import _types, growth_per, print_sites, sites_per  # bench/ is on sys.path
 from stream_bench import Upstream, read_json_line, rss_bytes
 
 from raafd.logging import configure_logging
@@ -105,10 +105,7 @@ class Marks:
             "rss_before": self.rss,
             "rss_after": rss_bytes(os.getpid()),
             "retained": manager.stats()["retained"],
-            "objects": [
-                (name, round(count / n, 2))
-                for name, count in (_types() - self.types).most_common(self.top)
-            ],
+            "objects": growth_per(self.types, n, self.top),
         }
         newest = manager.get(manager.list_streams()[0]["id"])
         result["events"] = newest.head
@@ -117,15 +114,7 @@ class Marks:
             snapshot = tracemalloc.take_snapshot()
             result["heap"] = tracemalloc.get_traced_memory()[0]
             tracemalloc.stop()
-            key = "lineno" if self.frames == 1 else "traceback"
-            result["sites"] = [
-                (
-                    round(s.size / n, 1),
-                    round(s.count / n, 2),
-                    " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in s.traceback),
-                )
-                for s in snapshot.statistics(key)[: self.top]
-            ]
+            result["sites"] = sites_per(snapshot, n, self.frames, self.top)
         return result
 
 
@@ -390,12 +379,7 @@ def main() -> int:
     )
     if args.trace:
         print(f"Python heap per retained stream (tracemalloc): {r['heap'] / n:,.0f} bytes")
-        print("\n  bytes  blocks  allocation site (per retained stream)")
-        for size, count, where in r["sites"]:
-            print(f"{size:7,.1f} {count:7.2f}  {where}")
-    print("\nobjects tracked by the collector, growth per retained stream")
-    for name, count in r["objects"]:
-        print(f"{count:7.2f}  {name}")
+    print_sites(r.get("sites", []), r["objects"], "retained stream")
     return 0
 
 
