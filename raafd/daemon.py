@@ -57,7 +57,7 @@ from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
 from raafd.providers.registry import build_providers, open_http_client, open_upstream_client
 from raafd.sdnotify import SdNotifier
-from raafd.store import SessionBackend, open_session_backend
+from raafd.store import SessionBackend, Stores, open_stores
 from raafd.streams import Stream, StreamManager
 
 __all__ = ["Daemon"]
@@ -94,7 +94,8 @@ class Daemon:
         self.address: str | None = None
         self.providers: dict[str, Provider] = {}
         self.tools: ToolRegistry | None = None  # built in run(): it needs the HTTP client
-        self.sessions: SessionBackend | None = None  # opened in run() ([store] backend)
+        self.stores: Stores | None = None  # opened in run() ([store] backend)
+        self.sessions: SessionBackend | None = None  # = stores.sessions
         self.breakers = Breakers(config.breaker)
         self.agents = AgentLoop(
             config.agents, {}, self.breakers, None, self.metrics, config.streams
@@ -154,11 +155,12 @@ class Daemon:
         async with (
             open_upstream_client() as upstream_client,
             open_http_client() as http_client,
-            open_session_backend(self.config) as store,
+            open_stores(self.config) as stores,
             trio.open_nursery() as nursery,
         ):
             self._upstream_client = upstream_client
-            self.sessions = store
+            self.stores = stores
+            self.sessions = store = stores.sessions
             self.providers = build_providers(self.config.providers, upstream_client, **self._env())
             self.tools = ToolRegistry(
                 self.config.tools, http_client, metrics=self.metrics, **self._env()
@@ -298,6 +300,7 @@ class Daemon:
             },
             "streams": self.streams.stats(),
             "breakers": self.breakers.snapshot(),
+            "store": self._store_stats(),
             "tools": self.tools.snapshot() if self.tools is not None else {},
             "process": {
                 "rss_bytes": snap.get("process_resident_memory_bytes"),
@@ -308,6 +311,10 @@ class Daemon:
             },
             "log_level": get_level(),
         }
+
+    def _store_stats(self) -> dict[str, Any]:
+        db = self.stores.db if self.stores is not None else None
+        return {"backend": self.config.store.backend, **(db.stats() if db is not None else {})}
 
     # --- admin commands -----------------------------------------------------------------------
 

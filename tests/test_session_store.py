@@ -192,7 +192,9 @@ async def test_sqlite_keeps_what_was_appended_across_a_reopen(tmp_path: Path) ->
             await store.append("s1", turn(1, tools=1))
             await store.append("s1", [user("héllo ✓"), assistant("hi")])
             await store.append("s2", turn(9))
-            synchronous = await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+            synchronous = await store.db.write(
+                lambda c: c.execute("PRAGMA synchronous").fetchone()[0]
+            )
             assert synchronous == 2  # FULL: the WAL is fsynced at every commit
         async with open_session_store(path, BIG) as store:
             assert await store.load("s1") == [*turn(1, tools=1), user("héllo ✓"), assistant("hi")]

@@ -6,13 +6,12 @@ valid conversation.** How it is kept:
 - Durability (DESIGN invariant 6): WAL journal with ``synchronous = FULL``, so the write-ahead
   log is fsynced at every commit. An ``append`` returns only after its commit; ``kill -9`` or a
   power loss right after it loses nothing.
-- No SQLite work on the event loop: one connection, used only through
-  ``trio.to_thread.run_sync`` under a ``CapacityLimiter(1)`` (so one thread at a time touches
-  it, in call order). A caller cancelled while waiting its turn writes nothing; once its
-  transaction runs it is not interrupted, and the call returns (or raises ``Cancelled`` at the
-  next checkpoint) after the commit.
-- One transaction per ``append``: insert the messages, trim the session to its bounds, forget
-  the least recently used sessions past ``max_sessions``. A crash leaves all of it or none.
+- No SQLite work on the event loop, and one writer for the whole daemon: the store runs on the
+  shared :class:`~raafd.store.db.Database` (writes in its writer thread with group commit,
+  reads on its reader connection). A caller cancelled while waiting its turn writes nothing.
+- Each ``append`` is all or nothing (its own savepoint of the commit it shares): insert the
+  messages, trim the session to its bounds, forget the least recently used sessions past
+  ``max_sessions``.
 - Trimming drops whole turns, oldest first (:mod:`raafd.store.trim`, shared with the memory
   store), so a kept history is always a valid conversation.
 
@@ -20,8 +19,8 @@ Bounds (DESIGN invariant 2): ``sessions.max_messages`` and ``sessions.max_tokens
 4 characters a token over role, content and tool-call text) per session; ``max_sessions``
 sessions, the least recently *appended to* forgotten first (reads do not write).
 
-The file (``<state.dir>/raafd.sqlite3``) carries its schema version in ``PRAGMA user_version``;
-:data:`_MIGRATIONS` takes an older file forward, a newer one is refused.
+The database file is ``<state.dir>/raafd.sqlite3``; :data:`MIGRATIONS` is this store's schema,
+component ``sessions`` (see :mod:`raafd.store.db` for how versions are kept).
 """
 
 from __future__ import annotations
@@ -29,36 +28,30 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import orjson
-import trio
 
 from raafd.config import SessionsConfig, StateConfig
-from raafd.logging import get_logger
-from raafd.store.base import StoreUnavailable
+from raafd.store.db import Database, open_database
 from raafd.store.trim import Row, estimate_tokens, kind_of, plan_trim
 
 __all__ = [
     "DATABASE_FILE",
+    "MIGRATIONS",
     "SCHEMA_VERSION",
     "SqliteSessionStore",
     "database_path",
     "open_session_store",
 ]
 
-log = get_logger("raafd.store")
-T = TypeVar("T")
-
 DATABASE_FILE: Final = "raafd.sqlite3"
-BUSY_TIMEOUT_MS: Final = 5000
 
-# Each entry takes the file from version i to i + 1 (user_version is the file's, shared by every
-# store that will live in it: add their tables here).
-_MIGRATIONS: Final[tuple[str, ...]] = (
+# The sessions component's schema: step i takes it from version i to i + 1.
+MIGRATIONS: Final[tuple[str, ...]] = (
     """
     CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
@@ -76,7 +69,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     ) WITHOUT ROWID;
     """,
 )
-SCHEMA_VERSION: Final = len(_MIGRATIONS)
+SCHEMA_VERSION: Final = len(MIGRATIONS)  # of the sessions component
 
 
 def database_path(state: StateConfig) -> Path:
@@ -87,76 +80,19 @@ def database_path(state: StateConfig) -> Path:
 # --- the store --------------------------------------------------------------------------------
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: no implicit transactions; every write is an explicit BEGIN IMMEDIATE
-    # ... COMMIT. check_same_thread=False: trio's worker threads take turns (CapacityLimiter 1).
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-    )
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreUnavailable(f"cannot use the WAL journal for {path} (got {mode})")
-        conn.execute("PRAGMA synchronous = FULL")
-        _migrate(conn, path)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StoreUnavailable(
-                f"{path} has schema version {version}, newer than this raafd knows"
-                f" ({SCHEMA_VERSION}); use a newer raafd or another state directory"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            # Statement by statement, not executescript (which commits first): a migration and
-            # its user_version are one transaction. So no ';' inside a statement or comment.
-            for statement in _MIGRATIONS[target - 1].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {target}")
-            log.info("session store migrated", path=str(path), version=target)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
 class SqliteSessionStore:
     """The :class:`~raafd.agents.base.SessionStore` on SQLite; see the module docstring.
 
     Get one from :func:`open_session_store`."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, config: SessionsConfig) -> None:
-        self._conn: sqlite3.Connection | None = conn
-        self.path = path
+    def __init__(self, db: Database, config: SessionsConfig) -> None:
+        self.db = db
+        self.path = db.path
         self.config = config
-        self._limiter = trio.CapacityLimiter(1)
 
     def reload(self, config: SessionsConfig) -> None:
         """Apply new bounds; they take effect on each session's next append."""
         self.config = config
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def in_thread() -> T:
-            conn = self._conn
-            if conn is None:
-                raise StoreUnavailable("the session store is closed")
-            try:
-                return work(conn)
-            except sqlite3.OperationalError as exc:
-                log.error("session store failed", path=str(self.path), error=str(exc))
-                raise StoreUnavailable("the session store is unavailable") from None
-
-        return await trio.to_thread.run_sync(in_thread, limiter=self._limiter)
 
     # --- SessionStore -------------------------------------------------------------------------
 
@@ -169,7 +105,7 @@ class SqliteSessionStore:
             )
             return [row[0] for row in cursor]
 
-        return [orjson.loads(data) for data in await self._run(work)]
+        return [orjson.loads(data) for data in await self.db.read(work)]
 
     async def append(self, session: str, messages: list[dict[str, Any]]) -> None:
         """Add ``messages`` and trim to the bounds in one transaction, durable on return."""
@@ -179,21 +115,16 @@ class SqliteSessionStore:
         cfg = self.config
         now = time.time()
 
-        def work(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
-                _append(conn, session, encoded, cfg, now)
-
-        await self._run(work)
+        await self.db.write(lambda conn: _append(conn, session, encoded, cfg, now))
 
     async def delete(self, session: str) -> bool:
         """Forget a session; ``False`` if there was none."""
 
         def work(conn: sqlite3.Connection) -> bool:
-            with _transaction(conn):
-                conn.execute("DELETE FROM session_messages WHERE session = ?", (session,))
-                return conn.execute("DELETE FROM sessions WHERE id = ?", (session,)).rowcount > 0
+            conn.execute("DELETE FROM session_messages WHERE session = ?", (session,))
+            return conn.execute("DELETE FROM sessions WHERE id = ?", (session,)).rowcount > 0
 
-        return await self._run(work)
+        return await self.db.write(work)
 
     # --- for the HTTP API and stats -----------------------------------------------------------
 
@@ -201,19 +132,18 @@ class SqliteSessionStore:
         """``{"id", "messages", "updated_at"}``, or None for an unknown session."""
 
         def work(conn: sqlite3.Connection) -> tuple[float, list[bytes]] | None:
-            # A read transaction: the messages and updated_at are of the same commit.
-            with _transaction(conn, "BEGIN"):
-                row = conn.execute(
-                    "SELECT updated_at FROM sessions WHERE id = ?", (session,)
-                ).fetchone()
-                if row is None:
-                    return None
-                cursor = conn.execute(
-                    "SELECT data FROM session_messages WHERE session = ? ORDER BY seq", (session,)
-                )
-                return float(row[0]), [r[0] for r in cursor]
+            # One read transaction: the messages and updated_at are of the same commit.
+            row = conn.execute(
+                "SELECT updated_at FROM sessions WHERE id = ?", (session,)
+            ).fetchone()
+            if row is None:
+                return None
+            cursor = conn.execute(
+                "SELECT data FROM session_messages WHERE session = ? ORDER BY seq", (session,)
+            )
+            return float(row[0]), [r[0] for r in cursor]
 
-        found = await self._run(work)
+        found = await self.db.read(work)
         if found is None:
             return None
         updated_at, blobs = found
@@ -229,32 +159,10 @@ class SqliteSessionStore:
         def work(conn: sqlite3.Connection) -> int:
             return int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
 
-        return await self._run(work)
+        return await self.db.read(work)
 
     async def aclose(self) -> None:
-        """Close the connection (after any call in progress). Later calls raise
-        :class:`StoreUnavailable`."""
-
-        def work() -> None:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(work, limiter=self._limiter)
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any failure."""
-    conn.execute(begin)
-    try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        """Nothing of its own to close: the database is closed by whoever opened it."""
 
 
 def _append(
@@ -321,14 +229,7 @@ def _append(
 async def open_session_store(
     path: str | os.PathLike[str], config: SessionsConfig
 ) -> AsyncIterator[SqliteSessionStore]:
-    """Open (creating the file and its directory, migrating the schema) and close the store."""
-    where = Path(path)
-    try:
-        conn = await trio.to_thread.run_sync(_connect, where)
-    except sqlite3.Error as exc:
-        raise StoreUnavailable(f"cannot open the session store {where}: {exc}") from None
-    store = SqliteSessionStore(conn, where, config)
-    try:
-        yield store
-    finally:
-        await store.aclose()
+    """A session store on its own database at ``path`` (created and migrated; closed on exit).
+    The daemon shares one database between its stores instead (:mod:`raafd.store.backends`)."""
+    async with open_database(Path(path), {"sessions": MIGRATIONS}) as db:
+        yield SqliteSessionStore(db, config)
