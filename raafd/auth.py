@@ -6,6 +6,10 @@ raw HTTP streaming path): when tokens are configured, a request names one in
 are given). A token is compared against every configured token in constant time, so neither
 which token matched nor how much of one matched shows in the time taken. Tokens are never
 logged or echoed; errors say only that a token is missing or not valid.
+
+Whoever a request or connection acts as is a :class:`Principal`: a user name and roles. With
+static tokens the user is ``token-`` and the first 12 hex digits of the token's SHA-256 (stable,
+and not the token); with auth off, and on public endpoints, it is :data:`ANONYMOUS`.
 """
 
 from __future__ import annotations
@@ -14,9 +18,39 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 
+from attrs import field, frozen
+
 from raafd.errors import Unauthorized
 
-__all__ = ["PUBLIC_PATHS", "bearer_token", "check_http", "is_public", "token_ok"]
+__all__ = [
+    "ANONYMOUS",
+    "PUBLIC_PATHS",
+    "Principal",
+    "bearer_token",
+    "check_http",
+    "is_public",
+    "principal_for_token",
+    "token_ok",
+]
+
+
+@frozen
+class Principal:
+    """Who acts: the user name other parts of raafd show and key state by (presence, room
+    messages, job owners), and the roles permissions are granted to."""
+
+    user: str
+    roles: frozenset[str] = field(factory=frozenset)
+
+
+ANONYMOUS = Principal("anonymous")
+"""Whoever acts where no token is needed (auth off, public endpoints)."""
+
+
+def principal_for_token(token: str) -> Principal:
+    """The principal a good static token stands for."""
+    return Principal("token-" + hashlib.sha256(token.encode()).hexdigest()[:12])
+
 
 # HTTP endpoints open without a token: liveness and readiness probes (load balancers and
 # service managers do not carry tokens). /metrics joins them with `http.public_metrics`.
@@ -56,11 +90,11 @@ def check_http(
     tokens: frozenset[str],
     *,
     public_metrics: bool,
-) -> None:
-    """Raise :class:`~raafd.errors.Unauthorized` unless the request may go on: no tokens are
-    configured, the endpoint is public, or it carries a good token."""
+) -> Principal:
+    """Who the request acts as, or raise :class:`~raafd.errors.Unauthorized`: no tokens are
+    configured or the endpoint is public (:data:`ANONYMOUS`), or it carries a good token."""
     if not tokens or is_public(method, path, public_metrics=public_metrics):
-        return
+        return ANONYMOUS
     given = bearer_token(headers, query)
     if given is None:
         raise Unauthorized(
@@ -68,3 +102,4 @@ def check_http(
         )
     if not token_ok(given, tokens):
         raise Unauthorized("the token is not valid")
+    return principal_for_token(given)

@@ -25,7 +25,6 @@ task, bounded: the client always sees the last events before the close.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import secrets
@@ -46,7 +45,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from raafd.auth import bearer_token, token_ok
+from raafd.auth import ANONYMOUS, Principal, bearer_token, principal_for_token, token_ok
 from raafd.core.feed import SlowConsumer, SubscriberFailed, Subscription
 from raafd.errors import BadRequest, Conflict, NotFound, RaafdError, TooManyStreams
 from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
@@ -94,12 +93,6 @@ def _frames(batch: list[StreamEvent]) -> bytes:
     return b"".join([event_frame(event.json) for event in batch])
 
 
-def _user_for(token: str | None) -> str:
-    if token is None:
-        return "anonymous"
-    return "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
 class Connection:
     __slots__ = (
         "_close",
@@ -119,6 +112,7 @@ class Connection:
         "head",
         "id",
         "last_seen",
+        "principal",
         "started_at",
         "stream",
         "user",
@@ -131,7 +125,8 @@ class Connection:
         self.stream = RawSocket(stream, prefix)
         self.head: RequestHead | None = head  # dropped once authenticated (idle memory)
         self.id = f"c_{next(_conn_ids)}_{secrets.token_hex(3)}"
-        self.user = "anonymous"
+        self.principal = ANONYMOUS
+        self.user = ANONYMOUS.user  # = principal.user, read on every command
         self.authenticated = False
         self.attachments: dict[str, _Delivery] = {}
         self.draining = False
@@ -309,8 +304,7 @@ class Connection:
         if given is not None:
             if not token_ok(given, tokens):
                 raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
-            self.user = _user_for(given)
-            self.authenticated = True
+            self._authenticated_as(principal_for_token(given))
             await self._welcome()
         # else: the first frame must be a `hello` with a token, within auth_timeout.
 
@@ -426,9 +420,13 @@ class Connection:
         """A ``hello``'s token: welcome the client, or close 4401."""
         if token is None or not token_ok(token, self.gateway.tokens()):
             raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
-        self.user = _user_for(token)
-        self.authenticated = True
+        self._authenticated_as(principal_for_token(token))
         await self._welcome()
+
+    def _authenticated_as(self, principal: Principal) -> None:
+        self.principal = principal
+        self.user = principal.user
+        self.authenticated = True
 
     # --- feed delivery ------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from raafd.auth import Principal
 from raafd.core.feed import Subscription
 
 __all__ = ["CommandHandler", "CommandTable", "Peer"]
@@ -34,7 +35,8 @@ class Peer(Protocol):
     """The connection a command came from, as its handler sees it."""
 
     id: str
-    user: str
+    principal: Principal  # who the connection acts as (auth off: anonymous)
+    user: str  # principal.user
     authenticated: bool
     draining: bool  # the server is draining: start nothing new here
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from raafd.auth import check_http
+from raafd.auth import Principal, check_http
 from raafd.errors import Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router
 from raafd.http.context import HttpContext
@@ -29,9 +29,9 @@ def build_app(
     """The router with the API's own routes. ``stats`` gives ``GET /v1/stats`` its figures;
     ``refresh_gauges`` sets the gauges that mirror component state before a scrape."""
 
-    def authorize(request: Request) -> None:
+    def authorize(request: Request) -> Principal:
         # Read at each request: tokens and public_metrics are reloadable.
-        check_http(
+        return check_http(
             request.method,
             request.path,
             request.headers,

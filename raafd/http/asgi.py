@@ -18,6 +18,7 @@ import orjson
 import structlog
 import trio
 
+from raafd.auth import ANONYMOUS, Principal
 from raafd.errors import (
     BadRequest,
     Forbidden,
@@ -74,6 +75,7 @@ class Request:
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
         }
         self.id = next_request_id()
+        self.principal = ANONYMOUS  # set by the router's authorize, before routing
 
     async def body(self) -> bytes:
         """The whole body, refusing (413) past ``max_body`` without reading the rest."""
@@ -172,7 +174,8 @@ def error_response(err: RaafdError) -> Response:
 class Router:
     """Method + path-pattern routing; ``{name}`` segments become keyword arguments.
 
-    ``authorize``, when given, sees every request before routing and raises (a
+    ``authorize``, when given, sees every request before routing and returns who it acts as
+    (``request.principal``), or raises (a
     :class:`~raafd.errors.RaafdError`, e.g. ``unauthorized``) to refuse it. ``cors_origins``,
     when given, is ``http.cors_origins`` now: every answer gets the headers
     :func:`raafd.http.cors.cors` decides, and a preflight is answered before ``authorize``."""
@@ -181,7 +184,7 @@ class Router:
         self,
         metrics: Metrics,
         max_body: Callable[[], int],
-        authorize: Callable[[Request], None] | None = None,
+        authorize: Callable[[Request], Principal] | None = None,
         cors_origins: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
@@ -251,7 +254,7 @@ class Router:
 
     async def _dispatch(self, request: Request) -> Response | StreamingResponse:
         if self._authorize is not None:
-            self._authorize(request)  # before routing: no endpoint is revealed
+            request.principal = self._authorize(request)  # before routing: reveals nothing
         handler, params = self.route(request.method, request.path)
         return await handler(request, **params)
 
