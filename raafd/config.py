@@ -37,6 +37,7 @@ __all__ = [
     "AgentConfig",
     "AuthConfig",
     "BreakerConfig",
+    "ChatConfig",
     "Config",
     "ConfigError",
     "HttpConfig",
@@ -396,6 +397,22 @@ class StateConfig:
     dir: str = "./var"
 
 
+@frozen
+class ChatConfig:
+    """``[chat]``: presence."""
+
+    # Presence: a connected user without activity (a command other than ping/ack) for this
+    # long is `away`; a user whose last connection closed is `offline` after this linger (a
+    # reconnect within it changes nothing, so a page reload does not flap).
+    away_after: float = field(default=300.0, validator=_positive)
+    offline_after: float = field(default=15.0, validator=_non_negative)
+    # Users whose presence is remembered: the connected ones, plus offline ones with their
+    # last_seen up to this many (the one offline longest is forgotten first).
+    presence_max_users: int = field(default=100_000, validator=_positive)
+    presence_meta_bytes: int = field(default=512, validator=_between(2, 65536))  # JSON size
+    presence_watch_max: int = field(default=256, validator=_positive)  # watched per connection
+
+
 STORE_BACKENDS = ("sqlite", "memory")
 
 
@@ -430,6 +447,7 @@ class Config:
     tools: dict[str, ToolConfig] = field(factory=dict)
     breaker: BreakerConfig = field(factory=BreakerConfig)
     sessions: SessionsConfig = field(factory=SessionsConfig)
+    chat: ChatConfig = field(factory=ChatConfig)
     logging: LoggingConfig = field(factory=LoggingConfig)
     admin: AdminConfig = field(factory=AdminConfig)
     state: StateConfig = field(factory=StateConfig)
@@ -459,6 +477,7 @@ RELOADABLE = (
     "tools",
     "breaker",
     "sessions",
+    "chat",
 )
 
 

@@ -31,6 +31,7 @@ from raafd.agents.bodies import AgentBodies
 from raafd.agents.runner import AgentLoop
 from raafd.agents.tools import ToolRegistry
 from raafd.agents.workflows import start_workflow
+from raafd.chat.presence import PresenceService
 from raafd.config import (
     Config,
     ConfigError,
@@ -42,9 +43,11 @@ from raafd.config import (
 from raafd.errors import BadRequest, NotFound
 from raafd.gateway.commands import add_stream_commands
 from raafd.gateway.gateway import Gateway
+from raafd.gateway.presence_commands import add_presence_commands
 from raafd.http.app import build_app
 from raafd.http.context import StreamingContext
 from raafd.http.openai_compat import add_openai_routes
+from raafd.http.presence import add_presence_routes
 from raafd.http.raw import RawHttpServer
 from raafd.http.sessions import add_session_routes
 from raafd.http.streams import add_stream_routes
@@ -111,6 +114,9 @@ class Daemon:
         )
         self.gateway = Gateway(lambda: self.config, self.metrics, self.tokens)
         add_stream_commands(self.gateway.commands, self.streams, self.start_workflow)
+        self.presence = PresenceService(lambda: self.config.chat, self.metrics)
+        add_presence_commands(self.gateway.commands, self.presence)
+        self.gateway.observers.append(self.presence)
         # The HTTP adapters get the services they use, never the daemon.
         http = StreamingContext(
             config=lambda: self.config,
@@ -124,6 +130,7 @@ class Daemon:
         add_openai_routes(app, http)
         add_session_routes(app, lambda: self.sessions)
         add_workflow_routes(app, http, self.start_workflow)
+        add_presence_routes(app, self.presence)
         self.raw_http = RawHttpServer(http)
         self.listener = PublicListener(
             config.server,
@@ -175,6 +182,7 @@ class Daemon:
                 await nursery.start(self.notifier.run_watchdog)
             await nursery.start(self.streams.run)
             await nursery.start(self.gateway.run)  # the connections' heartbeats
+            await nursery.start(self.presence.run)  # away and offline timers
             self.address = await nursery.start(self.listener.run)
             self.notifier.ready()
             self.notifier.status(f"serving on {self.address}")
@@ -299,6 +307,7 @@ class Daemon:
                 "websocket": len(self.gateway.connections),
             },
             "streams": self.streams.stats(),
+            "presence": self.presence.stats(),
             "breakers": self.breakers.snapshot(),
             "store": self._store_stats(),
             "tools": self.tools.snapshot() if self.tools is not None else {},

@@ -258,6 +258,51 @@ class Metrics:
             buckets=_GC_BUCKETS,
             registry=r,
         )
+        # Chat: presence, direct messages, offline queues (raafd.chat).
+        self.presence_users = LoopGauge(
+            "raafd_presence_users",
+            "Users by presence status (offline: those whose last_seen is still remembered)",
+            ["status"],
+            registry=r,
+        )
+        self.presence_changes = LoopCounter(
+            "raafd_presence_changes_total",
+            "Presence changes announced, by new status",
+            ["status"],
+            registry=r,
+        )
+        self.offline_queued = LoopCounter(
+            "raafd_offline_queued_total",
+            "Messages put in offline queues (committed), by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.offline_depth = LoopGauge(
+            "raafd_offline_queue_depth", "Messages in all offline queues", registry=r
+        )
+        self.offline_delivered = LoopCounter(
+            "raafd_offline_delivered_total",
+            "Queued messages sent to a connection (redeliveries included)",
+            registry=r,
+        )
+        self.offline_redelivered = LoopCounter(
+            "raafd_offline_redelivered_total",
+            "Queued messages sent again to a connection that had not acknowledged them",
+            registry=r,
+        )
+        self.offline_acked = LoopCounter(
+            "raafd_offline_acked_total", "Queued messages acknowledged and deleted", registry=r
+        )
+        self.offline_expired = LoopCounter(
+            "raafd_offline_expired_total",
+            "Queued messages deleted unacknowledged after chat.offline_ttl",
+            registry=r,
+        )
+        self.offline_dropped = LoopCounter(
+            "raafd_offline_dropped_total",
+            "Queued messages dropped, oldest first, from a queue full at chat.offline_max",
+            registry=r,
+        )
         self.admin_requests = Counter(
             "raafd_admin_requests_total", "Admin commands", ["cmd", "ok"], registry=r
         )

@@ -95,6 +95,7 @@ def _frames(batch: list[StreamEvent]) -> bytes:
 
 class Connection:
     __slots__ = (
+        "_announced",
         "_close",
         "_message",
         "_message_size",
@@ -143,6 +144,7 @@ class Connection:
         self._work: trio.Nursery | None = None
         self._close: _Close | None = None
         self._peer_closed = False
+        self._announced = False  # the gateway's observers were told of this connection
         self._message: list[str] | None = None  # the parts of a fragmented message
         self._message_size = 0
 
@@ -177,6 +179,13 @@ class Connection:
                 for delivery in [*self.attachments.values()]:
                     delivery.close()
                 self.attachments.clear()
+                if self._announced:
+                    self._announced = False
+                    for observer in self.gateway.observers:
+                        try:
+                            observer.disconnected(self)
+                        except Exception:
+                            log.exception("connection observer failed", observer=repr(observer))
             await self._finish()
         finally:
             self.stream.close()
@@ -299,6 +308,7 @@ class Connection:
         if not tokens:
             self.authenticated = True
             await self._welcome()
+            await self._announce()
             return
         given = self._token_from_request()
         if given is not None:
@@ -306,6 +316,7 @@ class Connection:
                 raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
             self._authenticated_as(principal_for_token(given))
             await self._welcome()
+            await self._announce()
         # else: the first frame must be a `hello` with a token, within auth_timeout.
 
     def _token_from_request(self) -> str | None:
@@ -327,6 +338,13 @@ class Connection:
                 },
             }
         )
+
+    async def _announce(self) -> None:
+        # The gateway's connection observers (presence, offline queues): after `welcome`, in
+        # this task, before the next frame is read.
+        self._announced = True
+        for observer in self.gateway.observers:
+            await observer.connected(self)
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -412,6 +430,8 @@ class Connection:
             ref = getattr(command, "ref", None)
             if not self.authenticated and kind != "hello":
                 raise _Close(CloseCode.UNAUTHORIZED, "authenticate with a hello frame first")
+            for observer in self.gateway.observers:
+                observer.activity(self, kind)
             await commands.handlers[kind](self, command)
         except RaafdError as err:
             await self.send_error(err, ref if ref is not None else getattr(err, "ref", None))
@@ -422,6 +442,7 @@ class Connection:
             raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
         self._authenticated_as(principal_for_token(token))
         await self._welcome()
+        await self._announce()
 
     def _authenticated_as(self, principal: Principal) -> None:
         self.principal = principal
@@ -467,6 +488,18 @@ class Connection:
 
     async def send_json(self, message: dict[str, Any]) -> None:
         await self._send(_reply(message))
+
+    def send_nowait(self, message: dict[str, Any]) -> None:
+        """A frame pushed from another task: written now or queued, never waited for. A full
+        queue means this client is too far behind: close 4001 (it reconnects and is sent what
+        it missed then: presence on asking, queued messages unacknowledged)."""
+        if self._close is not None:
+            return
+        try:
+            if not self._out.write_nowait(_reply(message)):
+                self.close(CloseCode.SLOW_CONSUMER, "too far behind; reconnect")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the reader or the delivery meets it and ends the connection
 
     async def send_error(self, err: RaafdError, ref: str | None = None) -> None:
         self.gateway.metrics.errors.labels(err.code).inc()

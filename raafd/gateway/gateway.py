@@ -11,7 +11,7 @@ import trio
 from raafd.config import Config
 from raafd.gateway.commands import add_connection_commands
 from raafd.gateway.connection import Connection
-from raafd.gateway.table import CommandTable
+from raafd.gateway.table import CommandTable, ConnectionObserver
 from raafd.metrics import Metrics
 from raafd.net.h1 import RequestHead
 from raafd.protocol.codes import CloseCode
@@ -42,6 +42,8 @@ class Gateway:
         self.tokens = tokens
         self.commands = CommandTable()
         add_connection_commands(self.commands)
+        # Told of every authenticated connection's start and end (presence, offline queues).
+        self.observers: list[ConnectionObserver] = []
         self.connections: dict[str, Connection] = {}
         self.draining = False
         self.timers = Timers()

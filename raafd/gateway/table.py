@@ -13,7 +13,9 @@ bound in, the way its HTTP routes are added to the router::
 
         table.add("room.join", RoomJoin, join)
 
-so the connection class never changes for a new command. Handlers raise
+so the connection class never changes for a new command. A subsystem that must know when a
+user's connections come and go (presence, offline queues) adds a :class:`ConnectionObserver`
+to the gateway's ``observers`` the same way. Handlers raise
 :class:`~raafd.errors.RaafdError` for the client to see (answered as an ``error`` frame with the
 command's ``ref``); anything else is a bug and costs the connection alone (close 1011).
 """
@@ -26,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 from raafd.auth import Principal
 from raafd.core.feed import Subscription
 
-__all__ = ["CommandHandler", "CommandTable", "Peer"]
+__all__ = ["CommandHandler", "CommandTable", "ConnectionObserver", "Peer"]
 
 C = TypeVar("C")
 
@@ -42,6 +44,13 @@ class Peer(Protocol):
 
     async def send_json(self, message: dict[str, Any]) -> None:
         """Send a reply (a ``ref`` that is None is left out)."""
+        ...
+
+    def send_nowait(self, message: dict[str, Any]) -> None:
+        """Send a frame pushed from another task (a presence change, a direct message)
+        without waiting: written at once or queued. A connection whose queue is full is too
+        far behind: it is closed with 4001 (what it missed it gets on its next connection).
+        Never raises."""
         ...
 
     async def authenticate(self, token: str | None) -> None:
@@ -68,6 +77,25 @@ class Peer(Protocol):
     def detach(self, feed_id: str) -> None:
         """Stop delivering ``feed_id`` here (its subscription closes); ``not_found`` when it
         is not attached."""
+        ...
+
+
+class ConnectionObserver(Protocol):
+    """Told when an authenticated connection opens and closes, and of each command it sends.
+    The gateway calls every observer, in the order they were added."""
+
+    async def connected(self, conn: Peer) -> None:
+        """The connection is authenticated and welcomed; runs in the connection's own task
+        before its next frame is read (what it sends comes right after ``welcome``). Raising
+        closes this connection (1011)."""
+        ...
+
+    def activity(self, conn: Peer, kind: str) -> None:
+        """A well-formed command of type ``kind`` arrived (before its handler runs)."""
+        ...
+
+    def disconnected(self, conn: Peer) -> None:
+        """The connection closed (only after :meth:`connected`); must not block or raise."""
         ...
 
 

@@ -148,9 +148,22 @@ class WorkflowStart:
                 seen.add(name)
 
 
+MAX_ACK_IDS: Final = 1000
+
+
+def _ack_ids(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
+    if not 1 <= len(value) <= MAX_ACK_IDS:
+        raise _FieldError(a.name, f"must list 1 to {MAX_ACK_IDS} ids")
+    for i, item in enumerate(value):
+        if not 0 < len(item) <= _MAX_ID:
+            raise _FieldError(f"{a.name}.{i}", f"must be 1 to {_MAX_ID} characters")
+
+
 @frozen
 class Ack:
-    ids: list[str]
+    """``ack``: queued messages (``queued``) the client has handled; they are deleted."""
+
+    ids: list[str] = field(validator=_ack_ids)
     ref: str | None = None
 
 
@@ -178,11 +191,14 @@ def _strict(value: Any, t: type) -> Any:
         raise TypeError("expected an integer")
     if t is str and not isinstance(value, str):
         raise TypeError("expected a string")
+    if t is bool and not isinstance(value, bool):
+        raise TypeError("expected true or false")
     return value
 
 
 _converter.register_structure_hook(int, _strict)
 _converter.register_structure_hook(str, _strict)
+_converter.register_structure_hook(bool, _strict)
 
 
 def structure(data: Any, cls: type[T]) -> T:
