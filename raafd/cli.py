@@ -14,6 +14,7 @@ import trio
 from raafd import __version__
 from raafd.config import Config, ConfigError, load_config
 from raafd.logging import configure_logging, get_logger
+from raafd.streams.filters import build_filters
 
 __all__ = ["main", "serve"]
 
@@ -74,6 +75,7 @@ async def serve(config: Config, config_path: Path | None) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         config, path = load_config(args.config)
+        build_filters(config.agents)  # the daemon builds them again; said here as problems
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
@@ -100,6 +102,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config, path = load_config(args.config)
+        build_filters(config.agents)  # patterns, and the entry points the agents name
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG

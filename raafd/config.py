@@ -40,6 +40,7 @@ __all__ = [
     "ChatConfig",
     "Config",
     "ConfigError",
+    "FilterConfig",
     "HttpConfig",
     "LoggingConfig",
     "ProviderConfig",
@@ -254,6 +255,25 @@ class ProviderConfig:
     seed: int = 0
 
 
+BUILTIN_FILTERS = ("redact", "buffer", "max_output_chars", "block")
+
+
+@frozen
+class FilterConfig:
+    """One entry of ``[agents.NAME] filters``: an output filter. ``type`` is a built-in
+    (``redact``, ``buffer``, ``max_output_chars``, ``block``) or the name of an entry point in
+    the ``raafd.filters`` group. Patterns and plugin options are checked where the filters are
+    built (:func:`raafd.streams.filters.build_filters`), which ``check-config`` runs too."""
+
+    type: str
+    patterns: list[str] = field(factory=list)  # redact, block
+    replacement: str = "[redacted]"  # redact
+    min_chars: int = field(default=64, validator=_positive)  # buffer
+    max_delay_ms: float = field(default=100.0, validator=_positive)  # buffer
+    max_chars: int = field(default=100_000, validator=_positive)  # max_output_chars
+    options: dict[str, Any] = field(factory=dict)  # an entry point's own options
+
+
 @frozen
 class AgentConfig:
     """``[agents.NAME]``: an agent, run on a provider, with tools and handoffs."""
@@ -268,6 +288,7 @@ class AgentConfig:
     max_turns: int = field(default=10, validator=_between(1, 1000))
     fallback: list[str] = field(factory=list)  # providers tried in order before the first token
     tool_timeout: float = field(default=30.0, validator=_positive)
+    filters: list[FilterConfig] = field(factory=list)  # output filters, applied in order
 
 
 TOOL_TYPES = ("http", "mcp", "clock", "calculator")
@@ -661,6 +682,10 @@ def _validate_tree(obj: Any, path: list[str], out: list[str]) -> None:
     if isinstance(obj, dict):
         for key, value in obj.items():
             _validate_tree(value, [*path, str(key)], out)
+        return
+    if isinstance(obj, list):  # tables in an array (an agent's filters)
+        for i, value in enumerate(obj):
+            _validate_tree(value, [*path, str(i)], out)
         return
     if not attrs.has(type(obj)):
         return

@@ -62,6 +62,7 @@ from raafd.providers.registry import build_providers, open_http_client, open_ups
 from raafd.sdnotify import SdNotifier
 from raafd.store import SessionBackend, Stores, open_stores
 from raafd.streams import Stream, StreamManager
+from raafd.streams.filters import build_filters
 
 __all__ = ["Daemon"]
 
@@ -104,6 +105,8 @@ class Daemon:
             config.agents, {}, self.breakers, None, self.metrics, config.streams
         )
         self.bodies = AgentBodies(self.agents)  # sessions kept once the store is open
+        # ConfigError when a filter cannot be built (check-config says the same)
+        self.bodies.filters = filters = build_filters(config.agents)
         self.streams = StreamManager(
             config.streams,
             config.agents,
@@ -111,6 +114,7 @@ class Daemon:
             self.metrics,
             config.default_agent,
             bodies=self.bodies,
+            filters=filters,
         )
         self.gateway = Gateway(lambda: self.config, self.metrics, self.tokens)
         add_stream_commands(self.gateway.commands, self.streams, self.start_workflow)
@@ -231,6 +235,11 @@ class Daemon:
         if problems:
             log.warning("reload rejected; the running configuration stays", problems=problems)
             raise ConfigError(problems)
+        try:
+            filters = build_filters(new.agents)  # before anything changes
+        except ConfigError as err:
+            log.warning("reload rejected; the running configuration stays", problems=err.problems)
+            raise
         changed = diff_configs(self.config, new)
         applied = [p for p in changed if is_reloadable(p)]
         restart = [p for p in changed if not is_reloadable(p)]
@@ -255,7 +264,9 @@ class Daemon:
             agents=cfg.agents,
             providers=self.providers,
             default_agent=cfg.default_agent,
+            filters=filters,
         )
+        self.bodies.filters = filters
         if self.sessions is not None:
             self.sessions.reload(cfg.sessions)
         log.info("configuration reloaded", applied=applied, needs_restart=restart)

@@ -4,11 +4,14 @@
 the stream manager. A body loads the session's history before the run and appends the run's
 messages (the new input, then the assistant and tool messages) *before* ``complete`` is
 emitted: a client told "complete" finds the session saved. A run that fails saves nothing and
-ends the stream with ``error`` carrying the failure's code.
+ends the stream with ``error`` carrying the failure's code. The agent's output filters (which
+the stream manager wraps around the body) rewrite the saved assistant messages as they did the
+stream's text, so a session shows what the stream showed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from raafd.agents.base import AgentRunner, SessionStore
@@ -17,6 +20,7 @@ from raafd.logging import get_logger
 
 if TYPE_CHECKING:
     from raafd.streams.body import Body, StreamWriter
+    from raafd.streams.filters import FilterChain
 
 __all__ = ["AgentBodies", "emit_failure"]
 
@@ -30,6 +34,8 @@ class AgentBodies:
     def __init__(self, runner: AgentRunner, sessions: SessionStore | None = None) -> None:
         self.runner = runner
         self.sessions = sessions
+        #: Each agent's output filters (the daemon sets them at start and on reload).
+        self.filters: Mapping[str, FilterChain] = {}
 
     @property
     def keeps_sessions(self) -> bool:
@@ -47,7 +53,11 @@ class AgentBodies:
                 result = await runner.run(out, agent, [*history, *messages])
                 if store is not None and session is not None:
                     # Durable before `complete`: a client told "complete" finds it saved.
-                    await store.append(session, result.messages[len(history) :])
+                    new = result.messages[len(history) :]
+                    chain = self.filters.get(agent)
+                    if chain is not None:
+                        new = [_rewritten(m, chain, agent) for m in new]
+                    await store.append(session, new)
             except RaafdError as exc:
                 log.info("stream failed", code=exc.code, reason=exc.message)
                 await emit_failure(out, exc)
@@ -66,6 +76,13 @@ class AgentBodies:
             )
 
         return body
+
+
+def _rewritten(message: dict[str, Any], chain: FilterChain, agent: str) -> dict[str, Any]:
+    content = message.get("content")
+    if message.get("role") != "assistant" or not isinstance(content, str) or not content:
+        return message
+    return {**message, "content": chain.rewrite(content, agent)}
 
 
 async def emit_failure(out: StreamWriter, exc: RaafdError) -> None:

@@ -20,6 +20,10 @@ kept); the manager never imports the agent loop. When the factory keeps sessions
 has at most one normal stream running at a time (another start is a ``Conflict``), so two runs
 never interleave one conversation. Other code (workflows) starts streams with a body of its own
 through ``start(body=...)``.
+
+The output filters of the stream's agent (for a workflow, the agent its ``start`` event names)
+wrap its body (:mod:`raafd.streams.filters`): what they make of its events is what the log
+receives.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from raafd.metrics import Metrics
 from raafd.providers.base import Provider
 from raafd.providers.fallback import default_model
 from raafd.streams.body import Body, BodyFactory
+from raafd.streams.filters import FilterChain
 from raafd.streams.stream import STATUSES, Stream, Subscription
 from raafd.timers import Timers
 
@@ -64,6 +69,7 @@ class StreamManager:
         default_agent: str,
         *,
         bodies: BodyFactory,
+        filters: Mapping[str, FilterChain] | None = None,
     ) -> None:
         self._config = config
         self._agents = agents
@@ -71,6 +77,7 @@ class StreamManager:
         self._metrics = metrics
         self._default_agent = default_agent
         self._bodies = bodies
+        self._filters: Mapping[str, FilterChain] = filters or {}
         self._session_streams: dict[str, str] = {}  # session → its running stream (bounded)
         self._nursery: trio.Nursery | None = None
         self._timers = Timers()
@@ -105,8 +112,11 @@ class StreamManager:
         agents: Mapping[str, AgentConfig] | None = None,
         providers: Mapping[str, Provider] | None = None,
         default_agent: str | None = None,
+        filters: Mapping[str, FilterChain] | None = None,
     ) -> None:
         """Apply a reloaded configuration to streams started from now on."""
+        if filters is not None:
+            self._filters = filters
         if config is not None:
             self._config = config
         if agents is not None:
@@ -225,6 +235,9 @@ class StreamManager:
         )
         if body is None:
             body = self._bodies(name, list(messages or []), kept)
+        chain = self._filters.get(name)
+        if chain is not None:  # the agent's output filters (none: the body runs as it is)
+            body = chain.wrap(body, stream.id, name)
         self._streams[stream.id] = stream
         self._running[stream.id] = stream
         if owner:
