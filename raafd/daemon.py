@@ -49,6 +49,7 @@ from raafd.http.context import StreamingContext
 from raafd.http.openai_compat import add_openai_routes
 from raafd.http.presence import add_presence_routes
 from raafd.http.raw import RawHttpServer
+from raafd.http.responses import add_responses_routes
 from raafd.http.sessions import add_session_routes
 from raafd.http.streams import add_stream_routes
 from raafd.http.workflows import add_workflow_routes
@@ -135,6 +136,7 @@ class Daemon:
         add_session_routes(app, lambda: self.sessions)
         add_workflow_routes(app, http, self.start_workflow)
         add_presence_routes(app, self.presence)
+        add_responses_routes(app, http, lambda: self.sessions)
         self.raw_http = RawHttpServer(http)
         self.listener = PublicListener(
             config.server,

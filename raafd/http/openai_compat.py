@@ -35,7 +35,6 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
-import cattrs
 import orjson
 import trio
 from attrs import frozen
@@ -43,8 +42,8 @@ from attrs import frozen
 from raafd.errors import BadRequest, NotFound, RaafdError, TooLarge, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
 from raafd.http.context import StreamingContext
+from raafd.http.strict import json_object, structure
 from raafd.net.delivery import Sink
-from raafd.protocol.commands import describe_structure_error
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
@@ -58,6 +57,7 @@ __all__ = [
     "ChunkFraming",
     "Completion",
     "add_openai_routes",
+    "error_from_raafd",
     "openai_error",
     "start_completion",
 ]
@@ -155,45 +155,12 @@ class ChatCompletionRequest:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-
-
-def _strict(value: Any, t: type) -> Any:
-    # No coercion: "true" is not a boolean, 1 is not a string.
-    if t is bool and not isinstance(value, bool):
-        raise TypeError("expected true or false")
-    if t is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise TypeError("expected an integer")
-    if t is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError("expected a number")
-        return float(value)
-    if t is str and not isinstance(value, str):
-        raise TypeError("expected a string")
-    return value
-
-
-for _t in (bool, int, float, str):
-    _converter.register_structure_hook(_t, _strict)
-
-
 def parse_request(raw: bytes) -> ChatCompletionRequest:
     """The body → a validated request; :class:`BadRequest` naming the field otherwise."""
-    if not raw:
-        raise BadRequest("a JSON body is required")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object")
+    data = json_object(raw)
     for name in IGNORED_FIELDS.intersection(data):
         del data[name]
-    try:
-        req = _converter.structure(data, ChatCompletionRequest)
-    except Exception as exc:
-        where, reason = describe_structure_error(exc)
-        raise BadRequest(f"{where}: {reason}" if where else reason, field=where) from None
+    req = structure(data, ChatCompletionRequest)
     if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
         raise BadRequest("temperature must be between 0 and 2", field="temperature")
     for name in ("max_tokens", "max_completion_tokens"):
@@ -278,7 +245,8 @@ def openai_error(status: int, message: str, code: str | None, param: str | None 
     return JSONResponse(body, status)
 
 
-def _from_raafd(err: RaafdError) -> Response:
+def error_from_raafd(err: RaafdError) -> Response:
+    """A raafd refusal as an OpenAI-shaped error response (its status, code and field)."""
     response = openai_error(err.http_status, err.message, err.code, err.field)
     if err.retry_after is not None:
         response.headers["retry-after"] = str(max(1, round(err.retry_after)))
@@ -507,7 +475,7 @@ def start_completion(ctx: StreamingContext, body: bytes, request_id: str) -> Res
             raise
     except RaafdError as err:
         ctx.metrics.errors.labels(err.code).inc()
-        return _from_raafd(err)
+        return error_from_raafd(err)
     return Completion(stream, req)
 
 
@@ -539,7 +507,7 @@ def add_openai_routes(router: Router, ctx: StreamingContext) -> None:
             return await _completions(request)
         except RaafdError as err:
             ctx.metrics.errors.labels(err.code).inc()
-            return _from_raafd(err)
+            return error_from_raafd(err)
 
     async def _completions(request: Request) -> Response | StreamingResponse:
         started = start_completion(ctx, await request.body(), request.id)
