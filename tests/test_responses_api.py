@@ -9,10 +9,10 @@ import openai
 import orjson
 import pytest
 import trio
-from openai import AsyncOpenAI
 
 from raafd.providers.http import open_body
 from tests.fakes.openai_upstream import FakeOpenAI, Script
+from tests.test_openai_compat import sdk
 
 # The SDK leaves its SSE async generators to the garbage collector under trio (see
 # test_openai_compat.py): ResourceWarnings about the SDK's generators, not about raafd.
@@ -23,20 +23,19 @@ pytestmark = pytest.mark.filterwarnings(
 FAST = {"providers": {"demo": {"tokens_per_second": 1000.0, "reply_words": 12}}}
 PACED = {"providers": {"demo": {"tokens_per_second": 40.0, "reply_words": 40}}}
 SLOW = {"providers": {"demo": {"tokens_per_second": 2.0, "reply_words": 1000}}}
+
+
+def final_response(rd: Any, response_id: str) -> str:
+    """The text the stream's terminal event holds (a response id is its stream id)."""
+    terminal = rd.daemon.streams.get(response_id).terminal
+    assert terminal is not None and terminal.kind == "complete"
+    return str(terminal.fields["final_response"])
+
+
 AGENTS = {
     "assistant": {"tools": ["clock"], "handoffs": ["writer"]},
     "writer": {"instructions": "write"},
 }
-
-
-def sdk(rd: Any) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=rd.base_url + "/v1", api_key="x", max_retries=0, timeout=20)
-
-
-def final_response(rd: Any, response_id: str) -> str:
-    terminal = rd.daemon.streams.get(response_id).terminal
-    assert terminal is not None and terminal.kind == "complete"
-    return str(terminal.fields["final_response"])
 
 
 async def test_text_whole_and_streamed(start_daemon: Any) -> None:

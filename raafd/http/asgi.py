@@ -30,6 +30,7 @@ from raafd.errors import (
 )
 from raafd.http.cors import NOTHING as NO_CORS
 from raafd.http.cors import cors
+from raafd.http.strict import json_object
 from raafd.logging import get_logger
 from raafd.metrics import Metrics
 from raafd.net.delivery import Sink
@@ -110,15 +111,7 @@ class Request:
 
 
 def decode_body(raw: bytes, cls: type[T]) -> T:
-    if not raw:
-        raise BadRequest("a JSON body is required")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object")
-    return structure(data, cls)
+    return structure(json_object(raw), cls)
 
 
 def structure(data: Mapping[str, Any], cls: type[T]) -> T:

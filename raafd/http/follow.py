@@ -41,13 +41,14 @@ async def deliver(
     *,
     failure: Callable[[RaafdError | None], bytes],
     cancel_on_disconnect: bool,
+    prefix: bytes = b"",
 ) -> None:
-    """A streamed answer's body: ``subscription`` (already open) framed to ``sink`` until the
-    terminal event; ``failure``'s bytes when the delivery cannot reach it (``gone``,
+    """A streamed answer's body: ``prefix``, then ``subscription`` framed to ``sink`` until
+    the terminal event; ``failure``'s bytes when the delivery cannot reach it (``gone``,
     ``slow_consumer``, the subscription closed)."""
     try:
         async with subscription:
-            ended = await ctx.delivery(subscription, framing, sink).run(live=False)
+            ended = await ctx.delivery(subscription, framing, sink).run(prefix, live=False)
         if not ended:
             await sink.write(failure(None))
     except RaafdError as err:

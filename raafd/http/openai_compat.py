@@ -36,18 +36,16 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 import orjson
-import trio
 from attrs import frozen
 
 from raafd.errors import BadRequest, NotFound, RaafdError, TooLarge, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
 from raafd.http.context import StreamingContext
-from raafd.http.strict import json_object, structure
-from raafd.net.delivery import Sink
+from raafd.http.follow import deliver, fold
+from raafd.http.strict import json_object, structure, text_parts
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
-    from raafd.core.feed import Subscription
     from raafd.streams.stream import Stream
 
 __all__ = [
@@ -57,6 +55,7 @@ __all__ = [
     "ChunkFraming",
     "Completion",
     "add_openai_routes",
+    "arguments_text",
     "error_from_raafd",
     "openai_error",
     "start_completion",
@@ -174,32 +173,12 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
     return req
 
 
-def _content_text(content: Any, where: str) -> str | None:
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts: list[str] = []
-        for i, part in enumerate(content):
-            if not (
-                isinstance(part, dict)
-                and part.get("type") == "text"
-                and isinstance(part.get("text"), str)
-            ):
-                raise BadRequest(
-                    "only text content parts ({type: text, text}) are supported",
-                    field=f"{where}.{i}",
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    raise BadRequest("must be a string or a list of text parts", field=where)
-
-
 def conversation(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """The request's messages as the agent loop takes them (OpenAI shape, text content)."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(req.messages):
         where = f"messages.{i}"
-        content = _content_text(m.content, f"{where}.content")
+        content = text_parts(m.content, f"{where}.content")
         role = "system" if m.role == "developer" else m.role
         message: dict[str, Any] = {"role": role, "content": content}
         if m.role == "tool":
@@ -302,7 +281,7 @@ class _Reader:
                 "type": "function",
                 "function": {
                     "name": event.fields.get("tool_name", ""),
-                    "arguments": _arguments_text(event.fields.get("arguments")),
+                    "arguments": arguments_text(event.fields.get("arguments")),
                 },
             }
         elif event.kind == "tool_result":
@@ -402,33 +381,12 @@ class ChunkFraming:
         return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
 
-def _arguments_text(arguments: Any) -> str:
+def arguments_text(arguments: Any) -> str:
+    """A tool call's arguments as the JSON text OpenAI's wire formats carry (a model's
+    unparsable arguments, kept as ``{"_raw": text}``, as they came)."""
     if isinstance(arguments, dict) and set(arguments) == {"_raw"}:
         return str(arguments["_raw"])
     return orjson.dumps(arguments if arguments is not None else {}).decode()
-
-
-async def _chunks(
-    ctx: StreamingContext,
-    sink: Sink,
-    stream: Stream,
-    subscription: Subscription,
-    framing: ChunkFraming,
-) -> None:
-    """A streaming completion's body on a connection hypercorn serves (raafd's raw HTTP path
-    serves it through the same framing: :mod:`raafd.http.raw`)."""
-    try:
-        async with subscription:
-            delivery = ctx.delivery(subscription, framing, sink)
-            ended = await delivery.run(framing.opening(), live=False)
-        if not ended:
-            await sink.write(framing.failure(None))
-    except RaafdError as err:  # gone, slow_consumer: the chunks cannot go on
-        await sink.write(framing.failure(err))
-    finally:
-        # Synchronous, so it runs even when the client's disconnect cancelled us.
-        if not stream.finished:
-            stream.cancel("client")
 
 
 @attrs.frozen
@@ -518,7 +476,16 @@ def add_openai_routes(router: Router, ctx: StreamingContext) -> None:
             subscription = started.stream.subscribe(0)
             framing = started.framing()
             return StreamingResponse(
-                lambda sink: _chunks(ctx, sink, started.stream, subscription, framing),
+                lambda sink: deliver(
+                    ctx,
+                    sink,
+                    started.stream,
+                    subscription,
+                    framing,
+                    failure=framing.failure,
+                    cancel_on_disconnect=True,  # nobody can re-attach to an OpenAI API call
+                    prefix=framing.opening(),
+                ),
                 "text/event-stream",
                 headers=started.headers,
             )
@@ -535,31 +502,8 @@ def add_openai_routes(router: Router, ctx: StreamingContext) -> None:
         headers: dict[str, str],
     ) -> Response:
         reader = _Reader()
-        left = False
-        failure: RaafdError | None = None
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                nonlocal left
-                await request.wait_disconnect()
-                left = True
-                stream.cancel("client")  # nobody can read the answer any more
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-            try:
-                # Subscribed (not just waiting), so the detach grace never cancels the run.
-                async with ctx.streams.subscribe(stream.id, 0) as subscription:
-                    async for batch in subscription:
-                        for event in batch:
-                            reader.take(event)
-            except RaafdError as err:  # raised outside the nursery: no exception group
-                failure = err
-            nursery.cancel_scope.cancel()
-        if left:
-            raise trio.BrokenResourceError("client went away")
-        if failure is not None:
-            raise failure
+        # A client that leaves cancels: nobody can read the answer any more.
+        await fold(ctx, request, stream, reader.take, cancel_on_disconnect=True)
         terminal = reader.terminal
         assert terminal is not None
         if terminal.kind != "complete":

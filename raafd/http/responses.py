@@ -105,6 +105,27 @@ def add_responses_routes(
                 field="previous_response_id",
             )
 
+    def streamed(stream: Stream, starting_after: int, cancels: bool) -> StreamingResponse:
+        """The response's events after ``starting_after`` as SSE, from the stream's log and
+        then live. Subscribed now, before the response starts: a log that lost its start is
+        refused (``gone``) with a status, not in the body."""
+        subscription = stream.subscribe(0)
+        translator = ResponseTranslator(stream.id, stream.created_at)
+        framing = ResponsesFraming(translator, starting_after)
+        return StreamingResponse(
+            lambda sink: deliver(
+                ctx,
+                sink,
+                stream,
+                subscription,
+                framing,
+                failure=_failure_frame,
+                cancel_on_disconnect=cancels,
+            ),
+            _SSE,
+            headers={"x-raafd-stream": stream.id},
+        )
+
     async def create(request: Request) -> Response | StreamingResponse:
         try:
             return await _create(request)
@@ -138,21 +159,7 @@ def add_responses_routes(
         headers = {"x-raafd-stream": stream.id}
         cancels = disconnect_cancels(request.headers, req.store)
         if req.stream:
-            subscription = stream.subscribe(0)  # before the response starts
-            framing = ResponsesFraming(ResponseTranslator(stream.id, stream.created_at))
-            return StreamingResponse(
-                lambda sink: deliver(
-                    ctx,
-                    sink,
-                    stream,
-                    subscription,
-                    framing,
-                    failure=_failure_frame,
-                    cancel_on_disconnect=cancels,
-                ),
-                _SSE,
-                headers=headers,
-            )
+            return streamed(stream, -1, cancels)
         if req.background:
             return JSONResponse(_snapshot(stream).response(), 200, headers)
         translator = ResponseTranslator(stream.id, stream.created_at)
@@ -187,21 +194,7 @@ def add_responses_routes(
             raise BadRequest(
                 "starting_after must be a non-negative integer", field="starting_after"
             )
-        subscription = stream.subscribe(0)  # gone, when the log lost its start: refused here
-        framing = ResponsesFraming(ResponseTranslator(stream.id, stream.created_at), int(text))
-        return StreamingResponse(
-            lambda sink: deliver(
-                ctx,
-                sink,
-                stream,
-                subscription,
-                framing,
-                failure=_failure_frame,
-                cancel_on_disconnect=disconnect_cancels(request.headers),
-            ),
-            _SSE,
-            headers=headers,
-        )
+        return streamed(stream, int(text), disconnect_cancels(request.headers))
 
     async def cancel(request: Request, response_id: str) -> Response:
         try:

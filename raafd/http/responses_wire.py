@@ -34,7 +34,8 @@ import orjson
 from attrs import frozen
 
 from raafd.errors import BadRequest
-from raafd.http.strict import json_object, structure
+from raafd.http.openai_compat import arguments_text
+from raafd.http.strict import json_object, structure, text_parts
 from raafd.protocol.events import StreamEvent
 
 __all__ = [
@@ -139,23 +140,10 @@ def parse_request(raw: bytes) -> ResponsesRequest:
 
 
 def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts: list[str] = []
-        for i, part in enumerate(content):
-            if not (
-                isinstance(part, dict)
-                and part.get("type") in ("input_text", "output_text", "text")
-                and isinstance(part.get("text"), str)
-            ):
-                raise BadRequest(
-                    "only text content parts ({type: input_text, text}) are supported",
-                    field=f"{where}.{i}",
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    raise BadRequest("must be a string or a list of text parts", field=where)
+    text = text_parts(content, where, ("input_text", "output_text", "text"))
+    if text is None:
+        raise BadRequest("must be a string or a list of text parts", field=where)
+    return text
 
 
 def _string(item: dict[str, Any], name: str, where: str) -> str:
@@ -240,12 +228,6 @@ def usage_of(terminal: StreamEvent) -> dict[str, Any] | None:
         "output_tokens_details": {"reasoning_tokens": None},
         "total_tokens": prompt + completion,
     }
-
-
-def _arguments_text(arguments: Any) -> str:
-    if isinstance(arguments, dict) and set(arguments) == {"_raw"}:
-        return str(arguments["_raw"])
-    return orjson.dumps(arguments if arguments is not None else {}).decode()
 
 
 def _result_text(result: Any) -> str:
@@ -421,7 +403,7 @@ class ResponseTranslator:
 
     def _function_call(self, out: list[dict[str, Any]], fields: dict[str, Any]) -> None:
         index = len(self.output)
-        arguments = _arguments_text(fields.get("arguments"))
+        arguments = arguments_text(fields.get("arguments"))
         item = {
             "id": f"fc_{self.id}_{index}",
             "type": "function_call",

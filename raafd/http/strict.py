@@ -13,7 +13,7 @@ import orjson
 from raafd.errors import BadRequest
 from raafd.protocol.commands import describe_structure_error
 
-__all__ = ["json_object", "structure"]
+__all__ = ["json_object", "structure", "text_parts"]
 
 T = TypeVar("T")
 
@@ -58,3 +58,25 @@ def structure(data: dict[str, Any], cls: type[T]) -> T:
     except Exception as exc:
         where, reason = describe_structure_error(exc)
         raise BadRequest(f"{where}: {reason}" if where else reason, field=where) from None
+
+
+def text_parts(content: Any, where: str, types: tuple[str, ...] = ("text",)) -> str | None:
+    """A message's ``content``: a string, None, or a list of text parts (``{type, text}`` with
+    a type in ``types``) joined; :class:`BadRequest` naming the part otherwise."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for i, part in enumerate(content):
+            if not (
+                isinstance(part, dict)
+                and part.get("type") in types
+                and isinstance(part.get("text"), str)
+            ):
+                raise BadRequest(
+                    f"only text content parts ({{type: {types[0]}, text}}) are supported",
+                    field=f"{where}.{i}",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BadRequest("must be a string or a list of text parts", field=where)
