@@ -420,7 +420,7 @@ class StateConfig:
 
 @frozen
 class ChatConfig:
-    """``[chat]``: presence."""
+    """``[chat]``: presence, direct messages and per-user offline queues."""
 
     # Presence: a connected user without activity (a command other than ping/ack) for this
     # long is `away`; a user whose last connection closed is `offline` after this linger (a
@@ -432,6 +432,16 @@ class ChatConfig:
     presence_max_users: int = field(default=100_000, validator=_positive)
     presence_meta_bytes: int = field(default=512, validator=_between(2, 65536))  # JSON size
     presence_watch_max: int = field(default=256, validator=_positive)  # watched per connection
+    # Offline queues: messages kept per user (full: the oldest is dropped, and counted), in all
+    # (full: dm.send is refused with `unavailable`), and for how long (seconds; expired ones are
+    # never delivered).
+    offline_max: int = field(default=1000, validator=_positive)
+    offline_max_total: int = field(default=1_000_000, validator=_positive)
+    offline_ttl: float = field(default=86400.0, validator=_positive)
+    # Seconds a delivered message may stay unacknowledged before it is delivered again on the
+    # same connection (it is always delivered again on the user's next connection).
+    redeliver_after: float = field(default=30.0, validator=_positive)
+    max_message_length: int = field(default=4000, validator=_positive)  # dm.send text
 
 
 STORE_BACKENDS = ("sqlite", "memory")

@@ -31,6 +31,7 @@ from raafd.agents.bodies import AgentBodies
 from raafd.agents.runner import AgentLoop
 from raafd.agents.tools import ToolRegistry
 from raafd.agents.workflows import start_workflow
+from raafd.chat.offline import OfflineQueues
 from raafd.chat.presence import PresenceService
 from raafd.config import (
     Config,
@@ -42,10 +43,12 @@ from raafd.config import (
 )
 from raafd.errors import BadRequest, NotFound
 from raafd.gateway.commands import add_stream_commands
+from raafd.gateway.dm_commands import add_dm_commands
 from raafd.gateway.gateway import Gateway
 from raafd.gateway.presence_commands import add_presence_commands
 from raafd.http.app import build_app
 from raafd.http.context import StreamingContext
+from raafd.http.offline import add_offline_routes
 from raafd.http.openai_compat import add_openai_routes
 from raafd.http.presence import add_presence_routes
 from raafd.http.raw import RawHttpServer
@@ -121,7 +124,11 @@ class Daemon:
         add_stream_commands(self.gateway.commands, self.streams, self.start_workflow)
         self.presence = PresenceService(lambda: self.config.chat, self.metrics)
         add_presence_commands(self.gateway.commands, self.presence)
+        self.offline = OfflineQueues(lambda: self.config.chat, self.presence, self.metrics)
+        add_dm_commands(self.gateway.commands, self.offline)
+        # Presence first: a user is online before their queue is delivered.
         self.gateway.observers.append(self.presence)
+        self.gateway.observers.append(self.offline)
         # The HTTP adapters get the services they use, never the daemon.
         http = StreamingContext(
             config=lambda: self.config,
@@ -137,6 +144,7 @@ class Daemon:
         add_workflow_routes(app, http, self.start_workflow)
         add_presence_routes(app, self.presence)
         add_responses_routes(app, http, lambda: self.sessions)
+        add_offline_routes(app, self.offline)
         self.raw_http = RawHttpServer(http)
         self.listener = PublicListener(
             config.server,
@@ -174,6 +182,7 @@ class Daemon:
             self._upstream_client = upstream_client
             self.stores = stores
             self.sessions = store = stores.sessions
+            self.offline.store = stores.offline
             self.providers = build_providers(self.config.providers, upstream_client, **self._env())
             self.tools = ToolRegistry(
                 self.config.tools, http_client, metrics=self.metrics, **self._env()
@@ -189,6 +198,7 @@ class Daemon:
             await nursery.start(self.streams.run)
             await nursery.start(self.gateway.run)  # the connections' heartbeats
             await nursery.start(self.presence.run)  # away and offline timers
+            await nursery.start(self.offline.run)  # redeliveries, expiry
             self.address = await nursery.start(self.listener.run)
             self.notifier.ready()
             self.notifier.status(f"serving on {self.address}")
@@ -306,6 +316,7 @@ class Daemon:
         levels = {"closed": 0, "half_open": 1, "open": 2}
         for provider, breaker in self.breakers.snapshot().items():
             self.metrics.breaker_state.labels(provider).set(levels.get(breaker["state"], 2))
+        self.offline.refresh_gauges()
 
     def stats(self) -> dict[str, Any]:
         self.refresh_gauges()
@@ -321,6 +332,7 @@ class Daemon:
             },
             "streams": self.streams.stats(),
             "presence": self.presence.stats(),
+            "offline": self.offline.stats(),
             "breakers": self.breakers.snapshot(),
             "store": self._store_stats(),
             "tools": self.tools.snapshot() if self.tools is not None else {},

@@ -3,46 +3,15 @@ listing, and bad commands (autojump clock: the times are exact)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from trio_websocket import WebSocketConnection
 
-from tests.wsclient import open_ws
+from tests.chatws import ask, recv, user
 
 TOKENS = {"auth": {"tokens": ["tok-ann", "tok-bob"]}}
-
-
-async def recv(ws: WebSocketConnection) -> dict[str, Any]:
-    with trio.fail_after(600):  # autojump: minutes of daemon time pass in an instant
-        message = json.loads(await ws.get_message())
-    assert isinstance(message, dict)
-    return message
-
-
-async def send(ws: WebSocketConnection, **message: Any) -> None:
-    await ws.send_message(json.dumps(message))
-
-
-@asynccontextmanager
-async def user(rd: Any, token: str) -> AsyncIterator[tuple[WebSocketConnection, str]]:
-    async with open_ws(f"{rd.ws_url}?token={token}") as ws:
-        welcome = await recv(ws)
-        assert welcome["type"] == "welcome"
-        yield ws, welcome["user"]
-
-
-async def ask(ws: WebSocketConnection, **command: Any) -> dict[str, Any]:
-    """Send a command with a ref; its reply (no other frame may come first)."""
-    await send(ws, ref="r", **command)
-    reply = await recv(ws)
-    assert reply.get("ref") == "r", reply
-    return reply
 
 
 async def test_a_reconnect_within_the_linger_is_invisible_and_offline_comes_exactly_after_it(
@@ -50,15 +19,15 @@ async def test_a_reconnect_within_the_linger_is_invisible_and_offline_comes_exac
 ) -> None:
     rd = await start_daemon(**TOKENS)
     clock = rd.daemon.presence.clock
-    async with user(rd, "tok-bob") as (bob, _):
-        async with user(rd, "tok-ann") as (_, ann):
+    async with user(rd.ws_url, "tok-bob") as (bob, _):
+        async with user(rd.ws_url, "tok-ann") as (_, ann):
             listed = await ask(bob, type="presence.get", users=[ann, "nobody"], watch=True)
             assert listed["type"] == "presence.list"
             assert [u["status"] for u in listed["users"]] == ["online", "offline"]
             assert listed["users"][1]["last_seen"] is None
         # Ann's page reloads 14 s later: Bob is told nothing.
         await trio.sleep(14)
-        async with user(rd, "tok-ann"):
+        async with user(rd.ws_url, "tok-ann"):
             still = await ask(bob, type="presence.get", users=[ann])
             assert still["users"][0]["status"] == "online"
         left_at = trio.current_time()
@@ -80,7 +49,7 @@ async def test_away_after_inactivity_and_back_with_a_custom_status(
     start_daemon: Any, autojump_clock: trio.testing.MockClock
 ) -> None:
     rd = await start_daemon(chat={"away_after": 120.0}, **TOKENS)
-    async with user(rd, "tok-bob") as (bob, _), user(rd, "tok-ann") as (ann_ws, ann):
+    async with user(rd.ws_url, "tok-bob") as (bob, _), user(rd.ws_url, "tok-ann") as (ann_ws, ann):
         active_at = trio.current_time()
         await ask(bob, type="presence.get", users=[ann], watch=True)
         # Ann's client pings (passive: not activity); her tab is idle.
@@ -119,7 +88,7 @@ async def test_get_presence_over_http(
     headers = {"authorization": "Bearer tok-bob"}
     async with (
         httpx.AsyncClient(base_url=rd.base_url, headers=headers) as http,
-        user(rd, "tok-ann") as (_, ann),
+        user(rd.ws_url, "tok-ann") as (_, ann),
     ):
         with trio.fail_after(10):
             listing = (await http.get("/v1/presence")).json()
@@ -153,7 +122,7 @@ async def test_a_bad_presence_command_is_refused_and_the_connection_goes_on(
     start_daemon: Any, command: dict[str, Any], field: str
 ) -> None:
     rd = await start_daemon(chat={"presence_watch_max": 2})
-    async with user(rd, "") as (ws, me):
+    async with user(rd.ws_url, "") as (ws, me):
         error = await ask(ws, **command)
         assert error["type"] == "error" and error["field"] == field, error
         assert error["code"] in ("bad_request", "too_large")

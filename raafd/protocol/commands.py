@@ -8,7 +8,7 @@ error, not a silently ignored option.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeVar
 
 import attrs
@@ -112,12 +112,21 @@ class StreamControl:
     ref: str | None = None
 
 
-def _workflow_agents(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
-    if not 1 <= len(value) <= MAX_WORKFLOW_AGENTS:
-        raise _FieldError(a.name, f"must list 1 to {MAX_WORKFLOW_AGENTS} agents")
-    for i, name in enumerate(value):
-        if not 0 < len(name) <= _MAX_ID:
-            raise _FieldError(f"{a.name}.{i}", f"must be 1 to {_MAX_ID} characters")
+def names(most: int, what: str) -> Callable[[Any, attrs.Attribute[Any], list[str]], None]:
+    """A validator: a list of 1 to ``most`` names (``what``: "agents", "ids" …), each 1 to
+    128 characters; the field path names the first one at fault."""
+
+    def check(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
+        if not 1 <= len(value) <= most:
+            raise _FieldError(a.name, f"must list 1 to {most} {what}")
+        for i, name in enumerate(value):
+            if not 0 < len(name) <= _MAX_ID:
+                raise _FieldError(f"{a.name}.{i}", f"must be 1 to {_MAX_ID} characters")
+
+    return check
+
+
+_workflow_agents = names(MAX_WORKFLOW_AGENTS, "agents")
 
 
 @frozen
@@ -151,19 +160,11 @@ class WorkflowStart:
 MAX_ACK_IDS: Final = 1000
 
 
-def _ack_ids(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
-    if not 1 <= len(value) <= MAX_ACK_IDS:
-        raise _FieldError(a.name, f"must list 1 to {MAX_ACK_IDS} ids")
-    for i, item in enumerate(value):
-        if not 0 < len(item) <= _MAX_ID:
-            raise _FieldError(f"{a.name}.{i}", f"must be 1 to {_MAX_ID} characters")
-
-
 @frozen
 class Ack:
     """``ack``: queued messages (``queued``) the client has handled; they are deleted."""
 
-    ids: list[str] = field(validator=_ack_ids)
+    ids: list[str] = field(validator=names(MAX_ACK_IDS, "ids"))
     ref: str | None = None
 
 

@@ -17,19 +17,14 @@ from typing import Any, Final, Literal
 import attrs
 from attrs import field, frozen
 
-from raafd.protocol.commands import _MAX_ID, _FieldError, _short
+from raafd.protocol.commands import _FieldError, _short, names
 
 __all__ = ["MAX_PRESENCE_USERS", "DmSend", "PresenceGet", "PresenceSet", "PresenceUnwatch"]
 
 MAX_PRESENCE_USERS: Final = 100
 
 
-def _users(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
-    if not 1 <= len(value) <= MAX_PRESENCE_USERS:
-        raise _FieldError(a.name, f"must list 1 to {MAX_PRESENCE_USERS} users")
-    for i, user in enumerate(value):
-        if not 0 < len(user) <= _MAX_ID:
-            raise _FieldError(f"{a.name}.{i}", f"must be 1 to {_MAX_ID} characters")
+_users = names(MAX_PRESENCE_USERS, "users")
 
 
 def _text(_: Any, a: attrs.Attribute[Any], value: str) -> None:

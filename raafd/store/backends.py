@@ -22,6 +22,10 @@ from raafd.store import sqlite as session_sqlite
 from raafd.store.base import SessionBackend
 from raafd.store.db import Database, open_database
 from raafd.store.memory import open_memory_session_store
+from raafd.store.offline import OfflineStore
+from raafd.store.offline_memory import MemoryOfflineStore
+from raafd.store.offline_sqlite import MIGRATIONS as OFFLINE_MIGRATIONS
+from raafd.store.offline_sqlite import SqliteOfflineStore
 from raafd.store.sqlite import SqliteSessionStore, database_path
 
 __all__ = ["SCHEMAS", "Stores", "open_session_backend", "open_stores"]
@@ -29,6 +33,7 @@ __all__ = ["SCHEMAS", "Stores", "open_session_backend", "open_stores"]
 # Component → its migrations, for the shared SQLite database.
 SCHEMAS: Final[Mapping[str, Sequence[str]]] = {
     "sessions": session_sqlite.MIGRATIONS,
+    "offline": OFFLINE_MIGRATIONS,
 }
 
 
@@ -37,6 +42,7 @@ class Stores:
     """Every store the daemon uses, on one backend."""
 
     sessions: SessionBackend
+    offline: OfflineStore  # per-user offline queues (direct messages, room messages)
     db: Database | None  # the shared SQLite database; None with the memory backend
 
 
@@ -46,10 +52,14 @@ async def open_stores(config: Config) -> AsyncIterator[Stores]:
     backend = config.store.backend
     if backend == "memory":
         async with open_memory_session_store(config.sessions) as memory:
-            yield Stores(sessions=memory, db=None)
+            yield Stores(sessions=memory, offline=MemoryOfflineStore(), db=None)
     elif backend == "sqlite":
         async with open_database(database_path(config.state), SCHEMAS) as db:
-            yield Stores(sessions=SqliteSessionStore(db, config.sessions), db=db)
+            yield Stores(
+                sessions=SqliteSessionStore(db, config.sessions),
+                offline=await SqliteOfflineStore.open(db),
+                db=db,
+            )
     else:  # pragma: no cover - the config validator allows only the names above
         raise ValueError(f"unknown store backend {backend!r}")
 
