@@ -5,6 +5,11 @@ and ``raafd chat``, the terminal chat built on it.
         handle = await client.start("hello")
         async for event in handle:
             ...
+
+Direct messages and presence: ``await client.dm(user, text)``, ``client.set_presence``,
+``client.get_presence``; pass ``on_queued=handler`` to :func:`open_client` to receive your
+offline queue (each message acknowledged only after ``handler`` returned for it) and
+``on_presence=`` for the presence changes of the users you watch.
 """
 
 from raafd.client.client import (
@@ -16,11 +21,13 @@ from raafd.client.client import (
     backoff_delay,
     open_client,
 )
+from raafd.client.queued import QueuedHandler
 
 __all__ = [
     "DEFAULT_URL",
     "SUBPROTOCOL",
     "ClientError",
+    "QueuedHandler",
     "RaafdClient",
     "StreamHandle",
     "backoff_delay",

@@ -29,6 +29,7 @@ import itertools
 import logging
 import random
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -43,6 +44,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from raafd.client.queued import QueuedHandler, QueuedInbox
 from raafd.errors import RaafdError
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode, ErrorCode
 from raafd.protocol.events import TERMINAL_KINDS
@@ -379,8 +381,11 @@ class RaafdClient:
         max_pending: int = 64,
         max_streams: int = 32,
         ssl_context: ssl.SSLContext | None = None,
+        on_queued: QueuedHandler | None = None,
+        on_presence: Callable[[dict[str, Any]], None] | None = None,
+        queued_buffer: int = 1000,
     ) -> None:
-        if stream_buffer < 1 or max_pending < 1 or max_streams < 1:
+        if stream_buffer < 1 or max_pending < 1 or max_streams < 1 or queued_buffer < 1:
             raise ValueError("stream_buffer, max_pending and max_streams must be 1 or more")
         self.url = url
         self.agent = agent
@@ -407,6 +412,8 @@ class RaafdClient:
         #: The last ``shutdown`` notice from the server, if any.
         self.shutdown_notice: dict[str, Any] | None = None
         self.user: str | None = None
+        self._queued = None if on_queued is None else QueuedInbox(on_queued, queued_buffer)
+        self._on_presence = on_presence
 
     # --- state --------------------------------------------------------------------------------
 
@@ -485,6 +492,35 @@ class RaafdClient:
         message = {"type": "stream.attach", "stream": stream_id, "after": after}
         await self._request(message, on_reply=on_attached)
         return handle
+
+    async def set_presence(
+        self, status: str = "online", meta: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``presence.set``: ``online`` or ``away`` and a small custom ``meta``; returns your
+        presence as the server keeps it (``user``, ``status``, ``last_seen``, ``meta``)."""
+        reply = await self._request({"type": "presence.set", "status": status, "meta": meta})
+        return {k: v for k, v in reply.items() if k not in ("type", "ref")}
+
+    async def get_presence(self, users: list[str], *, watch: bool = False) -> list[dict[str, Any]]:
+        """Each user's presence (``user``, ``status``, ``last_seen``, ``meta``). With ``watch``,
+        their later changes go to the client's ``on_presence`` (for this connection: ask again
+        after a reconnect)."""
+        reply = await self._request({"type": "presence.get", "users": users, "watch": watch})
+        users_found = reply.get("users")
+        return users_found if isinstance(users_found, list) else []
+
+    async def dm(self, to: str, text: str, *, client_id: str | None = None) -> str:
+        """Send a direct message; returns its id once the server has stored it durably. A
+        ``client_id`` is made when none is given, so the retry after a dropped connection
+        never sends it twice."""
+        message = {
+            "type": "dm.send",
+            "to": to,
+            "text": text,
+            "client_id": client_id or uuid.uuid4().hex,
+        }
+        reply = await self._request(message)  # idempotent by client_id: retried after a drop
+        return str(reply["id"])
 
     async def ping(self) -> float:
         """A ``ping`` round trip; returns its duration in seconds."""
@@ -756,6 +792,8 @@ class RaafdClient:
                 conn.scope = nursery.cancel_scope
                 nursery.start_soon(conn.writer)
                 nursery.start_soon(self._reader, conn, nursery.cancel_scope)
+                if self._queued is not None:
+                    nursery.start_soon(self._consume_queued, conn)
                 # Re-attach before any caller may send, so a caller's command cannot overtake.
                 for handle in list(self._handles.values()):
                     handle._overflow = False  # nothing of an old attachment arrives here
@@ -771,6 +809,22 @@ class RaafdClient:
             self._conn = None
             conn.end()
             self._notify()
+
+    async def _consume_queued(self, conn: _Connection) -> None:
+        """Queued messages to the caller's handler, each acknowledged after it returned (see
+        :mod:`raafd.client.queued`); ends with the connection."""
+        assert self._queued is not None
+
+        async def ack(ids: list[str]) -> None:
+            try:
+                await self._call(conn, {"type": "ack", "ids": ids})
+            except ClientError as err:
+                if err.code == "connection_lost":
+                    raise
+                log.warning("ack refused: %s", err)
+
+        with contextlib.suppress(ClientError):  # connection_lost: the next one goes on
+            await self._queued.consume(ack)
 
     def _reattach_failed(self, handle: StreamHandle, error: ClientError) -> None:
         if error.code != "connection_lost":  # that one: the next connection tries again
@@ -799,6 +853,17 @@ class RaafdClient:
             handle = self._handles.get(message.get("stream", ""))
             if handle is not None and handle._offer(message):
                 self._forget(handle)  # its terminal event is queued
+            return
+        if kind == "queued":
+            if self._queued is not None:
+                self._queued.offer(message.get("messages"))
+            return
+        if kind == "presence" and "ref" not in message:  # a watched user changed
+            if self._on_presence is not None:
+                try:
+                    self._on_presence(message)
+                except Exception:
+                    log.exception("the presence handler failed")
             return
         if kind == "shutdown":
             self.shutdown_notice = {"type": kind, **message}
@@ -881,6 +946,9 @@ async def open_client(
     max_pending: int = 64,
     max_streams: int = 32,
     ssl_context: ssl.SSLContext | None = None,
+    on_queued: QueuedHandler | None = None,
+    on_presence: Callable[[dict[str, Any]], None] | None = None,
+    queued_buffer: int = 1000,
 ) -> AsyncIterator[RaafdClient]:
     """Connect to a raafd daemon's WebSocket endpoint; yields a :class:`RaafdClient`.
 
@@ -894,6 +962,12 @@ async def open_client(
     :meth:`RaafdClient.start`. Bounds: ``stream_buffer`` events buffered per stream,
     ``max_pending`` commands in flight, ``max_streams`` streams followed at once.
     ``ssl_context`` is for ``wss://`` URLs (default: the system's trust store).
+
+    ``on_queued``: an async handler for your offline queue's messages (direct messages …);
+    each is acknowledged only after the handler returned for it, and one it raises for is
+    delivered again later (see :mod:`raafd.client.queued`; at most ``queued_buffer`` wait).
+    Without it nothing is acknowledged and the server keeps the queue. ``on_presence``: called
+    (in the reader: do not block) with each ``presence`` change of the users you watch.
 
     The block runs inside the client's nursery: an exception escaping it comes out in an
     ``ExceptionGroup``, as with any trio nursery.
@@ -910,6 +984,9 @@ async def open_client(
         max_pending=max_pending,
         max_streams=max_streams,
         ssl_context=ssl_context,
+        on_queued=on_queued,
+        on_presence=on_presence,
+        queued_buffer=queued_buffer,
     )
     failed: ClientError | None = None
     async with trio.open_nursery() as nursery:
