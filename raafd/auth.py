@@ -76,10 +76,17 @@ def token_ok(given: str, tokens: Iterable[str]) -> bool:
 
 
 def is_public(method: str, path: str, *, public_metrics: bool) -> bool:
-    """Whether an HTTP request needs no token (``HEAD`` is ``GET`` without the body)."""
+    """Whether an HTTP request needs no token (``HEAD`` is ``GET`` without the body). The web
+    chat's page and static files are public: the page asks for the token, and the files hold
+    nothing secret (they answer 404 when ``http.web_ui`` is off)."""
     if method not in ("GET", "HEAD"):
         return False
-    return path in PUBLIC_PATHS or (public_metrics and path == "/metrics")
+    return (
+        path in PUBLIC_PATHS
+        or path == "/"
+        or path.startswith("/static/")
+        or (public_metrics and path == "/metrics")
+    )
 
 
 def check_http(

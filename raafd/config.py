@@ -166,6 +166,8 @@ class HttpConfig:
     # slow socket before the stream waits for it, and seconds a socket may take nothing.
     send_queue: int = field(default=256, validator=_positive)
     send_timeout: float = field(default=60.0, validator=_positive)
+    # The web chat at / and /static/raafd.js: true, false, or unset (on for a loopback host).
+    web_ui: bool | None = None
 
 
 @frozen

@@ -55,6 +55,7 @@ from raafd.http.raw import RawHttpServer
 from raafd.http.responses import add_responses_routes
 from raafd.http.sessions import add_session_routes
 from raafd.http.streams import add_stream_routes
+from raafd.http.web import add_web_routes
 from raafd.http.workflows import add_workflow_routes
 from raafd.logging import get_level, get_logger, set_level
 from raafd.metrics import Metrics
@@ -145,6 +146,7 @@ class Daemon:
         add_presence_routes(app, self.presence)
         add_responses_routes(app, http, lambda: self.sessions)
         add_offline_routes(app, self.offline)
+        add_web_routes(app, lambda: self.config)
         self.raw_http = RawHttpServer(http)
         self.listener = PublicListener(
             config.server,
