@@ -42,13 +42,18 @@ __all__ = [
     "ConfigError",
     "FilterConfig",
     "HttpConfig",
+    "JwtKeyConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "ProviderConfig",
+    "RateConfig",
+    "RoleConfig",
     "ServerConfig",
     "SessionsConfig",
     "StoreConfig",
     "StreamsConfig",
     "ToolConfig",
+    "UserConfig",
     "WebSocketConfig",
     "check_tool_configs",
     "find_config_file",
@@ -182,13 +187,89 @@ class WebSocketConfig:
     allowed_origins: list[str] = field(factory=list)
 
 
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA")
+_SHA256_PREFIX = "sha256:"
+
+
+def _token_entries(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
+    for i, entry in enumerate(value):
+        if entry.startswith(_SHA256_PREFIX):
+            digest = entry[len(_SHA256_PREFIX) :]
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                # The entry itself is not repeated: it may be a secret with a typo.
+                raise ValueError(f"entry {i}: sha256: must be followed by 64 hex digits")
+
+
+def _algorithms(_: Any, a: attrs.Attribute[Any], value: list[str]) -> None:
+    if not value:
+        raise ValueError("name at least one algorithm (an explicit allowlist)")
+    for alg in value:
+        if alg not in JWT_ALGORITHMS:
+            raise ValueError(f"{alg!r} is not allowed; use one of {', '.join(JWT_ALGORITHMS)}")
+    if {alg[:2] for alg in value} & {"HS"} and {alg[:2] for alg in value} - {"HS"}:
+        raise ValueError("HS* and public-key algorithms on one key invite algorithm confusion")
+
+
+@frozen
+class JwtKeyConfig:
+    """``[auth.jwt.NAME]``: one key (or JWKS file) that signs JWTs, with its algorithm
+    allowlist and the claims it requires. Exactly one key source: ``secret_env`` (HS*),
+    ``key`` (a PEM public key inline), ``key_file`` (PEM public key, or an HS* secret) or
+    ``jwks_file``."""
+
+    algorithms: list[str] = field(factory=list, validator=_algorithms)
+    secret_env: str = ""
+    key: str = ""
+    key_file: str = ""
+    jwks_file: str = ""
+    kid: str = ""  # tokens whose header names this kid use this key (JWKS: their own kids)
+    audience: str = ""  # checked (aud) when set
+    issuer: str = ""  # checked (iss) when set
+    leeway: float = field(default=30.0, validator=_between(0, 300))
+    roles_claim: str = "roles"  # a list of strings (or one space-separated string)
+
+    def sources(self) -> list[str]:
+        return [n for n in ("secret_env", "key", "key_file", "jwks_file") if getattr(self, n)]
+
+
+@frozen
+class UserConfig:
+    """``[auth.users.NAME]``: a static token that stands for the principal NAME."""
+
+    token: str = field(default="", repr=False)  # plain, or sha256:<hex of its SHA-256>
+    token_env: str = ""  # or the name of an environment variable holding it
+    roles: list[str] = field(factory=list)
+
+
+@frozen
+class RoleConfig:
+    """``[auth.roles.NAME]``: what a principal with this role may do. Lists hold glob
+    patterns (``*`` any, ``support-*``); ``events`` holds event-bus patterns (``*`` one
+    segment, ``>`` the rest); an empty list grants nothing."""
+
+    agents: list[str] = field(factory=list)  # agents it may run (streams, workflows, jobs)
+    rooms_join: list[str] = field(factory=list)
+    rooms_publish: list[str] = field(factory=list)
+    jobs: bool = False  # may submit jobs
+    events: list[str] = field(factory=list)
+    admin: bool = False  # admin-only HTTP surfaces (/v1/stats, /metrics)
+
+
 @frozen
 class AuthConfig:
-    """``[auth]``: static bearer tokens. No source configured means authentication is off; a
-    source configured that yields no token is a configuration error (see :meth:`problems`)."""
+    """``[auth]``: who may connect, as whom, and what each role may do. No source configured
+    means authentication is off; a source configured that yields no token is a configuration
+    error (see :meth:`problems`)."""
 
-    tokens: list[str] = field(factory=list, repr=False)
+    tokens: list[str] = field(factory=list, repr=False, validator=_token_entries)
     tokens_env: str = ""  # name of an environment variable holding comma-separated tokens
+    users: dict[str, UserConfig] = field(factory=dict)
+    jwt: dict[str, JwtKeyConfig] = field(factory=dict)
+    roles: dict[str, RoleConfig] = field(factory=dict)
+    # Roles of principals that carry none: static [auth] tokens, JWTs without the roles claim,
+    # and everyone while auth is off.
+    default_roles: list[str] = field(factory=list)
+    query_token: bool = True  # accept ?token= (URLs end up in logs; prefer the header)
 
     def _env_tokens(self, environ: Mapping[str, str] | None) -> list[str]:
         if not self.tokens_env:
@@ -197,23 +278,135 @@ class AuthConfig:
         return [t.strip() for t in env.get(self.tokens_env, "").split(",")]
 
     def all_tokens(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
-        """Every usable token of every source (blank entries are not tokens)."""
+        """Every usable anonymous token of ``tokens`` and ``tokens_env`` (blank entries are
+        not tokens)."""
         return frozenset(t for t in [*self.tokens, *self._env_tokens(environ)] if t.strip())
 
+    def user_token(self, name: str, environ: Mapping[str, str] | None = None) -> str:
+        user = self.users[name]
+        if user.token_env:
+            env = os.environ if environ is None else environ
+            return env.get(user.token_env, "").strip()
+        return user.token.strip()
+
+    def enabled(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether anything can authenticate: auth is on."""
+        return bool(self.all_tokens(environ) or self.users or self.jwt)
+
     def problems(self, environ: Mapping[str, str] | None = None) -> list[str]:
-        """One ``auth.KEY: reason`` line for each configured source that yields no token: auth
-        fails closed, never open. The lines name sources, never a token's value."""
+        """One ``auth.KEY: reason`` line for each configured source that yields no token or
+        key: auth fails closed, never open. The lines name sources, never a secret's value."""
         out: list[str] = []
+        env = os.environ if environ is None else environ
         if self.tokens and not any(t.strip() for t in self.tokens):
             out.append("auth.tokens: every entry is empty, so it holds no token")
         if self.tokens_env and not any(self._env_tokens(environ)):
-            env = os.environ if environ is None else environ
             how = "is empty or holds no token" if env.get(self.tokens_env) else "is not set"
             out.append(
                 f"auth.tokens_env: the environment variable {self.tokens_env} {how}; set it, or"
                 " remove tokens_env to run without authentication"
             )
+        for name, user in self.users.items():
+            if bool(user.token) == bool(user.token_env):
+                out.append(f"auth.users.{name}: give exactly one of token or token_env")
+            elif user.token_env and not self.user_token(name, environ):
+                out.append(
+                    f"auth.users.{name}.token_env: the environment variable {user.token_env}"
+                    " is not set or empty"
+                )
+            elif user.token:
+                try:
+                    _token_entries(None, None, [user.token])  # type: ignore[arg-type]
+                except ValueError:
+                    out.append(
+                        f"auth.users.{name}.token: sha256: must be followed by 64 hex digits"
+                    )
+        for name, key in self.jwt.items():
+            sources = key.sources()
+            if len(sources) != 1:
+                out.append(
+                    f"auth.jwt.{name}: give exactly one of secret_env, key, key_file or"
+                    f" jwks_file (got {len(sources)})"
+                )
+                continue
+            hmac_only = all(alg.startswith("HS") for alg in key.algorithms)
+            if key.secret_env:
+                if not hmac_only:
+                    out.append(f"auth.jwt.{name}.secret_env: a secret is for HS* algorithms only")
+                elif not env.get(key.secret_env, "").strip():
+                    out.append(
+                        f"auth.jwt.{name}.secret_env: the environment variable {key.secret_env}"
+                        " is not set or empty"
+                    )
+            elif key.key and hmac_only:
+                out.append(f"auth.jwt.{name}.key: put HS* secrets in secret_env or key_file")
+            for attr in ("key_file", "jwks_file"):
+                path = getattr(key, attr)
+                if path and not Path(path).is_file():
+                    out.append(f"auth.jwt.{name}.{attr}: {path} is not a readable file")
+        roles = set(self.roles)
+        named = [("auth.default_roles", self.default_roles)] + [
+            (f"auth.users.{n}.roles", u.roles) for n, u in self.users.items()
+        ]
+        for where, listed in named:
+            for i, role in enumerate(listed):
+                if role not in roles:
+                    out.append(
+                        f"{where}.{i}: no role named {role!r} in [auth.roles]" + _near(role, roles)
+                    )
         return out
+
+
+@frozen
+class RateConfig:
+    """A token bucket: ``rate`` actions a second, ``burst`` at once; ``rate = 0``: no limit."""
+
+    rate: float = field(default=0.0, validator=_non_negative)
+    burst: int = field(default=1, validator=_positive)
+
+
+@frozen
+class ConnectionLimits:
+    """``[limits.connection]``: per WebSocket connection."""
+
+    commands: RateConfig = field(factory=lambda: RateConfig(50, 100))
+    stream_starts: RateConfig = field(factory=lambda: RateConfig(5, 20))
+    room_sends: RateConfig = field(factory=lambda: RateConfig(10, 20))
+    typing: RateConfig = field(factory=lambda: RateConfig(2, 5))
+    job_submits: RateConfig = field(factory=lambda: RateConfig(5, 20))
+
+
+@frozen
+class PrincipalLimits:
+    """``[limits.principal]``: per authenticated principal, across its connections and HTTP
+    requests (with auth off everyone is ``anonymous``: not limited as one)."""
+
+    commands: RateConfig = field(factory=lambda: RateConfig(200, 400))
+    stream_starts: RateConfig = field(factory=lambda: RateConfig(20, 50))
+    room_sends: RateConfig = field(factory=lambda: RateConfig(20, 40))
+    typing: RateConfig = field(factory=lambda: RateConfig(5, 10))
+    job_submits: RateConfig = field(factory=lambda: RateConfig(20, 50))
+
+
+@frozen
+class IpLimits:
+    """``[limits.ip]``: per client IP address (off by default: behind a load balancer every
+    client has the balancer's address)."""
+
+    connections: RateConfig = field(factory=lambda: RateConfig(0, 1))
+    http_requests: RateConfig = field(factory=lambda: RateConfig(0, 1))
+
+
+@frozen
+class LimitsConfig:
+    """``[limits]``: rate limits (token buckets) and concurrency caps."""
+
+    connection: ConnectionLimits = field(factory=ConnectionLimits)
+    principal: PrincipalLimits = field(factory=PrincipalLimits)
+    ip: IpLimits = field(factory=IpLimits)
+    max_streams_per_principal: int = field(default=0, validator=_non_negative)  # 0: no cap
+    hard_limit: int = field(default=50, validator=_non_negative)  # refusals in a row: 4429
+    max_tracked: int = field(default=100_000, validator=_positive)  # principals / IPs kept
 
 
 @frozen
@@ -473,6 +666,7 @@ class Config:
     http: HttpConfig = field(factory=HttpConfig)
     websocket: WebSocketConfig = field(factory=WebSocketConfig)
     auth: AuthConfig = field(factory=AuthConfig)
+    limits: LimitsConfig = field(factory=LimitsConfig)
     streams: StreamsConfig = field(factory=StreamsConfig)
     providers: dict[str, ProviderConfig] = field(factory=_default_providers)
     agents: dict[str, AgentConfig] = field(factory=_default_agents)
@@ -500,6 +694,7 @@ RELOADABLE = (
     "websocket.auth_timeout",
     "websocket.max_frame",
     "auth",
+    "limits",
     "streams",
     "server.shutdown_grace",
     "server.drain_delay",
@@ -676,7 +871,7 @@ def _cross_check(cfg: Config, environ: Mapping[str, str] | None) -> list[str]:
         except ValueError:
             loopback = cfg.server.host == "localhost"
         # A source that yields nothing counts as no auth (and is reported on its own).
-        has_auth = bool(cfg.auth.all_tokens(environ))
+        has_auth = cfg.auth.enabled(environ)
         if not loopback and not has_auth and not cfg.server.allow_public_without_auth:
             problems.append(
                 f"server.host: {cfg.server.host!r} is not a loopback address and [auth] has no"

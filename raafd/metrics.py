@@ -303,6 +303,24 @@ class Metrics:
             "Queued messages dropped, oldest first, from a queue full at chat.offline_max",
             registry=r,
         )
+        self.rate_limited = Counter(
+            "raafd_rate_limited_total",
+            "Actions refused by a rate limit, by limit (connection.commands, ip.http_requests …)",
+            ["limit"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "raafd_auth_failures_total",
+            "Refused authentications, by transport",
+            ["transport"],
+            registry=r,
+        )
+        self.permission_refusals = Counter(
+            "raafd_permission_refusals_total",
+            "Actions refused by the policy",
+            ["action"],
+            registry=r,
+        )
         self.admin_requests = Counter(
             "raafd_admin_requests_total", "Admin commands", ["cmd", "ok"], registry=r
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from raafd.config import Config, ConfigError, apply_env, load_config, parse_config
+from raafd.config import Config, ConfigError, RateConfig, apply_env, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,7 +186,9 @@ def _paths(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for a in attrs.fields(cls):
         t = hints[a.name]
-        if isinstance(t, type) and attrs.has(t):
+        if t is RateConfig:
+            out.append(f"{prefix}{a.name}")  # an inline table: { rate = …, burst = … }
+        elif isinstance(t, type) and attrs.has(t):
             out += _paths(t, f"{prefix}{a.name}.")
         elif typing.get_origin(t) is not dict or not attrs.has(typing.get_args(t)[1]):
             out.append(f"{prefix}{a.name}")

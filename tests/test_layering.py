@@ -5,7 +5,8 @@ not by importing it. A *unit* is a subpackage (``raafd/streams/``) or a top-leve
 (``raafd/timers.py``). The layers, lowest first, each importing only its own layer and lower:
 
 0. ``protocol``: wire types, commands and codes (pure);
-1. ``core``, ``timers``, ``auth``: the feed and other primitives, no transport, no provider;
+1. ``core``, ``timers``, ``auth``, ``security``: the feed and other primitives, no transport, no
+   provider (``security`` builds on ``auth``, never the reverse);
 2. ``streams``, ``agents``, ``providers``, ``store``, ``chat``, ``jobs``, ``events``: what
    raafd runs and keeps;
 3. ``gateway``, ``http``, ``net``, ``admin``, ``client``, ``sdnotify``: transports and the
@@ -35,7 +36,7 @@ PACKAGE = ROOT / "raafd"
 
 LAYERS: dict[str, int] = {
     "protocol": 0,
-    **dict.fromkeys(["core", "timers", "auth"], 1),
+    **dict.fromkeys(["core", "timers", "auth", "security"], 1),
     **dict.fromkeys(["streams", "agents", "providers", "store", "chat", "jobs", "events"], 2),
     **dict.fromkeys(["gateway", "http", "net", "admin", "client", "sdnotify"], 3),
     "daemon": 4,
