@@ -94,8 +94,11 @@ class Logger:
             self._logger.error(event, **fields)
 
     def exception(self, event: str, **fields: Any) -> None:
+        """``error`` with the exception being handled, traceback included (structlog's
+        ``PrintLogger.exception`` is a plain ``msg``: it would drop the traceback)."""
         if _state["level"] <= 40:
-            self._logger.exception(event, **fields)
+            fields.setdefault("exc_info", True)
+            self._logger.error(event, **fields)
 
     def critical(self, event: str, **fields: Any) -> None:
         self._logger.critical(event, **fields)

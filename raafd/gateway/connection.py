@@ -44,6 +44,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.utilities import RemoteProtocolError
 
 from raafd.auth import ANONYMOUS, Principal, bearer_token, principal_for_token, token_ok
 from raafd.core.feed import SlowConsumer, SubscriberFailed, Subscription
@@ -152,7 +153,12 @@ class Connection:
 
     async def serve(self) -> None:
         structlog.contextvars.bind_contextvars(conn=self.id)
-        if not await self._handshake():
+        try:
+            upgraded = await self._handshake()
+        finally:
+            if isinstance(self._ws, WSConnection):
+                self.stream.close()  # refused, or the client went away or was cancelled
+        if not upgraded:
             return
         self.gateway.metrics.connections_total.labels("websocket").inc()
         try:
@@ -252,11 +258,15 @@ class Connection:
                 data = await self.stream.receive_some()
                 if not data:
                     return False
-                handshake.receive_data(data)
-                for event in handshake.events():
-                    if isinstance(event, Request):
-                        request = event
-                        break
+                try:
+                    handshake.receive_data(data)
+                    for event in handshake.events():
+                        if isinstance(event, Request):
+                            request = event
+                            break
+                except RemoteProtocolError as exc:
+                    await self._refuse_upgrade(exc)
+                    return False
         if request is None:
             return False
         if self.gateway.draining:
@@ -271,6 +281,28 @@ class Connection:
         # 6455 §4.1) are dropped with the handshake, as wsproto's own server handshake does.
         self._ws = ClientFrames()
         return True
+
+    async def _refuse_upgrade(self, exc: RemoteProtocolError) -> None:
+        """A malformed upgrade (RFC 6455 §4.2.1): 400, or 426 for a version other than 13,
+        both naming the version this server speaks; then the connection closes."""
+        hint = exc.event_hint
+        status = hint.status_code if isinstance(hint, RejectConnection) else 400
+        log.info("websocket upgrade refused", status=status, reason=str(exc))
+        self.gateway.metrics.connections_refused.labels("bad_upgrade").inc()
+        body = orjson.dumps(
+            {"error": {"code": "bad_request", "message": f"not a WebSocket upgrade: {exc}"}}
+        )
+        reason = "Upgrade Required" if status == 426 else "Bad Request"
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"sec-websocket-version: 13\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n"
+        )
+        with trio.move_on_after(1):
+            try:
+                await self.stream.send_all(head.encode() + body)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _reject(self, status: int, message: str) -> None:
         assert isinstance(self._ws, WSConnection)
@@ -368,7 +400,7 @@ class Connection:
                 if isinstance(event, TextMessage):
                     await self._on_text(event)
                 elif isinstance(event, BytesMessage):
-                    await self.send_error(BadRequest("binary frames are not supported"))
+                    await self._on_bytes(event)
                 elif isinstance(event, Ping):
                     await self._out.write(pong_frame(event.payload))
                 elif isinstance(event, CloseConnection):
@@ -402,11 +434,29 @@ class Connection:
             return
         self.gateway.timers.arm(self, min(deadline, self._ping_at))
 
-    async def _on_text(self, event: TextMessage) -> None:
+    def _count(self, size: int) -> None:
+        """Add a message piece's bytes; close 1009 once the message passes ``max_frame``
+        (checked as each piece arrives: nothing over the bound is ever kept)."""
         max_frame = self.gateway.config().websocket.max_frame
-        self._message_size += len(event.data)
+        self._message_size += size
         if self._message_size > max_frame:
             raise _Close(CloseCode.TOO_BIG, f"message over {max_frame} bytes")
+
+    async def _on_bytes(self, event: BytesMessage) -> None:
+        # Binary messages carry nothing raafd reads: bounded like text, answered once each.
+        self._count(len(event.data))
+        if not event.message_finished:
+            return
+        self._message_size = 0
+        if not self.authenticated:
+            raise _Close(CloseCode.UNAUTHORIZED, "authenticate with a hello frame first")
+        await self.send_error(BadRequest("binary frames are not supported"))
+
+    async def _on_text(self, event: TextMessage) -> None:
+        data = event.data
+        # max_frame counts bytes, as received: UTF-8 of non-ASCII text is longer than its
+        # characters (isascii is O(1) on a str).
+        self._count(len(data) if data.isascii() else len(data.encode()))
         if event.message_finished and self._message is None:
             text = event.data  # a message in one frame: the usual case
         else:

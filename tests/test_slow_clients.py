@@ -1,0 +1,187 @@
+"""Hostile and slow clients: WebSocket messages bounded in bytes (binary too, before and after
+authentication), and what the listener does with heads and bodies that never come."""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+from typing import Any
+
+import trio
+
+
+def _frame(opcode: int, payload: bytes, *, fin: bool = True, announce: int | None = None) -> bytes:
+    """A masked client frame; ``announce`` sets the header's length apart from the payload."""
+    n = len(payload) if announce is None else announce
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        header = bytes((first, 0x80 | n))
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
+    mask = os.urandom(4)
+    return header + mask + _mask(payload, mask)
+
+
+def _mask(payload: bytes, mask: bytes) -> bytes:
+    key = (mask * (len(payload) // 4 + 1))[: len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(
+        len(payload), "big"
+    )
+
+
+async def _upgrade(address: str, path: str = "/v1/ws") -> tuple[trio.SocketStream, bytearray]:
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await stream.send_all(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    received = bytearray()
+    while b"\r\n\r\n" not in received:
+        received += await stream.receive_some(4096)
+    head, _, rest = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return stream, bytearray(rest)
+
+
+def _close_code(data: bytes) -> int | None:
+    """The code of the first close frame among the server frames in ``data``."""
+    pos = 0
+    while pos + 2 <= len(data):
+        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if n == 126:
+            n, pos = struct.unpack("!H", data[pos : pos + 2])[0], pos + 2
+        elif n == 127:
+            n, pos = struct.unpack("!Q", data[pos : pos + 8])[0], pos + 8
+        if opcode == 0x8:
+            return int(struct.unpack("!H", data[pos : pos + 2])[0])
+        pos += n
+    return None
+
+
+async def _until_closed(stream: trio.SocketStream, received: bytearray) -> int | None:
+    """Read until the server closes the TCP connection; the close frame's code."""
+    while True:
+        try:
+            data = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            break
+        if not data:
+            break
+        received += data
+    return _close_code(bytes(received))
+
+
+async def test_a_binary_frame_announcing_a_gibibyte_is_closed_1009_before_hello(
+    start_daemon: Any,
+) -> None:
+    rd = await start_daemon(auth={"tokens": ["s3cret-token"]}, websocket={"max_frame": 65536})
+    with trio.fail_after(20):
+        stream, received = await _upgrade(rd.address)
+        async with stream:
+            await stream.send_all(_frame(0x2, b"", announce=1 << 30)[:14])  # header and mask
+            chunk = b"\0" * 65536
+
+            async def feed() -> None:
+                try:
+                    for _ in range(64):  # 4 MiB at most; the server closes long before
+                        await stream.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                code = await _until_closed(stream, received)
+                nursery.cancel_scope.cancel()
+    assert code == 1009
+    assert b"bad_request" not in received  # no error frame per piece read
+
+
+async def test_binary_before_hello_closes_4401_and_after_it_gets_one_error(
+    start_daemon: Any,
+) -> None:
+    rd = await start_daemon(auth={"tokens": ["s3cret-token"]})
+    with trio.fail_after(20):
+        stream, received = await _upgrade(rd.address)
+        async with stream:
+            await stream.send_all(_frame(0x2, b"x" * 1000))
+            assert await _until_closed(stream, received) == 4401
+        stream, received = await _upgrade(rd.address)
+        async with stream:
+            hello = b'{"type": "hello", "token": "s3cret-token"}'
+            await stream.send_all(_frame(0x1, hello))
+            # One binary message in three fragments: one error, not three.
+            await stream.send_all(
+                _frame(0x2, b"a" * 10, fin=False)
+                + _frame(0x0, b"b" * 10, fin=False)
+                + _frame(0x0, b"c" * 10)
+                + _frame(0x1, b'{"type": "ping", "ref": "after"}')
+            )
+            while b'"after"' not in received:
+                received += await stream.receive_some(65536)
+    assert received.count(b"binary frames are not supported") == 1
+
+
+async def test_text_max_frame_counts_utf8_bytes_not_characters(start_daemon: Any) -> None:
+    rd = await start_daemon(websocket={"max_frame": 1024})
+    with trio.fail_after(20):
+        stream, received = await _upgrade(rd.address)
+        async with stream:
+            # 600 characters, 1,200 bytes: over a 1,024-byte bound.
+            text = ('{"type": "ping", "ref": "' + "é" * 600 + '"}').encode()
+            await stream.send_all(_frame(0x1, text))
+            assert await _until_closed(stream, received) == 1009
+        stream, received = await _upgrade(rd.address)
+        async with stream:
+            fits = ('{"type": "ping", "ref": "' + "é" * 400 + '"}').encode()  # 800+ bytes
+            await stream.send_all(_frame(0x1, fits))
+            while b'"pong"' not in received:
+                received += await stream.receive_some(65536)
+
+
+async def _raw(address: str, data: bytes) -> bytes:
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(data)
+        received = bytearray()
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    return bytes(received)
+
+
+async def test_a_malformed_upgrade_gets_400_or_426_naming_version_13(start_daemon: Any) -> None:
+    rd = await start_daemon()
+    base = "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    with trio.fail_after(20):
+        old = await _raw(
+            rd.address,
+            (base + "Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: a2V5\r\n\r\n").encode(),
+        )
+        no_key = await _raw(rd.address, (base + "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert old.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert no_key.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    for answer in (old, no_key):
+        assert b"\r\nsec-websocket-version: 13\r\n" in answer
+        assert b'"code":"bad_request"' in answer
+
+
+def test_logged_exceptions_keep_their_traceback() -> None:
+    import io
+
+    from raafd.logging import configure_logging, get_logger
+
+    out = io.StringIO()
+    configure_logging("info", "json", out)
+    try:
+        {}["missing"]
+    except KeyError:
+        get_logger("raafd.test").exception("handler failed")
+    assert "Traceback" in out.getvalue() and "KeyError" in out.getvalue()
