@@ -1,11 +1,12 @@
-"""Bearer tokens: where a request carries one, and whether it is good.
+"""Bearer tokens: where a request carries one, and who it stands for.
 
 One rule for every transport (the WebSocket handshake, the HTTP API through hypercorn, and the
-raw HTTP streaming path): when tokens are configured, a request names one in
-``Authorization: Bearer TOKEN`` or in the query as ``?token=TOKEN`` (the header wins when both
-are given). A token is compared against every configured token in constant time, so neither
-which token matched nor how much of one matched shows in the time taken. Tokens are never
-logged or echoed; errors say only that a token is missing or not valid.
+raw HTTP streaming path): when auth is on, a request names a token in
+``Authorization: Bearer TOKEN`` or, unless ``auth.query_token = false``, in the query as
+``?token=TOKEN`` (the header wins when both are given). Whether a token is good and whom it
+stands for is the :class:`TokenCheck`'s to say (:mod:`raafd.security.authenticator`: static
+tokens compared in constant time, JWTs). Tokens are never logged or echoed; errors say only
+why a token was refused.
 
 Whoever a request or connection acts as is a :class:`Principal`: a user name and roles. With
 static tokens the user is ``token-`` and the first 12 hex digits of the token's SHA-256 (stable,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from attrs import field, frozen
 
@@ -26,6 +28,7 @@ __all__ = [
     "ANONYMOUS",
     "PUBLIC_PATHS",
     "Principal",
+    "TokenCheck",
     "bearer_token",
     "check_http",
     "is_public",
@@ -57,12 +60,51 @@ def principal_for_token(token: str) -> Principal:
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
-def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-    """The token a request carries (header names lower-cased), or ``None``."""
+class TokenCheck(Protocol):
+    """What the transports ask about tokens (built per configuration)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Auth is on: every request needs a token."""
+        ...
+
+    @property
+    def query_token(self) -> bool:
+        """``?token=`` is accepted."""
+        ...
+
+    def authenticate(self, token: str) -> Principal:
+        """Whom ``token`` stands for, or raise :class:`~raafd.errors.Unauthorized`."""
+        ...
+
+
+MISSING = "a token is required: send Authorization: Bearer TOKEN (or ?token=TOKEN)"
+MISSING_NO_QUERY = "a token is required: send Authorization: Bearer TOKEN"
+IN_QUERY = "a token in the URL is not accepted here: send Authorization: Bearer TOKEN"
+
+
+def bearer_token(
+    headers: Mapping[str, str], query: Mapping[str, str], *, query_token: bool = True
+) -> str | None:
+    """The token a request carries (header names lower-cased), or ``None``; a token in the
+    query when ``query_token`` is false is :class:`~raafd.errors.Unauthorized`."""
     auth = headers.get("authorization")
     if auth is not None and auth[:7].lower() == "bearer ":
         return auth[7:].strip()
-    return query.get("token")
+    given = query.get("token")
+    if given is not None and not query_token:
+        raise Unauthorized(IN_QUERY)
+    return given
+
+
+def authenticate(
+    headers: Mapping[str, str], query: Mapping[str, str], check: TokenCheck
+) -> Principal | None:
+    """Who a request's token stands for; ``None`` when it carries none; refusals raise."""
+    given = bearer_token(headers, query, query_token=check.query_token)
+    if given is None:
+        return None
+    return check.authenticate(given)
 
 
 def token_ok(given: str, tokens: Iterable[str]) -> bool:
@@ -94,19 +136,15 @@ def check_http(
     path: str,
     headers: Mapping[str, str],
     query: Mapping[str, str],
-    tokens: frozenset[str],
+    check: TokenCheck,
     *,
     public_metrics: bool,
 ) -> Principal:
-    """Who the request acts as, or raise :class:`~raafd.errors.Unauthorized`: no tokens are
-    configured or the endpoint is public (:data:`ANONYMOUS`), or it carries a good token."""
-    if not tokens or is_public(method, path, public_metrics=public_metrics):
+    """Who the request acts as, or raise :class:`~raafd.errors.Unauthorized`: auth off or the
+    endpoint is public (:data:`ANONYMOUS`), or whom its good token stands for."""
+    if not check.enabled or is_public(method, path, public_metrics=public_metrics):
         return ANONYMOUS
-    given = bearer_token(headers, query)
-    if given is None:
-        raise Unauthorized(
-            "a token is required: send Authorization: Bearer TOKEN (or ?token=TOKEN)"
-        )
-    if not token_ok(given, tokens):
-        raise Unauthorized("the token is not valid")
-    return principal_for_token(given)
+    principal = authenticate(headers, query, check)
+    if principal is None:
+        raise Unauthorized(MISSING if check.query_token else MISSING_NO_QUERY)
+    return principal

@@ -100,9 +100,12 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from raafd.security.authenticator import build_authenticator
+
     try:
         config, path = load_config(args.config)
         build_filters(config.agents)  # patterns, and the entry points the agents name
+        build_authenticator(config.auth)  # reads the JWT keys and JWKS files
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG

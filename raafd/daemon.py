@@ -20,6 +20,7 @@ import gc
 import os
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ from raafd.http.sessions import add_session_routes
 from raafd.http.streams import add_stream_routes
 from raafd.http.web import add_web_routes
 from raafd.http.workflows import add_workflow_routes
-from raafd.logging import get_level, get_logger, set_level
+from raafd.logging import get_level, get_logger, set_level, set_secrets
 from raafd.metrics import Metrics
 from raafd.net.listener import PublicListener
 from raafd.protocol.commands import WorkflowStart
@@ -65,6 +66,10 @@ from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
 from raafd.providers.registry import build_providers, open_http_client, open_upstream_client
 from raafd.sdnotify import SdNotifier
+from raafd.security.authenticator import Authenticator, build_authenticator
+from raafd.security.guard import Guard
+from raafd.security.limiter import Limiter
+from raafd.security.secrets import config_secrets
 from raafd.store import SessionBackend, Stores, open_stores
 from raafd.streams import Stream, StreamManager
 from raafd.streams.filters import build_filters
@@ -72,6 +77,7 @@ from raafd.streams.filters import build_filters
 __all__ = ["Daemon"]
 
 log = get_logger("raafd.daemon")
+audit = get_logger("raafd.audit")
 
 # Draining: after the streams' grace, how long connections have to send the terminal events of
 # the streams cancelled at its end, and close, before everything left is cancelled.
@@ -88,14 +94,16 @@ class Daemon:
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        problems = config.auth.problems(environ)
-        if problems:  # auth fails closed: a token source that yields nothing is not "auth off"
-            raise ConfigError(problems)
+        # Auth fails closed: a token source that yields nothing, or a key that does not load,
+        # is a ConfigError listing every problem, never "auth off".
+        self._authenticator = build_authenticator(config.auth, environ)
+        set_secrets(config_secrets(config, environ))
         self.config = config
         self.config_path = config_path
         self.environ = environ
-        self._tokens = config.auth.all_tokens(environ)
         self.metrics = Metrics()
+        self.limiter = Limiter(lambda: self.config.limits, self.metrics)
+        self.guard = Guard(self.authenticator, self.limiter, self.metrics)
         self.notifier = SdNotifier.from_environ(environ)
         self.started_at = time.time()
         self.draining = False
@@ -121,8 +129,14 @@ class Daemon:
             bodies=self.bodies,
             filters=filters,
         )
-        self.gateway = Gateway(lambda: self.config, self.metrics, self.tokens)
-        add_stream_commands(self.gateway.commands, self.streams, self.start_workflow)
+        self.gateway = Gateway(lambda: self.config, self.metrics, self.authenticator, self.guard)
+        add_stream_commands(
+            self.gateway.commands,
+            self.streams,
+            self.start_workflow,
+            self.guard,
+            lambda: self.config.default_agent,
+        )
         self.presence = PresenceService(lambda: self.config.chat, self.metrics)
         add_presence_commands(self.gateway.commands, self.presence)
         self.offline = OfflineQueues(lambda: self.config.chat, self.presence, self.metrics)
@@ -134,7 +148,8 @@ class Daemon:
         http = StreamingContext(
             config=lambda: self.config,
             metrics=self.metrics,
-            tokens=self.tokens,
+            authenticator=self.authenticator,
+            guard=self.guard,
             draining=lambda: self.draining,
             streams=self.streams,
         )
@@ -154,6 +169,7 @@ class Daemon:
             self.metrics,
             self.gateway.handle,
             http_handler=self.raw_http,
+            admit=partial(self.limiter.check_ip, "connections"),
         )
         self.admin = AdminServer(
             config.admin_socket_path,
@@ -205,6 +221,15 @@ class Daemon:
             self.notifier.ready()
             self.notifier.status(f"serving on {self.address}")
             log.info("raafd ready", version=__version__, address=self.address)
+            server = self.config.server
+            if server.allow_public_without_auth and not self._authenticator.enabled:
+                # The one way to serve a public address without auth: never a quiet one.
+                log.critical(
+                    "SERVING WITHOUT AUTHENTICATION: server.allow_public_without_auth is true"
+                    " and [auth] has no token or key; anyone who reaches"
+                    f" {self.address} may run agents",
+                    host=server.host,
+                )
             task_status.started(self.address)
             await self._drain_requested.wait()
             await self._drain()
@@ -243,12 +268,14 @@ class Daemon:
 
     def reload(self, new: Config) -> dict[str, list[str]]:
         """Apply what can change at run time; report what would need a restart. Raises
-        :class:`ConfigError` and changes nothing when ``new``'s token sources yield no token
-        (the running tokens stay)."""
-        problems = new.auth.problems(self.environ)
-        if problems:
-            log.warning("reload rejected; the running configuration stays", problems=problems)
-            raise ConfigError(problems)
+        :class:`ConfigError` and changes nothing when ``new``'s auth would not work (a token
+        source that yields nothing, a key that does not load: the running auth stays)."""
+        try:
+            authenticator = build_authenticator(new.auth, self.environ)
+        except ConfigError as err:
+            log.warning("reload rejected; the running configuration stays", problems=err.problems)
+            audit.audit("configuration reload rejected", problems=err.problems)
+            raise
         try:
             filters = build_filters(new.agents)  # before anything changes
         except ConfigError as err:
@@ -263,7 +290,9 @@ class Daemon:
         # the reloadable sections is enough; the rest keeps its running value until restart.
         self.config = merge_reloadable(self.config, new)
         cfg = self.config
-        self._tokens = cfg.auth.all_tokens(self.environ)
+        self._authenticator = authenticator
+        set_secrets(config_secrets(cfg, self.environ))
+        self.limiter.reload(cfg.limits)
         self.listener.config = cfg.server
         if any(p.startswith("providers") for p in applied):
             self.providers = build_providers(cfg.providers, self._upstream_client, **self._env())
@@ -284,6 +313,7 @@ class Daemon:
         if self.sessions is not None:
             self.sessions.reload(cfg.sessions)
         log.info("configuration reloaded", applied=applied, needs_restart=restart)
+        audit.audit("configuration reloaded", applied=applied, needs_restart=restart)
         return {"applied": applied, "needs_restart": restart}
 
     def reload_from_file(self) -> dict[str, list[str]]:
@@ -299,10 +329,10 @@ class Daemon:
             self.notifier.ready()
         return self.reload(new)
 
-    def tokens(self) -> frozenset[str]:
-        """The bearer tokens clients may use now (``[auth]``, resolved at start and at each
-        accepted reload); empty: auth off."""
-        return self._tokens
+    def authenticator(self) -> Authenticator:
+        """Whom tokens stand for now (``[auth]``, built at start and at each accepted
+        reload); ``enabled`` is false with auth off."""
+        return self._authenticator
 
     def start_workflow(self, cmd: WorkflowStart, owner: str) -> Stream:
         """Start a workflow's stream, checked against the agents configured now."""

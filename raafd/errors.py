@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from raafd.logging import redact_text
 from raafd.protocol.codes import ErrorCode
 
 
@@ -34,8 +35,9 @@ class RaafdError(Exception):
         self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``{"code", "message", "field"}`` object used on every transport."""
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        """The ``{"code", "message", "field"}`` object used on every transport (a secret of the
+        running configuration in the message, e.g. echoed by an upstream, is redacted)."""
+        body: dict[str, Any] = {"code": self.code, "message": redact_text(self.message)}
         if self.field is not None:
             body["field"] = self.field
         if self.retry_after is not None:

@@ -136,7 +136,8 @@ def test_the_daemon_refuses_a_token_source_that_yields_nothing() -> None:
     with pytest.raises(ConfigError) as info:
         Daemon(config, environ={"RAAFD_TOKENS": ""})
     assert info.value.problems[0].startswith("auth.tokens_env: ")
-    assert Daemon(config, environ={"RAAFD_TOKENS": "k"}).tokens() == {"k"}
+    authenticator = Daemon(config, environ={"RAAFD_TOKENS": "k"}).authenticator()
+    assert authenticator.enabled and authenticator.authenticate("k").user.startswith("token-")
 
 
 def test_syntax_error_names_the_line(tmp_path: Path) -> None:

@@ -333,8 +333,9 @@ async def test_each_client_frame_moves_the_silence_deadline(
 
 async def test_a_read_full_of_frames_shares_the_loop(start_daemon: Any) -> None:
     # Command replies do not yield; the reader yields every few frames instead, so one client
-    # sending many small frames in one write cannot hold the loop for the whole read.
-    rd = await start_daemon()
+    # sending many small frames in one write cannot hold the loop for the whole read. (The
+    # flood is over the default command rate limit, which is not what is tested here.)
+    rd = await start_daemon(limits={"connection": {"commands": {"rate": 0}}})
     stream, _ = await _raw_client(rd.address, 1 << 20)
     turns = 0
     flooding = True

@@ -15,9 +15,10 @@ import trio
 from openai import AsyncOpenAI
 
 from raafd.admin.client import admin_call
-from raafd.auth import bearer_token, check_http, token_ok
-from raafd.config import Config
+from raafd.auth import ANONYMOUS, bearer_token, check_http, token_ok
+from raafd.config import AuthConfig, Config
 from raafd.errors import BadRequest, Unauthorized
+from raafd.security.authenticator import build_authenticator
 from tests.rawhttp import RawClient, request, start_sse
 from tests.sse import sse_events
 
@@ -223,13 +224,19 @@ def test_the_shared_token_helpers() -> None:
     assert bearer_token({}, {}) is None
     assert token_ok("abc", ["x", "abc"]) and not token_ok("ab", ["abc"])
     assert not token_ok("", ["abc"]) and not token_ok("abc", [])
-    check_http("GET", "/v1/stats", {}, {}, frozenset(), public_metrics=False)  # auth off
-    check_http("GET", "/readyz", {}, {}, frozenset({"t"}), public_metrics=False)
-    check_http("GET", "/metrics", {}, {}, frozenset({"t"}), public_metrics=True)
+    off = build_authenticator(AuthConfig())
+    on = build_authenticator(AuthConfig(tokens=["the-token"]))
+    assert check_http("GET", "/v1/stats", {}, {}, off, public_metrics=False) == ANONYMOUS
+    check_http("GET", "/readyz", {}, {}, on, public_metrics=False)
+    check_http("GET", "/metrics", {}, {}, on, public_metrics=True)
     with pytest.raises(Unauthorized):
-        check_http("GET", "/metrics", {}, {}, frozenset({"t"}), public_metrics=False)
+        check_http("GET", "/metrics", {}, {}, on, public_metrics=False)
     with pytest.raises(Unauthorized):
-        check_http("DELETE", "/healthz", {}, {}, frozenset({"t"}), public_metrics=True)
+        check_http("DELETE", "/healthz", {}, {}, on, public_metrics=True)
+    good = {"authorization": "Bearer the-token"}
+    assert check_http("GET", "/v1/stats", good, {}, on, public_metrics=False).user.startswith(
+        "token-"
+    )
 
 
 async def test_a_reload_whose_token_source_yields_nothing_keeps_the_old_tokens(

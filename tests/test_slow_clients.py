@@ -8,6 +8,7 @@ import os
 import struct
 from typing import Any
 
+import structlog
 import trio
 
 
@@ -184,4 +185,6 @@ def test_logged_exceptions_keep_their_traceback() -> None:
         {}["missing"]
     except KeyError:
         get_logger("raafd.test").exception("handler failed")
+    finally:
+        structlog.reset_defaults()
     assert "Traceback" in out.getvalue() and "KeyError" in out.getvalue()

@@ -203,13 +203,19 @@ class AdminServer:
                 client_error = Internal("internal error; the daemon log has the details")
             return self._error(cmd, client_error)
         self._count(cmd, ok=True)
-        (log.debug if cmd in _READ_ONLY else log.info)("admin command", cmd=cmd, ok=True)
+        if cmd in _READ_ONLY:
+            log.debug("admin command", cmd=cmd, ok=True)
+        else:  # an admin action: an audit line, whatever the log level
+            log.audit("admin command", cmd=cmd, args=dict(request.args), ok=True)
         return encoded
 
     def _error(self, cmd: str, error: RaafdError) -> bytes:
         # "-" labels requests that named no known command: client text never becomes a label.
         self._count(cmd, ok=False)
-        log.info("admin command refused", cmd=cmd, code=error.code, message=error.message)
+        if cmd in _READ_ONLY:
+            log.info("admin command refused", cmd=cmd, code=error.code, message=error.message)
+        else:
+            log.audit("admin command refused", cmd=cmd, code=error.code, message=error.message)
         return encode_error(error)
 
     def _count(self, cmd: str, *, ok: bool) -> None:

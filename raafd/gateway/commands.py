@@ -26,6 +26,7 @@ from raafd.protocol.commands import (
     StreamStart,
     WorkflowStart,
 )
+from raafd.security.guard import Guard
 
 if TYPE_CHECKING:
     from raafd.streams import Stream, StreamManager
@@ -54,11 +55,19 @@ def add_connection_commands(table: CommandTable) -> None:
 
 
 def add_stream_commands(
-    table: CommandTable, streams: StreamManager, start_workflow: WorkflowStarter
+    table: CommandTable,
+    streams: StreamManager,
+    start_workflow: WorkflowStarter,
+    guard: Guard,
+    default_agent: Callable[[], str],
 ) -> None:
+    """``guard`` checks each agent against the principal's roles (``forbidden``);
+    ``default_agent()`` names the agent of a ``stream.start`` that names none."""
+
     async def start(conn: Peer, cmd: StreamStart) -> None:
         if conn.draining:
             raise Unavailable("the server is draining; start the stream elsewhere")
+        guard.require(conn.principal, "agent.run", cmd.agent or default_agent(), "agent")
         conn.check_room()  # before the stream starts: nobody would receive it
         stream = streams.start(
             agent=cmd.agent,
@@ -72,6 +81,7 @@ def add_stream_commands(
     async def workflow(conn: Peer, cmd: WorkflowStart) -> None:
         if conn.draining:
             raise Unavailable("the server is draining; start the workflow elsewhere")
+        guard.require_agents(conn.principal, cmd.agents, cmd.synthesizer)
         conn.check_room()
         stream = start_workflow(cmd, conn.id)
         _attach_started(conn, streams, stream.id, cmd.ref)

@@ -46,9 +46,17 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
-from raafd.auth import ANONYMOUS, Principal, bearer_token, principal_for_token, token_ok
+from raafd.auth import ANONYMOUS, Principal, authenticate
 from raafd.core.feed import SlowConsumer, SubscriberFailed, Subscription
-from raafd.errors import BadRequest, Conflict, NotFound, RaafdError, TooManyStreams
+from raafd.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    RaafdError,
+    RateLimited,
+    TooManyStreams,
+    Unauthorized,
+)
 from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
 from raafd.logging import get_logger
 from raafd.net.delivery import Delivery
@@ -57,6 +65,7 @@ from raafd.net.sockio import Output, RawSocket
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode
 from raafd.protocol.commands import parse_command
 from raafd.protocol.events import StreamEvent
+from raafd.security.limiter import ConnectionLimits
 
 if TYPE_CHECKING:
     from raafd.gateway.gateway import Gateway
@@ -76,6 +85,25 @@ class _Close(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+# Commands limited beyond ``commands`` (limits.connection / limits.principal keys).
+LIMITED_COMMANDS = {
+    "stream.start": "stream_starts",
+    "workflow.start": "stream_starts",
+    "room.send": "room_sends",
+    "dm.send": "room_sends",
+    "typing": "typing",
+    "job.submit": "job_submits",
+}
+
+
+def _peer(stream: RawSocket) -> str:
+    try:
+        name = stream.sock.getpeername()
+    except OSError:
+        return ""
+    return str(name[0]) if isinstance(name, tuple) else str(name)
 
 
 def event_frame(event_json: bytes) -> bytes:
@@ -114,6 +142,7 @@ class Connection:
         "head",
         "id",
         "last_seen",
+        "limits",
         "principal",
         "started_at",
         "stream",
@@ -130,6 +159,7 @@ class Connection:
         self.principal = ANONYMOUS
         self.user = ANONYMOUS.user  # = principal.user, read on every command
         self.authenticated = False
+        self.limits: ConnectionLimits | None = None  # rate-limit buckets, from the 1st command
         self.attachments: dict[str, _Delivery] = {}
         self.draining = False
         self.started_at = trio.current_time()
@@ -336,24 +366,27 @@ class Connection:
         allowed = cfg.websocket.allowed_origins
         if origin is not None and allowed and origin not in allowed:
             raise _Close(CloseCode.FORBIDDEN, "origin not allowed")
-        tokens = self.gateway.tokens()
-        if not tokens:
+        check = self.gateway.authenticator()
+        if not check.enabled:
             self.authenticated = True
             await self._welcome()
             await self._announce()
             return
-        given = self._token_from_request()
-        if given is not None:
-            if not token_ok(given, tokens):
-                raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
-            self._authenticated_as(principal_for_token(given))
+        try:
+            principal = authenticate(self.head.headers, self.head.query, check)
+        except Unauthorized as err:
+            raise self._refused(err) from None
+        if principal is not None:
+            self._authenticated_as(principal)
             await self._welcome()
             await self._announce()
         # else: the first frame must be a `hello` with a token, within auth_timeout.
 
-    def _token_from_request(self) -> str | None:
-        assert self.head is not None
-        return bearer_token(self.head.headers, self.head.query)
+    def _refused(self, err: Unauthorized) -> _Close:
+        """Close 4401 with the refusal's reason (it names no secret), audited."""
+        self.gateway.guard.auth_failed("websocket", err.message, _peer(self.stream))
+        generic = err.message == "the token is not valid"
+        return _Close(CloseCode.UNAUTHORIZED, "invalid token" if generic else err.message)
 
     async def _welcome(self) -> None:
         cfg = self.gateway.config()
@@ -480,17 +513,43 @@ class Connection:
             ref = getattr(command, "ref", None)
             if not self.authenticated and kind != "hello":
                 raise _Close(CloseCode.UNAUTHORIZED, "authenticate with a hello frame first")
+            self._limit(kind)
             for observer in self.gateway.observers:
                 observer.activity(self, kind)
             await commands.handlers[kind](self, command)
         except RaafdError as err:
             await self.send_error(err, ref if ref is not None else getattr(err, "ref", None))
 
+    def _limit(self, kind: str) -> None:
+        """The rate limits of a command: every command, and its own kind's (``stream.start``
+        …); a refusal is ``rate_limited``, and ``limits.hard_limit`` refusals in a row close
+        the connection 4429."""
+        guard = self.gateway.guard
+        limits = self.limits
+        if limits is None:
+            limits = self.limits = ConnectionLimits()
+        try:
+            guard.limit("commands", limits, self.principal)
+            action = LIMITED_COMMANDS.get(kind)
+            if action is not None:
+                guard.limit(action, limits, self.principal)
+        except RateLimited:
+            if limits.refused(self.gateway.config().limits.hard_limit):
+                raise _Close(
+                    CloseCode.RATE_LIMITED, "rate limited: too many refused commands"
+                ) from None
+            raise
+        limits.accepted()
+
     async def authenticate(self, token: str | None) -> None:
         """A ``hello``'s token: welcome the client, or close 4401."""
-        if token is None or not token_ok(token, self.gateway.tokens()):
-            raise _Close(CloseCode.UNAUTHORIZED, "invalid token")
-        self._authenticated_as(principal_for_token(token))
+        if token is None:
+            raise self._refused(Unauthorized("a hello needs a token"))
+        try:
+            principal = self.gateway.authenticator().authenticate(token)
+        except Unauthorized as err:
+            raise self._refused(err) from None
+        self._authenticated_as(principal)
         await self._welcome()
         await self._announce()
 

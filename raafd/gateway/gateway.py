@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import trio
 
+from raafd.auth import TokenCheck
 from raafd.config import Config
 from raafd.gateway.commands import add_connection_commands
 from raafd.gateway.connection import Connection
@@ -15,6 +16,7 @@ from raafd.gateway.table import CommandTable, ConnectionObserver
 from raafd.metrics import Metrics
 from raafd.net.h1 import RequestHead
 from raafd.protocol.codes import CloseCode
+from raafd.security.guard import Guard
 from raafd.timers import Timers
 
 __all__ = ["Gateway"]
@@ -27,19 +29,21 @@ class Gateway:
     heartbeat timers: :meth:`run` must run (in the daemon's nursery) for them to fire.
 
     It gets what every connection reads: the running configuration (``config()``, reloadable
-    sections included), the metrics and the bearer tokens accepted now (``tokens()``; empty:
-    auth off). What a command uses comes with its handler (:attr:`commands`, which holds
-    ``hello`` and ``ping`` from the start)."""
+    sections included), the metrics, whom tokens stand for now (``authenticator()``) and the
+    guard (role policy and rate limits). What a command uses comes with its handler
+    (:attr:`commands`, which holds ``hello`` and ``ping`` from the start)."""
 
     def __init__(
         self,
         config: Callable[[], Config],
         metrics: Metrics,
-        tokens: Callable[[], frozenset[str]],
+        authenticator: Callable[[], TokenCheck],
+        guard: Guard,
     ) -> None:
         self.config = config
         self.metrics = metrics
-        self.tokens = tokens
+        self.authenticator = authenticator
+        self.guard = guard
         self.commands = CommandTable()
         add_connection_commands(self.commands)
         # Told of every authenticated connection's start and end (presence, offline queues).

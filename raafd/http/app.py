@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from raafd.auth import Principal, check_http
-from raafd.errors import Unavailable
+from raafd.errors import Unauthorized, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router
 from raafd.http.context import HttpContext
 
@@ -30,15 +30,22 @@ def build_app(
     ``refresh_gauges`` sets the gauges that mirror component state before a scrape."""
 
     def authorize(request: Request) -> Principal:
+        client = request.scope.get("client")
+        address = str(client[0]) if client else ""
+        ctx.guard.limit_ip("http_requests", address)
         # Read at each request: tokens and public_metrics are reloadable.
-        return check_http(
-            request.method,
-            request.path,
-            request.headers,
-            request.query,
-            ctx.tokens(),
-            public_metrics=ctx.config().http.public_metrics,
-        )
+        try:
+            return check_http(
+                request.method,
+                request.path,
+                request.headers,
+                request.query,
+                ctx.authenticator(),
+                public_metrics=ctx.config().http.public_metrics,
+            )
+        except Unauthorized as err:
+            ctx.guard.auth_failed("http", err.message, address)
+            raise
 
     router = Router(
         ctx.metrics,
@@ -56,6 +63,8 @@ def build_app(
         return JSONResponse({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
+        if not ctx.config().http.public_metrics:
+            ctx.guard.require(request.principal, "admin", "metrics")
         refresh_gauges()
         return Response(200, ctx.metrics.render(), CONTENT_TYPE_LATEST)
 
@@ -77,6 +86,7 @@ def build_app(
         return JSONResponse({"agents": listing})
 
     async def stats_route(request: Request) -> Response:
+        ctx.guard.require(request.principal, "admin", "stats")
         return JSONResponse(stats())
 
     router.add("GET", "/healthz", healthz)

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 from attrs import frozen
 
+from raafd.auth import TokenCheck
 from raafd.config import Config
 from raafd.metrics import Metrics
 from raafd.net.delivery import Delivery, Framing, Sink
+from raafd.security.guard import Guard
 
 if TYPE_CHECKING:
     from raafd.core.feed import Subscription
@@ -31,7 +33,8 @@ class HttpContext:
 
     config: Callable[[], Config]  # the running configuration (reloadable sections change)
     metrics: Metrics
-    tokens: Callable[[], frozenset[str]]  # the bearer tokens accepted now; empty: auth off
+    authenticator: Callable[[], TokenCheck]  # whom tokens stand for now (reloadable)
+    guard: Guard  # the role policy and the rate limits
     draining: Callable[[], bool]  # the daemon is draining: start nothing new
 
 

@@ -38,6 +38,7 @@ import attrs
 import orjson
 from attrs import frozen
 
+from raafd.auth import Principal
 from raafd.errors import BadRequest, NotFound, RaafdError, TooLarge, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
 from raafd.http.context import StreamingContext
@@ -412,7 +413,9 @@ class Completion:
         return ChunkFraming(self.req, self.id, self.created)
 
 
-def start_completion(ctx: StreamingContext, body: bytes, request_id: str) -> Response | Completion:
+def start_completion(
+    ctx: StreamingContext, body: bytes, request_id: str, principal: Principal
+) -> Response | Completion:
     """Validate a ``POST /v1/chat/completions`` body and start its stream; refusals come back
     as OpenAI-shaped responses (both HTTP paths answer them as they are)."""
     try:
@@ -423,6 +426,8 @@ def start_completion(ctx: StreamingContext, body: bytes, request_id: str) -> Res
             return _model_not_found(req.model)
         if ctx.draining():
             raise Unavailable("the server is draining", retry_after=1)
+        ctx.guard.require(principal, "agent.run", req.model, "model")
+        ctx.guard.limit("stream_starts", None, principal)
         try:
             stream = ctx.streams.start(
                 agent=req.model, messages=messages, owner=f"openai:{request_id}"
@@ -468,7 +473,7 @@ def add_openai_routes(router: Router, ctx: StreamingContext) -> None:
             return error_from_raafd(err)
 
     async def _completions(request: Request) -> Response | StreamingResponse:
-        started = start_completion(ctx, await request.body(), request.id)
+        started = start_completion(ctx, await request.body(), request.id, request.principal)
         if isinstance(started, Response):
             return started
         if started.req.stream:

@@ -44,8 +44,8 @@ import orjson
 import structlog
 import trio
 
-from raafd.auth import check_http
-from raafd.errors import RaafdError, TooLarge
+from raafd.auth import Principal, check_http
+from raafd.errors import RaafdError, TooLarge, Unauthorized
 from raafd.http.asgi import Response, error_response, next_request_id
 from raafd.http.context import StreamingContext
 from raafd.http.cors import Headers, cors
@@ -380,14 +380,14 @@ class _Connection:
                 body = await self._read_body(request.body_length, deadline)
                 if body is None:
                     return False
-                self._authorize(head, query)
+                principal = self._authorize(head, query)
                 if request.openai:
-                    started = start_completion(ctx, body, request_id)
+                    started = start_completion(ctx, body, request_id, principal)
                     if isinstance(started, Response):
                         return await self._answer(head.method, started, keep)
                     return await self._complete(head.method, started, keep)
                 if request.stream_id is None:
-                    stream_id = start_stream(ctx, body, request_id).id
+                    stream_id = start_stream(ctx, body, request_id, principal).id
                     after = 0
                 else:
                     stream_id = request.stream_id
@@ -409,15 +409,28 @@ class _Connection:
             if subscription is not None:
                 subscription.close()  # detaches: the stream's detach grace applies
 
-    def _authorize(self, head: RequestHead, query: dict[str, str]) -> None:
-        check_http(
-            head.method,
-            head.path,
-            head.headers,
-            query,
-            self.ctx.tokens(),
-            public_metrics=self.ctx.config().http.public_metrics,
-        )
+    def _authorize(self, head: RequestHead, query: dict[str, str]) -> Principal:
+        address = self._address()
+        self.ctx.guard.limit_ip("http_requests", address)
+        try:
+            return check_http(
+                head.method,
+                head.path,
+                head.headers,
+                query,
+                self.ctx.authenticator(),
+                public_metrics=self.ctx.config().http.public_metrics,
+            )
+        except Unauthorized as err:
+            self.ctx.guard.auth_failed("http", err.message, address)
+            raise
+
+    def _address(self) -> str:
+        try:
+            name = self.sock.sock.getpeername()
+        except OSError:
+            return ""
+        return str(name[0]) if isinstance(name, tuple) else ""
 
     async def _answer(self, method: str, response: Response, keep: bool) -> bool:
         """A whole (error) response; True when the connection may serve another request."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from raafd.auth import Principal
 from raafd.errors import BadRequest, RaafdError, Unavailable
 from raafd.http.asgi import (
     JSONResponse,
@@ -120,12 +121,17 @@ def event_stream(
     return StreamingResponse(body, framing, headers={"x-raafd-stream": stream_id})
 
 
-def start_stream(ctx: StreamingContext, body: bytes, request_id: str) -> Stream:
+def start_stream(
+    ctx: StreamingContext, body: bytes, request_id: str, principal: Principal
+) -> Stream:
     """``POST /v1/streams``: validate the body (``stream.start`` without ``type``) and start the
-    stream; refused with ``unavailable`` while draining."""
+    stream for ``principal``; refused with ``unavailable`` while draining, ``forbidden`` for an
+    agent its roles do not grant, ``rate_limited`` past its stream starts."""
     if ctx.draining():
         raise Unavailable("the server is draining", retry_after=1)
     cmd = decode_body(body, StreamStart)
+    ctx.guard.require(principal, "agent.run", cmd.agent or ctx.config().default_agent, "agent")
+    ctx.guard.limit("stream_starts", None, principal)
     return ctx.streams.start(
         agent=cmd.agent,
         messages=cmd.conversation(),
@@ -157,7 +163,7 @@ def add_stream_routes(router: Router, ctx: StreamingContext) -> None:
     async def start(request: Request) -> Response | StreamingResponse:
         if ctx.draining():  # before reading a body that would be refused anyway
             raise Unavailable("the server is draining", retry_after=1)
-        stream = start_stream(ctx, await request.body(), request.id)
+        stream = start_stream(ctx, await request.body(), request.id, request.principal)
         framing = framing_for(request.headers.get("accept", ""), None)
         if framing is None:
             return JSONResponse(

@@ -50,6 +50,8 @@ def add_workflow_routes(
                 raise BadRequest("give mode or its synonym type, not both", field="type")
             data["mode"] = data.pop("type")
         cmd = structure(data, WorkflowStart)
+        ctx.guard.require_agents(request.principal, cmd.agents, cmd.synthesizer)
+        ctx.guard.limit("stream_starts", None, request.principal)
         stream = start_workflow(cmd, f"http:{request.id}")
         framing = framing_for(request.headers.get("accept", ""), None)
         if framing is not None:

@@ -112,6 +112,12 @@ _UNAVAILABLE = _simple_response(
     b'{"error":{"code":"unavailable","message":"too many connections; retry shortly"}}',
     "retry-after: 1\r\n",
 )
+_RATE_LIMITED = _simple_response(
+    429,
+    "Too Many Requests",
+    b'{"error":{"code":"rate_limited","message":"too many new connections from this address"}}',
+    "retry-after: 1\r\n",
+)
 _DRAINING = _simple_response(
     503,
     "Service Unavailable",
@@ -131,9 +137,13 @@ class PublicListener:
         websocket_handler: WebSocketHandler | None = None,
         *,
         http_handler: HttpHandler | None = None,
+        admit: Callable[[str], float] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        # A new connection's client address -> 0.0 to serve it, else seconds until it may
+        # come back (the per-IP connection rate limit; refused with 429 before any parsing).
+        self.admit = admit
         self.websocket_handler = websocket_handler
         self.http_handler = http_handler
         self.open_connections = 0
@@ -205,6 +215,11 @@ class PublicListener:
         await self._idle.wait()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        if self.admit is not None and self.admit(_address(stream)):
+            self.metrics.connections_refused.labels("rate_limited").inc()
+            with trio.move_on_after(1):
+                await _send_and_close(stream, _RATE_LIMITED)
+            return
         if self.open_connections >= self.config.max_connections:
             self.metrics.connections_refused.labels("max_connections").inc()
             with trio.move_on_after(1):
@@ -294,3 +309,12 @@ def _lstat_mode(path: str) -> int:
         return os.lstat(path).st_mode
     except FileNotFoundError:
         return 0
+
+
+def _address(stream: trio.SocketStream) -> str:
+    """The client's IP address ("" on a unix socket)."""
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return ""
+    return str(name[0]) if isinstance(name, tuple) else ""

@@ -4,7 +4,7 @@ applies at once) and counted in ``raafd_rate_limited_total{limit}``.
 
 A refusal is a :class:`~raafd.errors.RateLimited` (``rate_limited`` with ``retry_after``;
 HTTP 429 with ``Retry-After``). A WebSocket connection refused ``limits.hard_limit`` times in a
-row is closed 4429 by the gateway (:class:`ConnectionLimits.strikes`).
+row is closed 4429 by the gateway (:class:`ConnectionLimits` counts them).
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ def _rate(cfg: RateConfig) -> Rate:
     return Rate(cfg.rate, cfg.burst)
 
 
-class ConnectionLimits:
+class ConnectionLimits(Strikes):
     """One WebSocket connection's buckets (made on first use) and its refusals in a row."""
 
-    __slots__ = ("buckets", "strikes")
+    __slots__ = ("buckets",)
 
     def __init__(self) -> None:
+        super().__init__()
         self.buckets: dict[str, Bucket] = {}
-        self.strikes = Strikes()
 
 
 class Limiter:
@@ -82,8 +82,6 @@ class Limiter:
             if wait and taken is not None:
                 taken.tokens += 1  # given back: the action does not happen
         if not wait:
-            if conn is not None:
-                conn.strikes.accepted()
             return
         self.metrics.rate_limited.labels(limit).inc()
         raise RateLimited(
