@@ -3,13 +3,14 @@ authentication), and what the listener does with heads and bodies that never com
 
 from __future__ import annotations
 
-import base64
 import os
 import struct
 from typing import Any
 
 import structlog
 import trio
+
+from tests.test_gateway import _raw_client
 
 
 def _frame(opcode: int, payload: bytes, *, fin: bool = True, announce: int | None = None) -> bytes:
@@ -33,22 +34,8 @@ def _mask(payload: bytes, mask: bytes) -> bytes:
     )
 
 
-async def _upgrade(address: str, path: str = "/v1/ws") -> tuple[trio.SocketStream, bytearray]:
-    host, port = address.rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    received = bytearray()
-    while b"\r\n\r\n" not in received:
-        received += await stream.receive_some(4096)
-    head, _, rest = bytes(received).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return stream, bytearray(rest)
+async def _upgrade(address: str) -> tuple[trio.SocketStream, bytearray]:
+    return await _raw_client(address)
 
 
 def _close_code(data: bytes) -> int | None:
