@@ -199,6 +199,10 @@ async def test_good_tokens_are_principals_whose_roles_are_enforced(
                 headers=as_alice,
             )
             assert completion.status_code == 403
+            response = await http.post(
+                "/v1/responses", json={"model": "secret-agent", "input": "x"}, headers=as_alice
+            )
+            assert response.status_code == 403
             assert (await http.get("/v1/stats", headers=as_alice)).status_code == 403
             as_carol = {"authorization": f"Bearer {ops}"}
             assert (await http.get("/v1/stats", headers=as_carol)).status_code == 200
@@ -207,7 +211,7 @@ async def test_good_tokens_are_principals_whose_roles_are_enforced(
             )
             assert started.status_code == 201
     snapshot = rd.daemon.metrics.snapshot()
-    assert snapshot["raafd_permission_refusals_total{action=agent.run}"] == 3
+    assert snapshot["raafd_permission_refusals_total{action=agent.run}"] == 4
     assert snapshot["raafd_permission_refusals_total{action=admin}"] == 1
 
 
