@@ -13,6 +13,7 @@ import trio
 import trio.testing
 from trio_websocket import WebSocketConnection
 
+from raafd.store.offline import NewMessage
 from tests.chatws import ask, recv, user
 
 TOKENS = {"auth": {"tokens": ["tok-ann", "tok-bob"]}}
@@ -174,3 +175,28 @@ async def test_a_bad_dm_or_ack_is_refused_and_the_connection_goes_on(
         sent = frames["dm.sent"]
         assert frames["queued"]["messages"][0]["id"] == sent["id"]
         assert (await ask(ws, type="ack", ids=[sent["id"]]))["deleted"] == 1
+
+
+async def test_a_long_queue_comes_a_window_at_a_time_as_the_client_acks(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    rd = await start_daemon(chat={"offline_max": 5000}, **TOKENS)
+    _, bob = await names(rd)
+    async with user(rd.ws_url, "tok-ann") as (ann_ws, _):
+        first = await ask(ann_ws, type="dm.send", to=bob, text="m0")
+    store = rd.daemon.offline.store
+    now = rd.daemon.presence.clock()
+    for i in range(1, 1050):  # straight into the store: 1,050 in all
+        message = NewMessage("dm", "ann", f"m{i}", now, now + 3600)
+        await store.enqueue(bob, message, max_queue=5000, max_total=10_000)
+    async with user(rd.ws_url, "tok-bob") as (bob_ws, _):
+        window: list[str] = []
+        while len(window) < 1000:
+            frame = await recv(bob_ws)
+            assert frame["type"] == "queued" and len(frame["messages"]) <= 100
+            window += [m["id"] for m in frame["messages"]]
+        assert window[0] == first["id"] and len(window) == 1000
+        await nothing_queued(bob_ws)  # the rest waits for acks
+        assert (await ask(bob_ws, type="ack", ids=window))["deleted"] == 1000
+        rest = await recv(bob_ws)
+        assert [m["text"] for m in rest["messages"]] == [f"m{i}" for i in range(1000, 1050)]

@@ -11,7 +11,8 @@ gets it, and gets it again if it does not acknowledge it in time.**
   connection opens (the gateway's connection hook, right after ``welcome``) its user's whole
   queue is sent, oldest first, in ``queued`` frames. A message sent to a connection and not
   acknowledged within ``chat.redeliver_after`` is sent to it again (counted as a
-  redelivery); a new connection gets everything not acknowledged.
+  redelivery); a new connection gets everything not acknowledged. A connection is sent at
+  most the first 1,000 messages of its queue at a time; the next ones follow its acks.
 - ``ack {ids}`` deletes the user's own messages with those ids (durably) and answers ``acked``
   after the commit; its other connections forget them too.
 - Expired messages (older than ``chat.offline_ttl``) are never sent (the store does not return
@@ -51,6 +52,9 @@ log = get_logger("raafd.chat")
 # queue reaches a client in frames it can take (trio-websocket's default limit is 1 MiB).
 _FRAME_MESSAGES: Final = 100
 _FRAME_BYTES: Final = 256 * 1024
+# A sync sends at most the first this many messages of a queue; the next ones follow acks
+# (flow control: a connection's send queue holds a few frames, not a whole long queue).
+_WINDOW: Final = 1000
 _REAP_EVERY: Final = 60.0  # seconds between deletions of expired messages
 _REAP_BATCH: Final = 1000
 
@@ -58,7 +62,7 @@ _REAP_BATCH: Final = 1000
 class _Inbox:
     """One connection's deliveries: message id → when it was last sent (trio time)."""
 
-    __slots__ = ("_queues", "_timer_at", "client", "dirty", "sent", "syncing")
+    __slots__ = ("_queues", "_timer_at", "client", "dirty", "more", "sent", "syncing")
 
     def __init__(self, queues: OfflineQueues, client: Client) -> None:
         self._queues = queues
@@ -67,6 +71,7 @@ class _Inbox:
         self.sent: dict[str, float] = {}
         self.syncing = False
         self.dirty = False
+        self.more = False  # the last sync saw a full window: more follow acks
 
     def _on_timer(self, now: float) -> None:
         self._queues._timer_fired(self, now)
@@ -150,6 +155,8 @@ class OfflineQueues:
             for id_ in ids:
                 inbox.sent.pop(id_, None)
             self._arm(inbox)
+            if inbox.more and deleted:
+                self._schedule(inbox)  # room in the window: the next ones
         return deleted
 
     async def listing(self, user: str, limit: int) -> tuple[int, list[QueuedMessage]]:
@@ -234,11 +241,11 @@ class OfflineQueues:
             while True:
                 inbox.dirty = False
                 cfg = self.config()
-                messages = await self._store().pending(
-                    inbox.client.user, self.clock(), cfg.offline_max
-                )
+                window = min(cfg.offline_max, _WINDOW)
+                messages = await self._store().pending(inbox.client.user, self.clock(), window)
                 if not self._registered(inbox):
                     return  # the connection closed while the store was read
+                inbox.more = len(messages) >= window
                 now = trio.current_time()
                 live = {m.id for m in messages}
                 for id_ in [i for i in inbox.sent if i not in live]:
@@ -276,6 +283,9 @@ class OfflineQueues:
             if due > now:  # acknowledged or sent again since it was armed
                 self._timers.arm(inbox, due)
                 return
+        self._schedule(inbox)
+
+    def _schedule(self, inbox: _Inbox) -> None:
         self._due[id(inbox)] = inbox
         self._wake.unpark_all()
 
