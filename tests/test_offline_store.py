@@ -43,7 +43,18 @@ async def put(store: OfflineStore, user: str, message: NewMessage, **bounds: int
 
 async def texts(store: OfflineStore, user: str, now: float = 1000.0) -> list[str]:
     with trio.fail_after(30):
-        return [m.text for m in await store.pending(user, now, 100)]
+        found = [m.text for m in await store.pending(user, now, 100)]
+        if isinstance(store, SqliteOfflineStore):  # the kept queue lengths are the true ones
+            kept = await store.db.read(
+                lambda c: c.execute("SELECT user, depth FROM offline_depths").fetchall()
+            )
+            counted = await store.db.read(
+                lambda c: c.execute(
+                    "SELECT user, count(*) FROM offline_messages GROUP BY user"
+                ).fetchall()
+            )
+            assert sorted(kept) == sorted(counted)
+    return found
 
 
 async def test_a_queue_keeps_order_and_an_ack_deletes_only_the_owners_messages(
@@ -105,3 +116,30 @@ async def test_a_client_id_resend_returns_the_first_message_even_after_its_ack(
     # Another sender's same client_id is another message.
     other = await put(store, "bob", dm("yo", client_id="c-1", sender="cy"))
     assert other != first
+
+
+async def test_the_second_migration_counts_the_queues_a_first_version_file_holds(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "raafd.sqlite3"
+    with trio.fail_after(30):
+        async with open_database(path, {"offline": MIGRATIONS[:1]}) as db:
+            old = await SqliteOfflineStore.open(db)
+            for user in ("bob", "bob", "cy"):
+                await db.write(
+                    lambda c, u=user: c.execute(
+                        "INSERT INTO offline_messages (user, kind, sender, text, ts, expires_at)"
+                        " VALUES (?, 'dm', 'ann', 'x', 1, 2000)",
+                        (u,),
+                    )
+                )
+            assert old.total() == 0  # (written behind its back)
+        async with open_database(path, {"offline": MIGRATIONS}) as db:
+            store = await SqliteOfflineStore.open(db)
+            assert store.total() == 3
+            depths = await db.read(
+                lambda c: c.execute("SELECT user, depth FROM offline_depths").fetchall()
+            )
+            assert sorted(depths) == [("bob", 2), ("cy", 1)]
+            done = await store.enqueue("bob", dm("new"), max_queue=2, max_total=100)
+            assert done.dropped == 1

@@ -49,6 +49,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX offline_client_ids_by_expiry ON offline_client_ids (expires_at);
     """,
+    # 2: each queue's length, kept by every write, so an enqueue does not count its queue.
+    """
+    CREATE TABLE offline_depths (
+        user TEXT PRIMARY KEY,
+        depth INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO offline_depths SELECT user, count(*) FROM offline_messages GROUP BY user;
+    """,
 )
 
 _COLUMNS = "id, kind, sender, text, ts, expires_at, room"
@@ -56,6 +64,13 @@ _COLUMNS = "id, kind, sender, text, ts, expires_at, room"
 
 def _message(row: tuple[Any, ...]) -> QueuedMessage:
     return QueuedMessage(str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6])
+
+
+def _shorten(conn: sqlite3.Connection, user: str, by: int) -> None:
+    """``user``'s queue lost ``by`` messages: keep its length (forget it at 0)."""
+    if by:
+        conn.execute("UPDATE offline_depths SET depth = depth - ? WHERE user = ?", (by, user))
+        conn.execute("DELETE FROM offline_depths WHERE user = ? AND depth <= 0", (user,))
 
 
 class SqliteOfflineStore:
@@ -109,7 +124,9 @@ class SqliteOfflineStore:
             number = cursor.lastrowid
             assert number is not None
             depth = conn.execute(
-                "SELECT count(*) FROM offline_messages WHERE user = ?", (user,)
+                "INSERT INTO offline_depths VALUES (?, 1) ON CONFLICT (user)"
+                " DO UPDATE SET depth = depth + 1 RETURNING depth",
+                (user,),
             ).fetchone()[0]
             dropped = max(0, int(depth) - max_queue)
             if dropped:
@@ -118,6 +135,7 @@ class SqliteOfflineStore:
                     " WHERE user = ? ORDER BY id LIMIT ?)",
                     (user, dropped),
                 )
+                _shorten(conn, user, dropped)
             keys = 0
             if message.client_id is not None:
                 conn.execute(
@@ -183,6 +201,7 @@ class SqliteOfflineStore:
                 f"DELETE FROM offline_messages WHERE user = ? AND id IN ({marks})",
                 (user, *numbers),
             )
+            _shorten(conn, user, cursor.rowcount)
             return cursor.rowcount
 
         deleted = await self.db.write(delete)
@@ -191,11 +210,18 @@ class SqliteOfflineStore:
 
     async def expire(self, now: float, limit: int) -> int:
         def delete(conn: sqlite3.Connection) -> tuple[int, int]:
-            messages = conn.execute(
-                "DELETE FROM offline_messages WHERE id IN (SELECT id FROM offline_messages"
-                " WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
+            expired = conn.execute(
+                "SELECT id, user FROM offline_messages WHERE expires_at <= ?"
+                " ORDER BY expires_at LIMIT ?",
                 (now, limit),
-            ).rowcount
+            ).fetchall()
+            per_user: dict[str, int] = {}
+            for number, user in expired:
+                conn.execute("DELETE FROM offline_messages WHERE id = ?", (number,))
+                per_user[user] = per_user.get(user, 0) + 1
+            for user, count in per_user.items():
+                _shorten(conn, user, count)
+            messages = len(expired)
             keys = conn.execute(
                 "DELETE FROM offline_client_ids WHERE rowid IN (SELECT rowid FROM"
                 " offline_client_ids WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
