@@ -226,6 +226,15 @@ class Metrics:
             "Subscribers disconnected for lagging past max_lag",
             registry=r,
         )
+        self.bus_events = LoopCounter(
+            "raafd_bus_events_total", "Events emitted on the event bus", registry=r
+        )
+        self.lag_skips = LoopCounter(
+            "raafd_subscriber_lag_skips_total",
+            "Subscribers (of the event bus) that fell past their bound and skipped ahead with a"
+            " lagged notice",
+            registry=r,
+        )
         self.subscriber_failures = LoopCounter(
             "raafd_subscriber_failures_total",
             "Subscribers dropped because their own code raised taking an event (the feed went on)",

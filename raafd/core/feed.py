@@ -37,6 +37,20 @@ Backpressure (DESIGN invariant 3), chosen per feed (:class:`Backpressure`):
   dropped with :class:`SlowConsumer` and resumes from its cursor on a new subscription. A
   finished feed's replay is never coalesced, and history found at subscribe time is replay,
   not lag.
+
+Two options of a subscription, for a feed of many kinds of events (the event bus):
+
+- ``view``: what this subscriber sees of each event: the event itself, another event in its
+  place (one marked terminal ends this subscriber's delivery, for "once"), or None to skip
+  it. The cursor moves past skipped events all the same, so a subscriber that wants few of a
+  feed's events is still caught up (and pushed to) when the others go by. A terminal event of
+  the feed is never skipped. A ``view`` that raises in the producer's task drops that
+  subscriber alone, like a raising ``push``.
+- ``on_lag``: instead of being dropped past ``max_lag`` (or when the events after its cursor
+  were evicted), the subscriber *skips ahead*: its cursor jumps to the head and its next
+  batch is the single notice ``on_lag(missed_from, missed_to)`` names, so its reader learns
+  exactly which seqs it did not get (and may re-read them from the log while it holds them),
+  then goes on live. Nothing is pushed to it until it has taken the notice.
 """
 
 from __future__ import annotations
@@ -107,6 +121,10 @@ class FeedLimits:
 
 
 Build = Callable[[str, int, str, dict[str, Any]], StreamEvent]
+View = Callable[[StreamEvent], StreamEvent | None]
+"""What one subscriber sees of an event (see the module docstring)."""
+LagNotice = Callable[[int, int], StreamEvent]
+"""The notice a subscriber that skipped ahead reads first: ``(missed_from, missed_to)``."""
 
 
 class Feed:
@@ -174,7 +192,12 @@ class Feed:
         return len(self._subs)
 
     def subscribe(
-        self, after: int = 0, *, context: Mapping[str, Any] | None = None
+        self,
+        after: int = 0,
+        *,
+        context: Mapping[str, Any] | None = None,
+        view: View | None = None,
+        on_lag: LagNotice | None = None,
     ) -> Subscription:
         """A subscription delivering every event with seq greater than ``after``.
 
@@ -182,9 +205,13 @@ class Feed:
         :meth:`Subscription.open` / :meth:`Subscription.close` around ``take_nowait`` and
         pushes. Raises :class:`~raafd.errors.Gone` when events after ``after`` were evicted and
         :class:`~raafd.errors.BadRequest` when ``after`` is negative or beyond the head.
-        ``context`` (``conn``, ``req`` ids) is logged if the subscriber fails."""
+        ``context`` (``conn``, ``req`` ids) is logged if the subscriber fails; ``view`` and
+        ``on_lag``: see the module docstring."""
         self.log.check(after)
-        return Subscription(self, after, context or _NO_CONTEXT)
+        sub = Subscription(self, after, context or _NO_CONTEXT)
+        sub.view = view
+        sub._on_lag = on_lag
+        return sub
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -227,14 +254,22 @@ class Feed:
         for sub in (solo,) if solo is not None else [*self._subs]:
             push = sub.push
             if push is not None and not sub._held and sub._cursor == seq - 1:
+                seen = event
                 try:
-                    took = push(event)
+                    if sub.view is not None:
+                        viewed = sub.view(event)
+                        if viewed is not None:
+                            seen = viewed
+                        elif not event.terminal:
+                            sub._cursor = seq  # not for this subscriber: it stays caught up
+                            continue
+                    took = push(seen)
                 except Exception as exc:
                     self._failed(sub, exc)
                     continue
                 if took:
                     sub._cursor = seq
-                    if not event.terminal:
+                    if not seen.terminal:
                         continue
                     sub._done = True
             if sub._wake:  # its reader is parked (unpark_all on an empty lot costs ~2 µs)
@@ -255,6 +290,9 @@ class Feed:
     def _drop_laggards(self) -> None:
         max_lag = self.limits.max_lag
         for sub in [s for s in self._subs if s._lag() > max_lag]:
+            if sub._on_lag is not None:
+                sub._skip(self.log.head)
+                continue
             self._unregister(sub)
             sub._drop(
                 SlowConsumer(
@@ -308,6 +346,8 @@ class Feed:
         sub._cursor = events[-1].seq
         sub._done = events[-1].terminal
         self.wake()
+        if sub.view is not None:
+            events = _viewed(sub, events)
         return self._coalesced(events) if lagging else events
 
     def _coalesced(self, events: list[StreamEvent]) -> list[StreamEvent]:
@@ -343,12 +383,15 @@ class Subscription:
         "_done",
         "_error",
         "_held",
+        "_missed",
+        "_on_lag",
         "_state",
         "_wake",
         "context",
         "feed",
         "on_drop",
         "push",
+        "view",
     )
 
     def __init__(self, feed: Feed, after: int, context: Mapping[str, Any]) -> None:
@@ -368,6 +411,10 @@ class Subscription:
         #: Set by a reader that can take a live event without waiting (see the module
         #: docstring): True when it took it. Called only while caught up and no batch is held.
         self.push: Callable[[StreamEvent], bool] | None = None
+        #: What this subscriber sees of each event (see the module docstring).
+        self.view: View | None = None
+        self._on_lag: LagNotice | None = None
+        self._missed: tuple[int, int] | None = None  # skipped ahead; the notice is not taken
 
     @property
     def cursor(self) -> int:
@@ -393,6 +440,18 @@ class Subscription:
         # Live events appended since subscribing and not yet read. The history a subscriber
         # found when it subscribed is replay, not lag: it is never dropped for reading history.
         return self.feed.log.head - max(self._cursor, self._attach_head)
+
+    def _skip(self, to: int) -> None:
+        """Skip ahead to ``to`` (the feed's ``on_lag`` option): the next batch is the notice."""
+        first = self._missed[0] if self._missed is not None else self._cursor + 1
+        self._missed = (first, to)
+        self._cursor = self._attach_head = to
+        self._held = True  # no push before the notice is taken
+        metrics = self.feed._metrics
+        metrics.lag_skips.inc()
+        log.info("subscriber skipped ahead", feed=self.feed.id, missed_from=first, missed_to=to)
+        if self._wake:
+            self._wake.unpark_all()
 
     def _drop(self, error: RaafdError) -> None:
         self._error = error
@@ -468,8 +527,35 @@ class Subscription:
         if self._state == "new":
             raise RuntimeError("enter the subscription (`async with`) before iterating it")
         feed = self.feed
-        if feed.log.head > self._cursor:
+        if self._on_lag is not None:
+            if feed.log.head > self._cursor and feed.log.oldest > self._cursor + 1:
+                self._skip(feed.log.oldest - 1)  # evicted while it was behind
+            if self._missed is not None:
+                missed_from, missed_to = self._missed
+                self._missed = None
+                self._held = True
+                return [self._on_lag(missed_from, missed_to)]
+        while feed.log.head > self._cursor:
             batch = feed._next_batch(self)
-            self._held = True
-            return batch
+            if batch:  # empty when its view skipped every event of it (never a terminal one)
+                self._held = True
+                return batch
         return None
+
+
+def _viewed(sub: Subscription, events: list[StreamEvent]) -> list[StreamEvent]:
+    """``events`` as ``sub``'s view shows them, up to the first one marked terminal."""
+    view = sub.view
+    assert view is not None
+    out: list[StreamEvent] = []
+    for event in events:
+        seen = view(event)
+        if seen is None:
+            if not event.terminal:
+                continue
+            seen = event
+        out.append(seen)
+        if seen.terminal:
+            sub._done = True
+            break
+    return out

@@ -71,7 +71,7 @@ class StreamEvent:
         if self._fields is None:
             decoded = orjson.loads(self.json)
             for key in ("stream", "seq", "event"):
-                del decoded[key]
+                decoded.pop(key, None)  # a feed may leave some out (the event bus has no stream)
             self._fields = decoded
         return self._fields
 
