@@ -40,6 +40,7 @@ __all__ = [
     "ChatConfig",
     "Config",
     "ConfigError",
+    "EventsConfig",
     "FilterConfig",
     "HttpConfig",
     "JwtKeyConfig",
@@ -55,6 +56,7 @@ __all__ = [
     "ToolConfig",
     "UserConfig",
     "WebSocketConfig",
+    "WebhookConfig",
     "check_tool_configs",
     "find_config_file",
     "load_config",
@@ -650,6 +652,44 @@ class StoreConfig:
     backend: str = field(default="sqlite", validator=_one_of(*STORE_BACKENDS))
 
 
+def _default_restricted() -> dict[str, list[str]]:
+    return {"connection.>": ["admin"], "breaker.>": ["admin"]}
+
+
+@frozen
+class EventsConfig:
+    """``[events]``: the event bus. Its history (replay with ``since``, SSE ``Last-Event-ID``)
+    keeps the newest ``history`` events within ``history_bytes``; a subscriber more than
+    ``queue`` events behind skips ahead with an ``events.lagged`` notice. ``restricted`` maps a
+    pattern to the roles that may see its subjects (everyone else is refused a subscription
+    inside it, and never sees its subjects through a wider one)."""
+
+    history: int = field(default=1000, validator=_between(1, 1_000_000))
+    history_bytes: int = field(default=4 << 20, validator=_positive)
+    queue: int = field(default=256, validator=_between(1, 1_000_000))
+    restricted: dict[str, list[str]] = field(factory=_default_restricted)
+
+
+@frozen
+class WebhookConfig:
+    """``[[webhooks]]``: bus events whose subject matches ``pattern`` are POSTed to ``url``,
+    signed as Standard Webhooks with ``secret`` (or the secret in the environment variable
+    ``secret_env``): ``whsec_`` and base64, as the spec writes it, or any other text, used
+    as it is."""
+
+    pattern: str = ""
+    url: str = ""
+    secret: str = field(default="", repr=False)
+    secret_env: str = ""
+    timeout: float = field(default=10.0, validator=_positive)
+    max_attempts: int = field(default=6, validator=_between(1, 100))
+    retry_base: float = field(default=1.0, validator=_positive)
+    retry_max: float = field(default=300.0, validator=_positive)
+    queue: int = field(default=1000, validator=_between(1, 1_000_000))
+    # Deliver to private, loopback and link-local addresses too (a hook on this host or LAN).
+    allow_private: bool = False
+
+
 def _default_providers() -> dict[str, ProviderConfig]:
     return {"demo": ProviderConfig(type="demo")}
 
@@ -679,6 +719,8 @@ class Config:
     admin: AdminConfig = field(factory=AdminConfig)
     state: StateConfig = field(factory=StateConfig)
     store: StoreConfig = field(factory=StoreConfig)
+    events: EventsConfig = field(factory=EventsConfig)
+    webhooks: list[WebhookConfig] = field(factory=list)
 
     @property
     def admin_socket_path(self) -> Path:
@@ -706,6 +748,8 @@ RELOADABLE = (
     "breaker",
     "sessions",
     "chat",
+    "events.restricted",
+    "webhooks",
 )
 
 
@@ -877,10 +921,40 @@ def _cross_check(cfg: Config, environ: Mapping[str, str] | None) -> list[str]:
                 f"server.host: {cfg.server.host!r} is not a loopback address and [auth] has no"
                 " tokens; configure tokens or set server.allow_public_without_auth = true"
             )
+    problems.extend(_events_problems(cfg, environ))
     if cfg.websocket.heartbeat_timeout <= cfg.websocket.heartbeat_interval:
         problems.append(
             "websocket.heartbeat_timeout: must be longer than websocket.heartbeat_interval"
         )
+    return problems
+
+
+def _events_problems(cfg: Config, environ: Mapping[str, str] | None) -> list[str]:
+    from raafd.errors import BadRequest
+    from raafd.protocol.subjects import compile_pattern
+
+    problems: list[str] = []
+    for pattern in cfg.events.restricted:
+        try:
+            compile_pattern(pattern)
+        except BadRequest as exc:
+            problems.append(f"events.restricted.{pattern}: {exc.message}")
+    env = os.environ if environ is None else environ
+    for i, hook in enumerate(cfg.webhooks):
+        where = f"webhooks.{i}"
+        try:
+            compile_pattern(hook.pattern)
+        except BadRequest as exc:
+            problems.append(f"{where}.pattern: {exc.message}")
+        if not hook.url.startswith(("http://", "https://")):
+            problems.append(f"{where}.url: must be an http:// or https:// URL")
+        if bool(hook.secret) == bool(hook.secret_env):
+            problems.append(f"{where}: give exactly one of secret or secret_env")
+        elif hook.secret_env and not env.get(hook.secret_env, "").strip():
+            problems.append(
+                f"{where}.secret_env: the environment variable {hook.secret_env} is not set"
+                " or empty"
+            )
     return problems
 
 

@@ -27,11 +27,13 @@ from typing import Any
 import trio
 
 from raafd import __version__
+from raafd.admin.events import events_handler
 from raafd.admin.server import AdminServer
 from raafd.agents.bodies import AgentBodies
 from raafd.agents.runner import AgentLoop
 from raafd.agents.tools import ToolRegistry
 from raafd.agents.workflows import start_workflow
+from raafd.bus import Bus
 from raafd.chat.offline import OfflineQueues
 from raafd.chat.presence import PresenceService
 from raafd.config import (
@@ -45,10 +47,12 @@ from raafd.config import (
 from raafd.errors import BadRequest, NotFound
 from raafd.gateway.commands import add_stream_commands
 from raafd.gateway.dm_commands import add_dm_commands
+from raafd.gateway.event_commands import add_event_commands
 from raafd.gateway.gateway import Gateway
 from raafd.gateway.presence_commands import add_presence_commands
 from raafd.http.app import build_app
 from raafd.http.context import StreamingContext
+from raafd.http.events_bus import add_event_routes
 from raafd.http.offline import add_offline_routes
 from raafd.http.openai_compat import add_openai_routes
 from raafd.http.presence import add_presence_routes
@@ -113,7 +117,10 @@ class Daemon:
         self.tools: ToolRegistry | None = None  # built in run(): it needs the HTTP client
         self.stores: Stores | None = None  # opened in run() ([store] backend)
         self.sessions: SessionBackend | None = None  # = stores.sessions
-        self.breakers = Breakers(config.breaker)
+        # The event bus: every component that has events gets its emit.
+        self.bus = Bus(config.events, self.metrics)
+        emit = self.bus.emit
+        self.breakers = Breakers(config.breaker, emit=emit)
         self.agents = AgentLoop(
             config.agents, {}, self.breakers, None, self.metrics, config.streams
         )
@@ -128,8 +135,11 @@ class Daemon:
             config.default_agent,
             bodies=self.bodies,
             filters=filters,
+            emit=emit,
         )
-        self.gateway = Gateway(lambda: self.config, self.metrics, self.authenticator, self.guard)
+        self.gateway = Gateway(
+            lambda: self.config, self.metrics, self.authenticator, self.guard, emit=emit
+        )
         add_stream_commands(
             self.gateway.commands,
             self.streams,
@@ -144,6 +154,7 @@ class Daemon:
         # Presence first: a user is online before their queue is delivered.
         self.gateway.observers.append(self.presence)
         self.gateway.observers.append(self.offline)
+        add_event_commands(self.gateway.commands, self.bus, self._restricted_events)
         # The HTTP adapters get the services they use, never the daemon.
         http = StreamingContext(
             config=lambda: self.config,
@@ -162,6 +173,7 @@ class Daemon:
         add_responses_routes(app, http, lambda: self.sessions)
         add_offline_routes(app, self.offline)
         add_web_routes(app, lambda: self.config)
+        add_event_routes(app, http, self.bus, self._restricted_events)
         self.raw_http = RawHttpServer(http)
         self.listener = PublicListener(
             config.server,
@@ -182,6 +194,7 @@ class Daemon:
                 "streams": self._admin_streams,
                 "kick": self._admin_kick,
                 "cancel": self._admin_cancel,
+                "events": events_handler(self.bus),
             },
             metrics=self.metrics,
         )
@@ -314,6 +327,7 @@ class Daemon:
             self.sessions.reload(cfg.sessions)
         log.info("configuration reloaded", applied=applied, needs_restart=restart)
         audit.audit("configuration reloaded", applied=applied, needs_restart=restart)
+        self.bus.emit("config.reloaded", {"applied": applied, "needs_restart": restart})
         return {"applied": applied, "needs_restart": restart}
 
     def reload_from_file(self) -> dict[str, list[str]]:
@@ -333,6 +347,10 @@ class Daemon:
         """Whom tokens stand for now (``[auth]``, built at start and at each accepted
         reload); ``enabled`` is false with auth off."""
         return self._authenticator
+
+    def _restricted_events(self) -> Mapping[str, list[str]]:
+        """``events.restricted`` now (reloadable)."""
+        return self.config.events.restricted
 
     def start_workflow(self, cmd: WorkflowStart, owner: str) -> Stream:
         """Start a workflow's stream, checked against the agents configured now."""
@@ -367,6 +385,7 @@ class Daemon:
             "offline": self.offline.stats(),
             "breakers": self.breakers.snapshot(),
             "store": self._store_stats(),
+            "events": self.bus.stats(),
             "tools": self.tools.snapshot() if self.tools is not None else {},
             "process": {
                 "rss_bytes": snap.get("process_resident_memory_bytes"),

@@ -7,7 +7,7 @@ not by importing it. A *unit* is a subpackage (``raafd/streams/``) or a top-leve
 0. ``protocol``: wire types, commands and codes (pure);
 1. ``core``, ``timers``, ``auth``, ``security``: the feed and other primitives, no transport, no
    provider (``security`` builds on ``auth``, never the reverse);
-2. ``streams``, ``agents``, ``providers``, ``store``, ``chat``, ``jobs``, ``events``: what
+2. ``streams``, ``agents``, ``providers``, ``store``, ``chat``, ``jobs``, ``bus``: what
    raafd runs and keeps;
 3. ``gateway``, ``http``, ``net``, ``admin``, ``client``, ``sdnotify``: transports and the
    outside world;
@@ -37,7 +37,7 @@ PACKAGE = ROOT / "raafd"
 LAYERS: dict[str, int] = {
     "protocol": 0,
     **dict.fromkeys(["core", "timers", "auth", "security"], 1),
-    **dict.fromkeys(["streams", "agents", "providers", "store", "chat", "jobs", "events"], 2),
+    **dict.fromkeys(["streams", "agents", "providers", "store", "chat", "jobs", "bus"], 2),
     **dict.fromkeys(["gateway", "http", "net", "admin", "client", "sdnotify"], 3),
     "daemon": 4,
     "cli": 5,

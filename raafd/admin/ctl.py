@@ -41,7 +41,9 @@ _COMMANDS: Final = {
     "cancel": "cancel one stream",
     "rooms": "list chat rooms",
     "jobs": "list background jobs",
+    "events": "print event-bus events matching a pattern (--follow: keep printing)",
 }
+_FOLLOW_WAIT: Final = 10.0  # seconds each long poll of `events --follow` waits
 
 
 def _positive(text: str) -> float:
@@ -97,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id", help="the connection id (see `raafd ctl connections`)")
         elif name == "cancel":
             p.add_argument("id", help="the stream id (see `raafd ctl streams`)")
+        elif name == "events":
+            p.add_argument("pattern", help="subjects to show: '*' one segment, '>' the rest")
+            p.add_argument(
+                "--since", type=int, metavar="SEQ", help="from the history after this seq"
+            )
+            p.add_argument("--follow", action="store_true", help="keep printing new events")
     return parser
 
 
@@ -110,6 +118,8 @@ def main(argv: Sequence[str], default_socket: Path | None = None) -> int:
     path = _socket_path(ns, default_socket)
     if path is None:
         return EXIT_USAGE
+    if ns.cmd == "events":
+        return _events(path, ns)
     args: dict[str, Any] = {}
     if ns.cmd == "log-level":
         args["level"] = ns.level
@@ -117,21 +127,69 @@ def main(argv: Sequence[str], default_socket: Path | None = None) -> int:
         args["id"] = ns.id
 
     try:
-        result = admin_call_sync(path, ns.cmd, args, timeout=ns.timeout)
-    except DaemonNotRunning as exc:
-        return _fail(f"no daemon is listening on {exc.path} (is raafd running?)")
-    except AdminPermissionDenied as exc:
-        return _fail(exc.message)
-    except RaafdError as exc:
-        return _fail(f"{exc.message} ({exc.code})")
-    except OSError as exc:
-        return _fail(f"cannot talk to the daemon on {path}: {exc.strerror or exc}")
-
+        result = _call(path, ns.cmd, args, ns.timeout)
+    except _CallFailed as exc:
+        return _fail(str(exc))
     if ns.json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         sys.stdout.write(render(result) + "\n")
     return EXIT_OK
+
+
+class _CallFailed(Exception):
+    """No answer, or an error answer: the one line to print."""
+
+
+def _call(path: Path, cmd: str, args: dict[str, Any], timeout: float) -> Any:
+    try:
+        return admin_call_sync(path, cmd, args, timeout=timeout)
+    except DaemonNotRunning as exc:
+        raise _CallFailed(f"no daemon is listening on {exc.path} (is raafd running?)") from None
+    except AdminPermissionDenied as exc:
+        raise _CallFailed(exc.message) from None
+    except RaafdError as exc:
+        raise _CallFailed(f"{exc.message} ({exc.code})") from None
+    except OSError as exc:
+        raise _CallFailed(f"cannot talk to the daemon on {path}: {exc.strerror or exc}") from None
+
+
+def _events(path: Path, ns: argparse.Namespace) -> int:
+    """``events``: one answer, or (``--follow``) long polls until interrupted, each asking
+    from the ``next`` seq the last answer gave. One line per event (JSON with ``--json``)."""
+    since: int | None = ns.since
+    wait = min(_FOLLOW_WAIT, ns.timeout / 2) if ns.follow else 0.0
+    try:
+        while True:
+            args: dict[str, Any] = {"pattern": ns.pattern, "wait": wait}
+            if since is not None:
+                args["since"] = since
+            try:
+                result = _call(path, "events", args, ns.timeout)
+            except _CallFailed as exc:
+                return _fail(str(exc))
+            lagged = result.get("lagged")
+            if lagged:
+                print(
+                    f"# missed seq {lagged['missed_from']} to {lagged['missed_to']}"
+                    " (no longer in the history)",
+                    file=sys.stderr,
+                )
+            for event in result["events"]:
+                sys.stdout.write(_event_line(event, as_json=ns.json) + "\n")
+            sys.stdout.flush()
+            since = result["next"]
+            if not ns.follow:
+                return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _event_line(event: dict[str, Any], *, as_json: bool) -> str:
+    if as_json:
+        return orjson.dumps(event).decode()
+    data = orjson.dumps(event["data"]).decode()
+    return f"{event['seq']:>8}  {event['ts']:.3f}  {event['subject']}  {data}"
 
 
 def _socket_path(ns: argparse.Namespace, default_socket: Path | None) -> Path | None:

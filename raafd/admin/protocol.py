@@ -24,7 +24,7 @@ class when adding a command. A command the daemon registers without an entry her
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 import orjson
@@ -50,12 +50,16 @@ from raafd.errors import (
     Unavailable,
     UpstreamError,
 )
+from raafd.protocol.subjects import compile_pattern
 
 __all__ = [
     "COMMAND_ARGS",
     "MAX_ANSWER",
+    "MAX_EVENTS_LIMIT",
+    "MAX_EVENTS_WAIT",
     "MAX_LINE",
     "TOO_LONG",
+    "EventsArgs",
     "IdArgs",
     "LineSplitter",
     "LineTooLong",
@@ -67,7 +71,10 @@ __all__ = [
     "encode_request",
     "encode_result",
     "parse_request",
+    "structure_args",
 ]
+
+T = TypeVar("T")
 
 MAX_LINE: Final = 64 * 1024
 """Longest request line in bytes, newline excluded."""
@@ -125,7 +132,43 @@ class LogLevelArgs:
     level: str = field(validator=_arg_validator(_log_level))
 
 
+def _pattern(value: str) -> str | None:
+    try:
+        compile_pattern(value)
+    except BadRequest as exc:
+        return exc.message
+    return None
+
+
+def _optional_seq(value: int | None) -> str | None:
+    return None if value is None or value >= 0 else "must be 0 or more"
+
+
+def _wait(value: float) -> str | None:
+    return None if 0 <= value <= MAX_EVENTS_WAIT else f"must be 0 to {MAX_EVENTS_WAIT:g} seconds"
+
+
+def _limit(value: int) -> str | None:
+    return None if 1 <= value <= MAX_EVENTS_LIMIT else f"must be 1 to {MAX_EVENTS_LIMIT}"
+
+
+MAX_EVENTS_WAIT: Final = 30.0
+MAX_EVENTS_LIMIT: Final = 1000
+
+
+@frozen
+class EventsArgs:
+    """``events``: the bus events matching ``pattern`` after seq ``since`` (default: the
+    head), at most ``limit``; with ``wait``, up to that many seconds for a first one."""
+
+    pattern: str = field(validator=_arg_validator(_pattern))
+    since: int | None = field(default=None, validator=_arg_validator(_optional_seq))
+    wait: float = field(default=0.0, validator=_arg_validator(_wait))
+    limit: int = field(default=100, validator=_arg_validator(_limit))
+
+
 COMMAND_ARGS: Final[Mapping[str, type]] = {
+    "events": EventsArgs,
     "stats": NoArgs,
     "connections": NoArgs,
     "streams": NoArgs,
@@ -228,6 +271,11 @@ def parse_request(line: bytes, commands: Collection[str]) -> Request:
         except Exception as exc:
             raise _bad_request(exc, "args") from None
     return request
+
+
+def structure_args(args: Mapping[str, Any], args_type: type[T]) -> T:
+    """A handler's ``args`` (already checked by :func:`parse_request`) as ``args_type``."""
+    return _requests.structure(dict(args), args_type)
 
 
 def encode_request(cmd: str, args: Mapping[str, Any] | None = None) -> bytes:

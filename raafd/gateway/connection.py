@@ -59,7 +59,7 @@ from raafd.errors import (
 )
 from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
 from raafd.logging import get_logger
-from raafd.net.delivery import Delivery
+from raafd.net.delivery import Delivery, Framing
 from raafd.net.h1 import RequestHead
 from raafd.net.sockio import Output, RawSocket
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode
@@ -388,7 +388,15 @@ class Connection:
         generic = err.message == "the token is not valid"
         return _Close(CloseCode.UNAUTHORIZED, "invalid token" if generic else err.message)
 
+    @property
+    def close_code(self) -> int:
+        """The close code sent (or to be sent): 1000 unless something else closed it."""
+        return int(self._close.code) if self._close is not None else int(CloseCode.NORMAL)
+
     async def _welcome(self) -> None:
+        self.gateway.emit(
+            "connection.opened", {"conn": self.id, "user": self.user, "transport": "websocket"}
+        )
         cfg = self.gateway.config()
         await self.send_json(
             {
@@ -572,17 +580,19 @@ class Connection:
         subscribe: Callable[[], Subscription],
         reply: dict[str, Any] | None,
         ref: str | None = None,
+        *,
+        framing: Framing | None = None,
     ) -> None:
-        """Subscribe and send ``reply`` with the first batch of events, synchronously. The
-        command's errors (``conflict``, ``too_many_streams``, then what ``subscribe`` raises:
-        ``not_found``, ``gone``, ``bad_request``) are raised before anything is registered or
-        sent."""
+        """Subscribe and send ``reply`` with the first batch of events, synchronously, framed
+        by ``framing`` (default: ``stream.event`` frames). The command's errors (``conflict``,
+        ``too_many_streams``, then what ``subscribe`` raises: ``not_found``, ``gone``,
+        ``bad_request``) are raised before anything is registered or sent."""
         if feed_id in self.attachments:
             raise Conflict(f"stream {feed_id} is already attached", field="stream")
         self.check_room()
         subscription = subscribe()
         subscription.open()
-        delivery = _Delivery(self, feed_id, subscription, ref)
+        delivery = _Delivery(self, feed_id, subscription, ref, framing or _WEBSOCKET)
         self.attachments[feed_id] = delivery
         delivery.begin(b"" if reply is None else _reply(reply))
 
@@ -668,13 +678,18 @@ class _Delivery(Delivery):
     __slots__ = ("_conn", "_ref", "_scope", "stream_id")
 
     def __init__(
-        self, conn: Connection, stream_id: str, subscription: Subscription, ref: str | None
+        self,
+        conn: Connection,
+        stream_id: str,
+        subscription: Subscription,
+        ref: str | None,
+        framing: Framing,
     ) -> None:
         super().__init__(
             subscription,
-            _WEBSOCKET,
+            framing,
             conn._out,
-            conn.gateway.metrics.events_sent.labels(_WEBSOCKET.transport),
+            conn.gateway.metrics.events_sent.labels(framing.transport),
         )
         self._conn = conn
         self._ref = ref

@@ -5,6 +5,7 @@ command table (:mod:`raafd.gateway.table`) that subsystems add their commands to
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -22,6 +23,10 @@ from raafd.timers import Timers
 __all__ = ["Gateway"]
 
 
+def _no_emit(subject: str, data: dict[str, Any]) -> None:
+    pass
+
+
 class Gateway:
     """Serves ``/v1/ws`` connections handed over by the public listener. Each connection runs
     in the listener's per-connection task; the gateway only keeps the registry (bounded by the
@@ -31,7 +36,9 @@ class Gateway:
     It gets what every connection reads: the running configuration (``config()``, reloadable
     sections included), the metrics, whom tokens stand for now (``authenticator()``) and the
     guard (role policy and rate limits). What a command uses comes with its handler
-    (:attr:`commands`, which holds ``hello`` and ``ping`` from the start)."""
+    (:attr:`commands`, which holds ``hello`` and ``ping`` from the start). ``emit`` puts
+    ``connection.opened`` (when a connection is authenticated and welcomed) and
+    ``connection.closed`` (when that connection ends) on the event bus."""
 
     def __init__(
         self,
@@ -39,8 +46,10 @@ class Gateway:
         metrics: Metrics,
         authenticator: Callable[[], TokenCheck],
         guard: Guard,
+        emit: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
+        self.emit = emit or _no_emit
         self.metrics = metrics
         self.authenticator = authenticator
         self.guard = guard
@@ -69,6 +78,17 @@ class Gateway:
         finally:
             gauge.dec()
             del self.connections[connection.id]
+            if connection.authenticated:
+                self.emit(
+                    "connection.closed",
+                    {
+                        "conn": connection.id,
+                        "user": connection.user,
+                        "transport": "websocket",
+                        "code": connection.close_code,
+                        "events_sent": connection.events_sent,
+                    },
+                )
 
     def shutdown(self, reconnect_after: float = 1.0) -> None:
         """Drain: every client gets ``shutdown``, then close 1001 when its streams end."""

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from raafd.auth import Principal
 from raafd.core.feed import Subscription
+from raafd.net.delivery import Framing
 
 __all__ = ["CommandHandler", "CommandTable", "ConnectionObserver", "Peer"]
 
@@ -67,11 +68,14 @@ class Peer(Protocol):
         subscribe: Callable[[], Subscription],
         reply: dict[str, Any] | None,
         ref: str | None = None,
+        *,
+        framing: Framing | None = None,
     ) -> None:
         """Deliver the feed ``feed_id`` on this connection from the subscription
-        ``subscribe()`` opens, ``reply`` (when given) in one write with the first events. Errors
-        (``conflict``, ``too_many_streams``, and whatever ``subscribe`` raises) come before
-        anything is registered or sent."""
+        ``subscribe()`` opens, ``reply`` (when given) in one write with the first events, framed
+        by ``framing`` (default: ``stream.event`` frames). Errors (``conflict``,
+        ``too_many_streams``, and whatever ``subscribe`` raises) come before anything is
+        registered or sent."""
         ...
 
     def detach(self, feed_id: str) -> None:

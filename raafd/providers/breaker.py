@@ -23,7 +23,7 @@ half-open closes the circuit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import trio
@@ -114,12 +114,30 @@ def on_release(s: BreakerState) -> BreakerState:
 # --- the holders ------------------------------------------------------------------------------
 
 
-class Breaker:
-    """One provider's breaker: a :class:`BreakerState` and the transitions applied to it."""
+Emit = Callable[[str, dict[str, Any]], None]
 
-    def __init__(self, config: BreakerConfig, state: BreakerState | None = None) -> None:
+
+def _no_emit(subject: str, data: dict[str, Any]) -> None:
+    pass
+
+
+class Breaker:
+    """One provider's breaker: a :class:`BreakerState` and the transitions applied to it.
+    ``emit`` is told ``breaker.opened`` when the circuit opens (from closed, or again after a
+    failed trial) and ``breaker.closed`` when it closes again, with the provider's ``name``."""
+
+    def __init__(
+        self,
+        config: BreakerConfig,
+        state: BreakerState | None = None,
+        *,
+        name: str = "",
+        emit: Emit = _no_emit,
+    ) -> None:
         self.config = config
         self.state = state or BreakerState()
+        self.name = name
+        self._emit = emit
 
     def allow(self, now: float) -> bool:
         """May a call go through now? A True from a half-open circuit makes this call the
@@ -129,10 +147,23 @@ class Breaker:
         return allowed
 
     def record_success(self, now: float) -> None:
+        before = self.state.state
         self.state = on_success(self.state, now)
+        if before != "closed" and self.state.state == "closed":
+            self._emit("breaker.closed", {"provider": self.name})
 
     def record_failure(self, now: float) -> None:
-        self.state = on_failure(self.state, now, self.config)
+        before = self.state
+        self.state = after = on_failure(before, now, self.config)
+        if after.state == "open" and after.opened_at != before.opened_at:
+            self._emit(
+                "breaker.opened",
+                {
+                    "provider": self.name,
+                    "failures": after.failures,
+                    "cooldown": self.config.cooldown,
+                },
+            )
 
     def release(self) -> None:
         self.state = on_release(self.state)
@@ -158,8 +189,9 @@ class Breakers:
     """One :class:`Breaker` per provider name, made on first use. Bounded by the configured
     providers: :meth:`reload` forgets the breakers of providers no longer configured."""
 
-    def __init__(self, config: BreakerConfig) -> None:
+    def __init__(self, config: BreakerConfig, *, emit: Emit = _no_emit) -> None:
         self._config = config
+        self._emit = emit
         self._breakers: dict[str, Breaker] = {}
 
     @property
@@ -169,7 +201,9 @@ class Breakers:
     def get(self, provider: str) -> Breaker:
         breaker = self._breakers.get(provider)
         if breaker is None:
-            breaker = self._breakers[provider] = Breaker(self._config)
+            breaker = self._breakers[provider] = Breaker(
+                self._config, name=provider, emit=self._emit
+            )
         return breaker
 
     def reload(self, config: BreakerConfig, providers: Iterable[str] | None = None) -> None:

@@ -24,13 +24,17 @@ through ``start(body=...)``.
 The output filters of the stream's agent (for a workflow, the agent its ``start`` event names)
 wrap its body (:mod:`raafd.streams.filters`): what they make of its events is what the log
 receives.
+
+Events on the bus (through ``emit``, see docs/protocol.md): ``stream.started`` when a stream
+starts, and ``stream.completed`` / ``stream.failed`` / ``stream.cancelled`` at its terminal
+event.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -52,6 +56,15 @@ __all__ = ["StreamManager"]
 log = get_logger("raafd.streams")
 
 _STREAM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_ENDED_SUBJECTS = {
+    "complete": "stream.completed",
+    "error": "stream.failed",
+    "cancelled": "stream.cancelled",
+}
+
+
+def _no_emit(subject: str, data: dict[str, Any]) -> None:
+    pass
 
 
 class StreamManager:
@@ -70,8 +83,10 @@ class StreamManager:
         *,
         bodies: BodyFactory,
         filters: Mapping[str, FilterChain] | None = None,
+        emit: Callable[[str, dict[str, Any]], None] = _no_emit,
     ) -> None:
         self._config = config
+        self._emit = emit
         self._agents = agents
         self._providers = providers
         self._metrics = metrics
@@ -246,6 +261,16 @@ class StreamManager:
             self._session_streams[kept] = stream.id
         self._metrics.streams_started.inc()
         self._nursery.start_soon(self._run_stream, stream, body, name=stream.id)
+        self._emit(
+            "stream.started",
+            {
+                "stream": stream.id,
+                "agent": stream.agent,
+                "model": stream.model,
+                "owner": owner,
+                "session": session,
+            },
+        )
         return stream
 
     def get(self, stream_id: str) -> Stream:
@@ -326,6 +351,24 @@ class StreamManager:
             oldest, _ = self._ended.popitem(last=False)
             self._forget(oldest)
         self._ended_lot.unpark_all()
+        self._emit_ended(stream)
+
+    def _emit_ended(self, stream: Stream) -> None:
+        terminal = stream.terminal
+        subject = _ENDED_SUBJECTS.get(terminal.kind) if terminal is not None else None
+        if terminal is None or subject is None:
+            return
+        data: dict[str, Any] = {"stream": stream.id, "agent": stream.agent, "seq": terminal.seq}
+        fields = terminal.fields
+        if terminal.kind == "complete":
+            data["finish_reason"] = fields.get("finish_reason")
+            data["usage"] = fields.get("usage")
+        elif terminal.kind == "error":
+            error = fields.get("error")
+            data["code"] = error.get("code") if isinstance(error, dict) else None
+        else:
+            data["reason"] = fields.get("reason")
+        self._emit(subject, data)
 
     def _forget(self, stream_id: str) -> None:
         stream = self._streams.pop(stream_id, None)
