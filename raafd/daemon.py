@@ -154,7 +154,7 @@ class Daemon:
         # Presence first: a user is online before their queue is delivered.
         self.gateway.observers.append(self.presence)
         self.gateway.observers.append(self.offline)
-        add_event_commands(self.gateway.commands, self.bus, self._restricted_events)
+        add_event_commands(self.gateway.commands, self.bus, self.guard, self._restricted_events)
         # The HTTP adapters get the services they use, never the daemon.
         http = StreamingContext(
             config=lambda: self.config,

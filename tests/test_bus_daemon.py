@@ -283,3 +283,50 @@ def test_breakers_emit_when_they_open_and_close() -> None:
     breaker.record_success(23.1)
     assert [s for s, _ in seen] == ["breaker.opened", "breaker.opened", "breaker.closed"]
     assert seen[-1][1] == {"provider": "openai"}
+
+
+async def test_role_permissions_and_restricted_subjects_apply_per_principal(
+    start_daemon: Any, make_config: Any
+) -> None:
+    tokens = {"alice": "alice-token-0123456789", "root": "root-token-0123456789"}
+    config = make_config(
+        auth={
+            "users": {
+                "alice": {"token": tokens["alice"], "roles": ["viewer"]},
+                "root": {"token": tokens["root"], "roles": ["admin"]},
+            },
+            "roles": {
+                "viewer": {"agents": ["*"], "events": ["stream.>", "job.>"]},
+                "admin": {"agents": ["*"], "events": [">"], "admin": True},
+            },
+        }
+    )
+    rd = await start_daemon(config)
+
+    async def attempt(user: str, pattern: str) -> dict[str, Any]:
+        headers = [("authorization", f"Bearer {tokens[user]}")]
+        async with open_ws(rd.ws_url, subprotocols=[SUBPROTOCOL], extra_headers=headers) as ws:
+            await recv(ws, "welcome")
+            await ws.send_message(
+                json.dumps({"type": "events.subscribe", "pattern": pattern, "ref": "r"})
+            )
+            return await recv(ws, "events.subscribed", "error")
+
+    with trio.fail_after(30):
+        assert (await attempt("alice", "stream.*"))["type"] == "events.subscribed"
+        refused = await attempt("alice", "room.>")  # no role of hers grants it
+        assert (refused["type"], refused["code"], refused["field"]) == (
+            "error",
+            "forbidden",
+            "pattern",
+        )
+        assert (await attempt("alice", ">"))["code"] == "forbidden"
+        assert (await attempt("root", "connection.>"))["type"] == "events.subscribed"
+        async with httpx.AsyncClient(base_url=rd.base_url) as client:
+            answer = await client.get(
+                "/v1/events",
+                params={"pattern": "room.>"},
+                headers={"authorization": f"Bearer {tokens['alice']}"},
+            )
+            assert answer.status_code == 403
+            assert answer.json()["error"]["field"] == "pattern"

@@ -22,6 +22,7 @@ from raafd.gateway.frames import text_frame
 from raafd.gateway.table import CommandTable, Peer
 from raafd.protocol.events import StreamEvent
 from raafd.protocol.subjects import compile_pattern
+from raafd.security.guard import Guard
 
 __all__ = ["EventsSubscribe", "EventsUnsubscribe", "add_event_commands", "feed_key"]
 
@@ -88,15 +89,20 @@ class _EventFraming:
 
 
 def add_event_commands(
-    table: CommandTable, bus: Bus, restricted: Callable[[], Mapping[str, Sequence[str]]]
+    table: CommandTable,
+    bus: Bus,
+    guard: Guard,
+    restricted: Callable[[], Mapping[str, Sequence[str]]],
 ) -> None:
-    """Register the bus commands. ``restricted()`` is ``events.restricted`` now (reloadable);
-    it applies to the roles of the connection's principal."""
+    """Register the bus commands. ``guard`` checks the pattern against the principal's roles
+    (``events.subscribe``); ``restricted()`` is ``events.restricted`` now (reloadable), applied
+    to the same roles."""
 
     async def subscribe(conn: Peer, cmd: EventsSubscribe) -> None:
         pattern = compile_pattern(cmd.pattern)
         where = check_where(cmd.where) if cmd.where is not None else None
-        hidden = hidden_from(restricted(), conn.principal.roles, pattern)
+        guard.require(conn.principal, "events.subscribe", cmd.pattern, "pattern")
+        hidden = hidden_from(restricted(), guard.roles_of(conn.principal), pattern)
         if cmd.since is not None:
             bus.check_since(cmd.since)
         name = cmd.sub if cmd.sub is not None else cmd.pattern

@@ -75,8 +75,8 @@ def add_event_routes(
     bus: Bus,
     restricted: Callable[[], Mapping[str, Sequence[str]]],
 ) -> None:
-    """``restricted()``: ``events.restricted`` now, applied to the roles of the request's
-    principal."""
+    """``ctx.guard`` checks the pattern against the principal's roles (``events.subscribe``);
+    ``restricted()`` is ``events.restricted`` now, applied to the same roles."""
 
     async def events(request: Request) -> StreamingResponse:
         text = request.query.get("pattern")
@@ -85,7 +85,8 @@ def add_event_routes(
         pattern = compile_pattern(text)
         where = _where(request)
         once = request.query.get("once", "0") in ("1", "true")
-        hidden = hidden_from(restricted(), request.principal.roles, pattern)
+        ctx.guard.require(request.principal, "events.subscribe", text, "pattern")
+        hidden = hidden_from(restricted(), ctx.guard.roles_of(request.principal), pattern)
         since = _since(request)
         if since is not None:
             bus.check_since(since)

@@ -55,6 +55,10 @@ class Guard:
                 "too many requests from this address: slow down", retry_after=math.ceil(wait)
             )
 
+    def roles_of(self, principal: Principal) -> frozenset[str]:
+        """The principal's roles, or ``auth.default_roles`` when it carries none."""
+        return self._authenticator().policy.roles_of(principal)
+
     def allows(self, principal: Principal, action: str, resource: str = "") -> bool:
         return self._authenticator().policy.allows(principal, action, resource)
 

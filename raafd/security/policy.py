@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from raafd.config import RoleConfig
+from raafd.errors import BadRequest
+from raafd.protocol.subjects import compile_pattern, covers
 
 __all__ = ["ACTIONS", "Policy", "pattern_covers"]
 
@@ -85,16 +87,9 @@ def _glob(patterns: Sequence[str], name: str) -> bool:
 
 def pattern_covers(allowed: str, asked: str) -> bool:
     """Whether every subject the event-bus pattern ``asked`` matches is matched by ``allowed``
-    (dot-separated; ``*`` one segment, ``>`` one or more trailing segments)."""
-    a, b = allowed.split("."), asked.split(".")
-    for i, part in enumerate(a):
-        if part == ">":
-            return len(b) > i  # ">" needs at least one segment; b's rest is any
-        if i >= len(b):
-            return False
-        if b[i] == ">":
-            return False  # asked reaches further than a segment-by-segment allowance
-        if part != "*" and part != b[i]:
-            return False
-        # part "*" covers a literal or a "*"
-    return len(a) == len(b)
+    (:func:`raafd.protocol.subjects.covers`); an invalid pattern covers and is covered by
+    nothing."""
+    try:
+        return covers(compile_pattern(allowed), compile_pattern(asked))
+    except BadRequest:
+        return False
