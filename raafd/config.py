@@ -427,6 +427,8 @@ class StreamsConfig:
     max_duration: float = field(default=900.0, validator=_positive)
     subscriber_buffer: int = field(default=64, validator=_positive)
     max_lag: int = field(default=1024, validator=_positive)
+    # A snapshot's bound: the text and tool calls it folds (see streams/snapshot.py).
+    max_snapshot_bytes: int = field(default=1 << 20, validator=_positive)
 
 
 @frozen

@@ -266,17 +266,23 @@ class StreamHandle:
     """One stream, attached through a :class:`RaafdClient`: an async iterator of its events.
 
     Each event is the protocol's stream event object, a dict with ``stream``, ``seq``,
-    ``event`` and the event's fields (``delta``, ``final_response``, ...). Iteration ends after
-    the terminal event (``complete``, ``error`` or ``cancelled``, kept in :attr:`terminal`), or
-    after :meth:`detach`. It raises :class:`ClientError` when the stream cannot be followed any
-    more (the client gave up reconnecting, the stream was forgotten by the server, ...).
+    ``event`` and the event's fields (``delta``, ``final_response``, ...); a handle attached
+    from 0 with a snapshot starts with a ``snapshot`` event (see :meth:`RaafdClient.attach`).
+    Iteration ends after the terminal event (``complete``, ``error`` or ``cancelled``, kept in
+    :attr:`terminal`), or after :meth:`detach`. It raises :class:`ClientError` when the stream
+    cannot be followed any more (the client gave up reconnecting, the stream was forgotten by
+    the server, ...).
 
     Iterate a handle from one task at a time.
     """
 
-    def __init__(self, client: RaafdClient, stream_id: str, after: int, buffer: int) -> None:
+    def __init__(
+        self, client: RaafdClient, stream_id: str, after: int, buffer: int, snapshot: bool = False
+    ) -> None:
         self._client = client
         self.stream_id = stream_id
+        #: Whether an attach from seq 0 asks for a snapshot (see :meth:`RaafdClient.attach`).
+        self.snapshot = snapshot
         #: The seq of the last event iteration returned (``after`` before the first).
         self.last_seq = after
         #: The terminal event, once iteration has returned it.
@@ -479,18 +485,27 @@ class RaafdClient:
         await self._request(message, on_reply=on_started, retry=False)
         return started[0]
 
-    async def attach(self, stream_id: str, after: int = 0) -> StreamHandle:
-        """Follow an existing stream from the event after seq ``after`` (0: from the start)."""
+    async def attach(
+        self, stream_id: str, after: int = 0, *, snapshot: bool = True
+    ) -> StreamHandle:
+        """Follow an existing stream from the event after seq ``after`` (0: from the start).
+
+        From 0 with ``snapshot`` (the default) the first event is a ``snapshot``
+        {``seq``, ``text``, ``tool_calls``, ``agent``} standing for every event up to its
+        ``seq`` (a long stream's thousands of deltas in one; possible after the server's log
+        dropped them), then every event after it. The server answers without one when the
+        stream's text is over its ``max_snapshot_bytes``; ``snapshot=False`` asks for every
+        event instead. Resuming (``after`` > 0, and every re-attach after a reconnect that
+        has received something) never asks for one."""
         if stream_id in self._handles:
             raise ClientError("conflict", f"stream {stream_id} is already attached", "stream")
         self._check_room()
-        handle = StreamHandle(self, stream_id, after, self._stream_buffer)
+        handle = StreamHandle(self, stream_id, after, self._stream_buffer, snapshot)
 
         def on_attached(reply: dict[str, Any]) -> None:
             self._handles[stream_id] = handle
 
-        message = {"type": "stream.attach", "stream": stream_id, "after": after}
-        await self._request(message, on_reply=on_attached)
+        await self._request(_attach_message(handle), on_reply=on_attached)
         return handle
 
     async def set_presence(
@@ -901,7 +916,10 @@ class RaafdClient:
 
 
 def _attach_message(handle: StreamHandle) -> dict[str, Any]:
-    return {"type": "stream.attach", "stream": handle.stream_id, "after": handle._received}
+    message = {"type": "stream.attach", "stream": handle.stream_id, "after": handle._received}
+    if handle.snapshot and handle._received == 0:
+        message["snapshot"] = True
+    return message
 
 
 def _encode(message: dict[str, Any], ref: str) -> str:

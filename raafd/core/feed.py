@@ -131,7 +131,8 @@ class Feed:
     """See the module docstring. ``feed_id`` names the feed in every event (the wire's
     ``stream`` field for agent streams); ``build`` encodes an event once, for every subscriber
     on every transport; ``on_subscribers`` is told the new count after each subscribe and
-    unsubscribe (an agent stream's detach grace starts at 0)."""
+    unsubscribe (an agent stream's detach grace starts at 0); ``on_evict`` is handed each event
+    the log evicts (see :class:`~raafd.core.log.EventLog`)."""
 
     __slots__ = (
         "_build",
@@ -155,11 +156,12 @@ class Feed:
         policy: Backpressure = Backpressure.NEVER_WAITS,
         build: Build = build_event,
         on_subscribers: Callable[[int], None] | None = None,
+        on_evict: Callable[[StreamEvent], None] | None = None,
     ) -> None:
         self.id = feed_id
         self.limits = limits
         self.policy = policy
-        self.log = EventLog(limits.max_events, limits.max_bytes)
+        self.log = EventLog(limits.max_events, limits.max_bytes, on_evict)
         self._metrics = metrics
         self._build = build
         self._on_subscribers = on_subscribers
@@ -198,6 +200,7 @@ class Feed:
         context: Mapping[str, Any] | None = None,
         view: View | None = None,
         on_lag: LagNotice | None = None,
+        lead: StreamEvent | None = None,
     ) -> Subscription:
         """A subscription delivering every event with seq greater than ``after``.
 
@@ -206,11 +209,15 @@ class Feed:
         pushes. Raises :class:`~raafd.errors.Gone` when events after ``after`` were evicted and
         :class:`~raafd.errors.BadRequest` when ``after`` is negative or beyond the head.
         ``context`` (``conn``, ``req`` ids) is logged if the subscriber fails; ``view`` and
-        ``on_lag``: see the module docstring."""
+        ``on_lag``: see the module docstring. ``lead`` (a snapshot covering the events up to
+        ``after``) is handed out first, in the first batch, before any event is pushed."""
         self.log.check(after)
         sub = Subscription(self, after, context or _NO_CONTEXT)
         sub.view = view
         sub._on_lag = on_lag
+        if lead is not None:
+            sub._lead = lead
+            sub._held = True  # no push before the lead has been taken
         return sub
 
     # --- writing ------------------------------------------------------------------------------
@@ -383,6 +390,7 @@ class Subscription:
         "_done",
         "_error",
         "_held",
+        "_lead",
         "_missed",
         "_on_lag",
         "_state",
@@ -405,6 +413,7 @@ class Subscription:
         # The reader: the log grew or the feed ended (made on its first wait).
         self._wake: trio.lowlevel.ParkingLot | None = None
         self._held = False  # a batch was handed out and its reader has not asked for more yet
+        self._lead: StreamEvent | None = None  # handed out before the first batch (a snapshot)
         #: Called (synchronously, from the producer) when the subscriber is dropped, so a reader
         #: blocked on a stalled socket can be closed now rather than on its next read.
         self.on_drop: Callable[[RaafdError], None] | None = None
@@ -527,6 +536,10 @@ class Subscription:
         if self._state == "new":
             raise RuntimeError("enter the subscription (`async with`) before iterating it")
         feed = self.feed
+        if self._lead is not None:
+            lead, self._lead = self._lead, None
+            self._held = True
+            return [lead, *feed._next_batch(self)] if feed.log.head > self._cursor else [lead]
         if self._on_lag is not None:
             if feed.log.head > self._cursor and feed.log.oldest > self._cursor + 1:
                 self._skip(feed.log.oldest - 1)  # evicted while it was behind

@@ -12,6 +12,9 @@ Rules:
 - ``after(seq)`` answers every held event with a greater seq; asking for events that were
   evicted raises :class:`~raafd.errors.Gone` naming the oldest seq still held, so a client can
   tell "too late" from "nothing new".
+- ``on_evict`` (when given) is handed each event as it is evicted, oldest first, before the log
+  lets it go: an agent stream folds them into what answers a snapshot. It costs nothing until
+  the log is full.
 
 What it holds is flat: the events' JSON back to back in one ``bytearray``, their end offsets in
 an ``array`` and their kinds in a ``bytearray``; not the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Callable
 from typing import Final
 
 from raafd.errors import BadRequest, Gone
@@ -71,9 +75,15 @@ class EventLog:
         "closed",
         "max_bytes",
         "max_events",
+        "on_evict",
     )
 
-    def __init__(self, max_events: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        max_events: int,
+        max_bytes: int,
+        on_evict: Callable[[StreamEvent], None] | None = None,
+    ) -> None:
         if max_events < 1 or max_bytes < 1:
             raise ValueError("an event log holds at least one event and one byte")
         self.max_events = max_events
@@ -90,6 +100,8 @@ class EventLog:
         self._feed = ""  # the feed's id, from the first event
         self._head = 0
         self.closed = False  # a terminal event is in the log (read on every append)
+        #: Told each evicted event (see the module docstring); dropped once the log is sealed.
+        self.on_evict = on_evict
 
     def _start(self, slot: int) -> int:
         return self._ends[slot - 1] if slot else 0
@@ -144,7 +156,10 @@ class EventLog:
 
     def _evict(self) -> None:
         """Drop the oldest events until both bounds hold (never the newest one)."""
+        on_evict = self.on_evict
         while len(self) > 1 and (len(self) > self.max_events or self.nbytes > self.max_bytes):
+            if on_evict is not None:
+                on_evict(self._event(self._first))
             self._first += 1
         if self._first > 64 and self._first * 2 > len(self._ends):
             self._compact()
@@ -164,6 +179,7 @@ class EventLog:
         and the log may be kept for long (see the module docstring)."""
         if self._first:
             self._compact()
+        self.on_evict = None  # nothing is evicted any more (and a retained log refers to less)
         # A bytearray copied, or an array built from a list, is allocated at its exact size; the
         # originals keep the slack of their growth (and a bytearray may keep the prefix _compact
         # cut off). The end offsets take 4 bytes each instead of 8 when the blob allows (it

@@ -95,7 +95,8 @@ def add_stream_commands(
                 "stream": cmd.stream,
                 "after": cmd.after,
             }
-        conn.attach(cmd.stream, partial(streams.subscribe, cmd.stream, cmd.after), reply, cmd.ref)
+        subscribe = partial(streams.subscribe, cmd.stream, cmd.after, snapshot=cmd.snapshot)
+        conn.attach(cmd.stream, subscribe, reply, cmd.ref)
 
     async def detach(conn: Peer, cmd: StreamDetach) -> None:
         conn.detach(cmd.stream)

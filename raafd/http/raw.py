@@ -50,7 +50,15 @@ from raafd.http.asgi import Response, error_response, next_request_id
 from raafd.http.context import StreamingContext
 from raafd.http.cors import Headers, cors
 from raafd.http.openai_compat import ChunkFraming, Completion, start_completion
-from raafd.http.streams import FRAMINGS, SSE, Framing, framing_for, replay_after, start_stream
+from raafd.http.streams import (
+    FRAMINGS,
+    SSE,
+    Framing,
+    framing_for,
+    replay_after,
+    snapshot_param,
+    start_stream,
+)
 from raafd.logging import get_logger
 from raafd.net.delivery import Framing as DeliveryFraming
 from raafd.net.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
@@ -389,12 +397,14 @@ class _Connection:
                 if request.stream_id is None:
                     stream_id = start_stream(ctx, body, request_id, principal).id
                     after = 0
+                    snapshot = False
                 else:
                     stream_id = request.stream_id
                     after = replay_after(head.headers, query)
+                    snapshot = snapshot_param(query)
                 # Registered before the head goes out: not_found, gone and a bad `after`
                 # are answered with their status, as on the ASGI path.
-                subscription = ctx.streams.subscribe(stream_id, after)
+                subscription = ctx.streams.subscribe(stream_id, after, snapshot=snapshot)
                 subscription.open()
             except RaafdError as err:
                 ctx.metrics.errors.labels(err.code).inc()

@@ -38,6 +38,7 @@ from raafd.protocol.commands import StreamStart
 from raafd.protocol.events import StreamEvent
 
 if TYPE_CHECKING:
+    from raafd.core.feed import Subscription
     from raafd.streams import Stream
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "framing_for",
     "ndjson_line",
     "replay_after",
+    "snapshot_param",
     "sse_frame",
     "start_stream",
 ]
@@ -103,15 +105,22 @@ def framing_for(accept: str, default: str | None) -> str | None:
 
 
 def event_stream(
-    ctx: StreamingContext, stream_id: str, after: int, framing: str
+    ctx: StreamingContext, stream_id: str, after: int, framing: str, *, snapshot: bool = False
 ) -> StreamingResponse:
-    """Replay and follow a stream as SSE or NDJSON from ``after``. A missing stream or an
-    ``after`` the log no longer holds is refused here, before any header is sent."""
-    ctx.streams.get(stream_id).log.check(after)
+    """Replay and follow a stream as SSE or NDJSON from ``after`` (with ``snapshot`` and
+    ``after`` 0: a ``snapshot`` event, then what follows it). A missing stream or an ``after``
+    the log no longer holds is refused here, before any header is sent."""
+    made: Subscription | None = None
+    if snapshot and not after:
+        # Made now (so `gone` is answered before the head), registered when the body runs.
+        made = ctx.streams.subscribe(stream_id, 0, snapshot=True)
+    else:
+        ctx.streams.get(stream_id).log.check(after)
     framer = FRAMINGS[framing]
 
     async def body(sink: Sink) -> None:
-        async with ctx.streams.subscribe(stream_id, after) as subscription:
+        opened = made if made is not None else ctx.streams.subscribe(stream_id, after)
+        async with opened as subscription:
             delivery = ctx.delivery(subscription, framer, sink)
             try:
                 await delivery.run(live=False)
@@ -150,6 +159,15 @@ def replay_after(headers: Mapping[str, str], query: Mapping[str, str]) -> int:
     return int(text)
 
 
+def snapshot_param(query: Mapping[str, str]) -> bool:
+    """``?snapshot=1`` (or ``true``) on ``GET /v1/streams/{id}/events``; ``0``, ``false`` or
+    absent: no snapshot."""
+    text = query.get("snapshot", "0").lower()
+    if text not in ("0", "1", "true", "false"):
+        raise BadRequest("snapshot must be 1, 0, true or false", field="snapshot")
+    return text in ("1", "true")
+
+
 def _status_reply(stream: Stream) -> dict[str, Any]:
     """The status of ``GET /v1/streams/{id}`` and of the control answers: ``stream`` is the id,
     as everywhere else; ``id``, the same id, is deprecated and goes in a later release."""
@@ -176,8 +194,9 @@ def add_stream_routes(router: Router, ctx: StreamingContext) -> None:
 
     async def events(request: Request, stream_id: str) -> StreamingResponse:
         after = replay_after(request.headers, request.query)
+        snapshot = snapshot_param(request.query)
         framing = framing_for(request.headers.get("accept", ""), SSE) or SSE
-        return event_stream(ctx, stream_id, after, framing)
+        return event_stream(ctx, stream_id, after, framing, snapshot=snapshot)
 
     def control(action: str) -> Callable[..., Any]:
         async def handler(request: Request, stream_id: str) -> Response:

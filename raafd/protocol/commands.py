@@ -93,8 +93,12 @@ class StreamStart:
 
 @frozen
 class StreamAttach:
+    """``stream.attach``; ``snapshot`` with ``after`` 0 asks for one ``snapshot`` event instead
+    of the replay of what came before (ignored with a later ``after``: a resume)."""
+
     stream: str = field(validator=_short)
     after: int = field(default=0, validator=_non_negative)
+    snapshot: bool = False
     ref: str | None = None
 
 

@@ -280,11 +280,12 @@ class StreamManager:
             raise NotFound(f"no stream {stream_id!r}", field="stream")
         return stream
 
-    def subscribe(self, stream_id: str, after: int = 0) -> Subscription:
+    def subscribe(self, stream_id: str, after: int = 0, *, snapshot: bool = False) -> Subscription:
         """An async context manager (and, inside it, async iterator) delivering the events of
-        ``stream_id`` after seq ``after``; unregistered on exit. Raises ``NotFound``, ``Gone``
-        (evicted), ``BadRequest`` (``after`` out of range)."""
-        return self.get(stream_id).subscribe(after)
+        ``stream_id`` after seq ``after`` (with ``snapshot`` and ``after`` 0: a ``snapshot``
+        event first, see :meth:`Stream.subscribe`); unregistered on exit. Raises ``NotFound``,
+        ``Gone`` (evicted), ``BadRequest`` (``after`` out of range)."""
+        return self.get(stream_id).subscribe(after, snapshot=snapshot)
 
     def cancel(self, stream_id: str, reason: str = "client") -> bool:
         """Cancel a stream; False when it had already ended."""

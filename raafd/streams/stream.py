@@ -45,6 +45,7 @@ from raafd.metrics import Metrics
 from raafd.protocol.codes import ErrorCode
 from raafd.protocol.events import CANCEL_REASONS, TERMINAL_KINDS, StreamEvent
 from raafd.streams.body import Body, StreamWriter
+from raafd.streams.snapshot import Fold, snapshot_event
 from raafd.timers import Timers
 
 __all__ = [
@@ -122,6 +123,7 @@ class Stream:
         "_detached_since",
         "_done",
         "_ended_clock",
+        "_evicted",
         "_first_token_at",
         "_gap_due",
         "_gap_left",
@@ -181,9 +183,11 @@ class Stream:
             metrics=metrics,
             policy=Backpressure.SOLE_WAITS,
             on_subscribers=self._subscribers_changed,
+            on_evict=self._fold_evicted,
         )
         self.log = self.feed.log
         self._metrics = metrics
+        self._evicted: Fold | None = None  # the events the log evicted, folded (snapshots)
         self._detach_grace = config.detach_grace if detach_grace is None else detach_grace
         self._on_finish = on_finish
         self._t0 = trio.current_time()
@@ -270,10 +274,41 @@ class Stream:
             "ended_at": self.ended_at,
         }
 
-    def subscribe(self, after: int = 0, *, context: dict[str, Any] | None = None) -> Subscription:
+    def subscribe(
+        self, after: int = 0, *, context: dict[str, Any] | None = None, snapshot: bool = False
+    ) -> Subscription:
         """A subscription to the stream's feed from ``after``: see
-        :meth:`raafd.core.feed.Feed.subscribe`. The detach grace runs while it has none."""
-        return self.feed.subscribe(after, context=context)
+        :meth:`raafd.core.feed.Feed.subscribe`. The detach grace runs while it has none.
+
+        With ``snapshot`` and ``after`` 0, the subscription starts with one ``snapshot`` event
+        covering every event up to the newest one that is not terminal, then gives exactly the
+        events after it (see :mod:`raafd.streams.snapshot`); when the text and tool calls are
+        more than ``max_snapshot_bytes``, it is a plain subscription from 0 (``gone`` when the
+        log no longer holds the start). A later ``after`` is a resume: no snapshot."""
+        if not snapshot or after:
+            return self.feed.subscribe(after, context=context)
+        fold = self.snapshot()
+        if fold is None:
+            return self.feed.subscribe(0, context=context)
+        return self.feed.subscribe(fold.seq, context=context, lead=snapshot_event(self.id, fold))
+
+    def snapshot(self) -> Fold | None:
+        """The fold of every event up to the newest one that is not terminal; None when it is
+        more than ``max_snapshot_bytes``."""
+        log = self.log
+        upto = log.head - 1 if log.closed else log.head
+        evicted = self._evicted
+        fold = evicted.copy() if evicted is not None else Fold(self.config.max_snapshot_bytes)
+        for event in log.after(fold.seq):
+            if event.seq > upto or fold.overflow:
+                break
+            fold.add(event)
+        return None if fold.overflow else fold
+
+    def _fold_evicted(self, event: StreamEvent) -> None:
+        if self._evicted is None:
+            self._evicted = Fold(self.config.max_snapshot_bytes)
+        self._evicted.add(event)
 
     # --- control ------------------------------------------------------------------------------
 
