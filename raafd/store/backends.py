@@ -18,9 +18,13 @@ from typing import Final
 from attrs import frozen
 
 from raafd.config import Config
+from raafd.store import jobs_sqlite
 from raafd.store import sqlite as session_sqlite
 from raafd.store.base import SessionBackend
 from raafd.store.db import Database, open_database
+from raafd.store.jobs import JobStore
+from raafd.store.jobs_memory import MemoryJobStore
+from raafd.store.jobs_sqlite import SqliteJobStore
 from raafd.store.memory import open_memory_session_store
 from raafd.store.offline import OfflineStore
 from raafd.store.offline_memory import MemoryOfflineStore
@@ -34,6 +38,7 @@ __all__ = ["SCHEMAS", "Stores", "open_session_backend", "open_stores"]
 SCHEMAS: Final[Mapping[str, Sequence[str]]] = {
     "sessions": session_sqlite.MIGRATIONS,
     "offline": OFFLINE_MIGRATIONS,
+    "jobs": jobs_sqlite.MIGRATIONS,
 }
 
 
@@ -43,6 +48,7 @@ class Stores:
 
     sessions: SessionBackend
     offline: OfflineStore  # per-user offline queues (direct messages, room messages)
+    jobs: JobStore
     db: Database | None  # the shared SQLite database; None with the memory backend
 
 
@@ -52,12 +58,15 @@ async def open_stores(config: Config) -> AsyncIterator[Stores]:
     backend = config.store.backend
     if backend == "memory":
         async with open_memory_session_store(config.sessions) as memory:
-            yield Stores(sessions=memory, offline=MemoryOfflineStore(), db=None)
+            yield Stores(
+                sessions=memory, offline=MemoryOfflineStore(), jobs=MemoryJobStore(), db=None
+            )
     elif backend == "sqlite":
         async with open_database(database_path(config.state), SCHEMAS) as db:
             yield Stores(
                 sessions=SqliteSessionStore(db, config.sessions),
                 offline=await SqliteOfflineStore.open(db),
+                jobs=SqliteJobStore(db),
                 db=db,
             )
     else:  # pragma: no cover - the config validator allows only the names above
