@@ -43,6 +43,7 @@ __all__ = [
     "EventsConfig",
     "FilterConfig",
     "HttpConfig",
+    "JobsConfig",
     "JwtKeyConfig",
     "LimitsConfig",
     "LoggingConfig",
@@ -692,6 +693,41 @@ class WebhookConfig:
     allow_private: bool = False
 
 
+@frozen
+class JobsConfig:
+    """``[jobs]``: durable background jobs and batches (see docs/operations.md)."""
+
+    workers: int = field(default=4, validator=_between(1, 10_000))
+    # Jobs not yet ended (scheduled, queued, running, waiting to retry); more are refused 503.
+    max_active: int = field(default=100_000, validator=_positive)
+    # Jobs of one agent / of one provider's agents running at once; 0: only `workers` limits.
+    max_per_agent: int = field(default=0, validator=_non_negative)
+    max_per_provider: int = field(default=0, validator=_non_negative)
+    # Every `aging` seconds a queued job waits, its priority improves by one step (0 = off).
+    aging: float = field(default=60.0, validator=_non_negative)
+    # A running job's lease; renewed every lease / 3 seconds while its worker lives.
+    lease: float = field(default=30.0, validator=_positive)
+    max_attempts: int = field(default=3, validator=_between(1, 100))
+    timeout: float = field(default=600.0, validator=_positive)  # per attempt, default
+    max_timeout: float = field(default=86_400.0, validator=_positive)
+    backoff: float = field(default=1.0, validator=_positive)  # seconds after the first failure
+    backoff_max: float = field(default=300.0, validator=_positive)
+    jitter: float = field(default=0.2, validator=_between(0.0, 1.0))
+    idempotency_retention: float = field(default=86_400.0, validator=_positive)
+    max_metadata_bytes: int = field(default=4096, validator=_positive)
+    max_delay: float = field(default=31_536_000.0, validator=_positive)  # a year
+    min_every: float = field(default=1.0, validator=_positive)
+    max_wait: float = field(default=60.0, validator=_positive)  # longest ?wait= long poll
+    max_batch: int = field(default=1000, validator=_positive)  # jobs in one batch
+    # Callbacks (POST of the result to callback_url, signed as Standard Webhooks do).
+    callback_secret_env: str = ""  # the *name* of the environment variable holding the secret
+    callbacks_allow_private: bool = False  # loopback, private, link-local addresses allowed
+    callback_attempts: int = field(default=5, validator=_between(1, 50))
+    callback_timeout: float = field(default=10.0, validator=_positive)
+    callback_backoff: float = field(default=1.0, validator=_positive)
+    callback_concurrency: int = field(default=16, validator=_positive)
+
+
 def _default_providers() -> dict[str, ProviderConfig]:
     return {"demo": ProviderConfig(type="demo")}
 
@@ -723,6 +759,7 @@ class Config:
     store: StoreConfig = field(factory=StoreConfig)
     events: EventsConfig = field(factory=EventsConfig)
     webhooks: list[WebhookConfig] = field(factory=list)
+    jobs: JobsConfig = field(factory=JobsConfig)
 
     @property
     def admin_socket_path(self) -> Path:

@@ -17,6 +17,7 @@ in-flight work gets ``shutdown_grace`` seconds, then everything left is cancelle
 from __future__ import annotations
 
 import gc
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ import trio
 
 from raafd import __version__
 from raafd.admin.events import events_handler
+from raafd.admin.jobs import job_admin_commands
 from raafd.admin.server import AdminServer
 from raafd.agents.bodies import AgentBodies
 from raafd.agents.runner import AgentLoop
@@ -53,6 +55,7 @@ from raafd.gateway.presence_commands import add_presence_commands
 from raafd.http.app import build_app
 from raafd.http.context import StreamingContext
 from raafd.http.events_bus import add_event_routes
+from raafd.http.jobs import add_job_routes
 from raafd.http.offline import add_offline_routes
 from raafd.http.openai_compat import add_openai_routes
 from raafd.http.presence import add_presence_routes
@@ -62,6 +65,7 @@ from raafd.http.sessions import add_session_routes
 from raafd.http.streams import add_stream_routes
 from raafd.http.web import add_web_routes
 from raafd.http.workflows import add_workflow_routes
+from raafd.jobs import Jobs
 from raafd.logging import get_level, get_logger, set_level, set_secrets
 from raafd.metrics import Metrics
 from raafd.net.listener import PublicListener
@@ -75,6 +79,7 @@ from raafd.security.guard import Guard
 from raafd.security.limiter import Limiter
 from raafd.security.secrets import config_secrets
 from raafd.store import SessionBackend, Stores, open_stores
+from raafd.store.jobs import Job
 from raafd.streams import Stream, StreamManager
 from raafd.streams.filters import build_filters
 
@@ -117,6 +122,7 @@ class Daemon:
         self.tools: ToolRegistry | None = None  # built in run(): it needs the HTTP client
         self.stores: Stores | None = None  # opened in run() ([store] backend)
         self.sessions: SessionBackend | None = None  # = stores.sessions
+        self.jobs: Jobs | None = None  # built in run(), on the open job store
         # The event bus: every component that has events gets its emit.
         self.bus = Bus(config.events, self.metrics)
         emit = self.bus.emit
@@ -174,6 +180,7 @@ class Daemon:
         add_offline_routes(app, self.offline)
         add_web_routes(app, lambda: self.config)
         add_event_routes(app, http, self.bus, self._restricted_events)
+        add_job_routes(app, http, lambda: self.jobs)
         self.raw_http = RawHttpServer(http)
         self.listener = PublicListener(
             config.server,
@@ -195,6 +202,7 @@ class Daemon:
                 "kick": self._admin_kick,
                 "cancel": self._admin_cancel,
                 "events": events_handler(self.bus),
+                **job_admin_commands(lambda: self.jobs),
             },
             metrics=self.metrics,
         )
@@ -227,6 +235,14 @@ class Daemon:
             if self.notifier.watchdog_interval() is not None:
                 await nursery.start(self.notifier.run_watchdog)
             await nursery.start(self.streams.run)
+            self.jobs = Jobs(
+                lambda: self.config,
+                stores.jobs,
+                self.metrics,
+                start_stream=self._start_job_stream,
+                emit=self.bus.emit,
+            )
+            await nursery.start(self.jobs.run)  # after the streams: it recovers and runs jobs
             await nursery.start(self.gateway.run)  # the connections' heartbeats
             await nursery.start(self.presence.run)  # away and offline timers
             await nursery.start(self.offline.run)  # redeliveries, expiry
@@ -269,7 +285,12 @@ class Daemon:
             # once their streams have ended (WebSocket: 1001; HTTP streaming responses end with
             # the terminal event). A scope of the grace alone would end together with the
             # streams' own, before their connections could send that terminal event.
-            await self.streams.drain(cfg.shutdown_grace)
+            # Job workers take no more jobs; a running job whose stream the drain cancels
+            # goes back to queued (written before the nursery is cancelled).
+            async with trio.open_nursery() as draining:
+                if self.jobs is not None:
+                    draining.start_soon(self.jobs.drain)
+                draining.start_soon(self.streams.drain, cfg.shutdown_grace)
             await self.listener.wait_idle()
         if grace.cancelled_caught:
             log.warning(
@@ -356,6 +377,18 @@ class Daemon:
         """Start a workflow's stream, checked against the agents configured now."""
         return start_workflow(self.streams, cmd, self.config.agents, owner=owner)
 
+    def _start_job_stream(self, job: Job, stream_id: str) -> Stream:
+        """The stream of one attempt of a job: its agent on its messages, watched by nobody
+        (no detach grace; the job's own timeout bounds it)."""
+        return self.streams.start(
+            agent=job.agent,
+            messages=job.messages,
+            stream_id=stream_id,
+            owner=f"job:{job.id}",
+            session=job.session,
+            detach_grace=math.inf,
+        )
+
     def _env(self) -> dict[str, Any]:
         return {} if self.environ is None else {"environ": self.environ}
 
@@ -367,6 +400,8 @@ class Daemon:
         for provider, breaker in self.breakers.snapshot().items():
             self.metrics.breaker_state.labels(provider).set(levels.get(breaker["state"], 2))
         self.offline.refresh_gauges()
+        if self.jobs is not None:
+            self.jobs.refresh_gauges()
 
     def stats(self) -> dict[str, Any]:
         self.refresh_gauges()
@@ -383,6 +418,7 @@ class Daemon:
             "streams": self.streams.stats(),
             "presence": self.presence.stats(),
             "offline": self.offline.stats(),
+            "jobs": self.jobs.stats() if self.jobs is not None else {},
             "breakers": self.breakers.snapshot(),
             "store": self._store_stats(),
             "events": self.bus.stats(),

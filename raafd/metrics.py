@@ -160,6 +160,7 @@ _LATENCY_BUCKETS = (
     30,
 )
 _LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+_JOB_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 _GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -332,6 +333,45 @@ class Metrics:
         )
         self.admin_requests = Counter(
             "raafd_admin_requests_total", "Admin commands", ["cmd", "ok"], registry=r
+        )
+        # Background jobs (raafd/jobs): gauges set from the service at scrape time.
+        self.jobs = LoopGauge("raafd_jobs", "Jobs not yet ended, by state", ["state"], registry=r)
+        self.jobs_queued = LoopGauge(
+            "raafd_jobs_queued",
+            "Queued jobs, by priority (0 most urgent)",
+            ["priority"],
+            registry=r,
+        )
+        self.jobs_submitted = LoopCounter(
+            "raafd_jobs_submitted_total", "Jobs accepted (durable)", registry=r
+        )
+        self.jobs_ended = LoopCounter(
+            "raafd_jobs_ended_total",
+            "Job attempts' ends, by the state they led to (failed: a retry follows)",
+            ["state"],
+            registry=r,
+        )
+        self.job_lease_recoveries = LoopCounter(
+            "raafd_job_lease_recoveries_total",
+            "Running jobs whose worker died, put back to queued (or dead) at startup",
+            registry=r,
+        )
+        self.job_callback_failures = LoopCounter(
+            "raafd_job_callback_failures_total",
+            "Callback deliveries that failed (each attempt)",
+            registry=r,
+        )
+        self.job_queue_latency = LoopHistogram(
+            "raafd_job_queue_seconds",
+            "Job queued (or due) to its attempt started",
+            buckets=_JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_run_latency = LoopHistogram(
+            "raafd_job_run_seconds",
+            "Job attempt started to finished",
+            buckets=_JOB_BUCKETS,
+            registry=r,
         )
         from raafd import __version__
 

@@ -40,7 +40,8 @@ _COMMANDS: Final = {
     "kick": "close one client connection",
     "cancel": "cancel one stream",
     "rooms": "list chat rooms",
-    "jobs": "list background jobs",
+    "jobs": "list background jobs (`jobs purge --status S --older-than D` forgets old ones)",
+    "job": "show a job, or `job retry ID` / `job cancel ID`",
     "events": "print event-bus events matching a pattern (--follow: keep printing)",
 }
 _FOLLOW_WAIT: Final = 10.0  # seconds each long poll of `events --follow` waits
@@ -105,7 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
                 "--since", type=int, metavar="SEQ", help="from the history after this seq"
             )
             p.add_argument("--follow", action="store_true", help="keep printing new events")
+        elif name == "jobs":
+            p.add_argument("action", nargs="?", choices=["purge"], help="purge: forget old jobs")
+            p.add_argument("--status", help="only jobs in this state (purge: the state to forget)")
+            p.add_argument("--agent", help="only jobs of this agent")
+            p.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+            p.add_argument(
+                "--older-than",
+                type=_duration,
+                metavar="D",
+                help="purge: jobs that ended longer ago than D (seconds, or 30m, 12h, 7d)",
+            )
+        elif name == "job":
+            p.add_argument("words", nargs="+", metavar="[retry|cancel] ID", help="the job id")
     return parser
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    scale = units.get(text[-1:])
+    number = text[:-1] if scale is not None else text
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90, 30m, 7d)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def main(argv: Sequence[str], default_socket: Path | None = None) -> int:
@@ -125,6 +152,28 @@ def main(argv: Sequence[str], default_socket: Path | None = None) -> int:
         args["level"] = ns.level
     elif ns.cmd in ("kick", "cancel"):
         args["id"] = ns.id
+    elif ns.cmd == "jobs":
+        if ns.action == "purge":
+            if ns.status is None or ns.older_than is None:
+                print("raafd ctl: jobs purge needs --status and --older-than", file=sys.stderr)
+                return EXIT_USAGE
+            ns.cmd = "jobs-purge"
+            args = {"status": ns.status, "older_than": ns.older_than}
+        else:
+            args = {"limit": ns.limit}
+            if ns.status is not None:
+                args["status"] = ns.status
+            if ns.agent is not None:
+                args["agent"] = ns.agent
+    elif ns.cmd == "job":
+        words = ns.words
+        if len(words) == 1:
+            args = {"id": words[0], "action": "show"}
+        elif len(words) == 2 and words[0] in ("retry", "cancel"):
+            args = {"id": words[1], "action": words[0]}
+        else:
+            print("raafd ctl: job ID | job retry ID | job cancel ID", file=sys.stderr)
+            return EXIT_USAGE
 
     try:
         result = _call(path, ns.cmd, args, ns.timeout)

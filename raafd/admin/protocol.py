@@ -24,7 +24,7 @@ class when adding a command. A command the daemon registers without an entry her
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import attrs
 import orjson
@@ -113,9 +113,13 @@ def _log_level(value: str) -> str | None:
     return None if value in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}; got {value!r}"
 
 
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
 @frozen
 class NoArgs:
-    """``stats``, ``connections``, ``streams``, ``rooms``, ``jobs``, ``reload``, ``drain``."""
+    """``stats``, ``connections``, ``streams``, ``rooms``, ``reload``, ``drain``."""
 
 
 @frozen
@@ -167,13 +171,40 @@ class EventsArgs:
     limit: int = field(default=100, validator=_arg_validator(_limit))
 
 
+@frozen
+class JobsArgs:
+    """``jobs``: the listing's filters."""
+
+    status: str | None = None
+    agent: str | None = None
+    limit: int = field(default=50, validator=_arg_validator(_limit))
+
+
+@frozen
+class JobArgs:
+    """``job``: show, retry or cancel one job."""
+
+    id: str = field(validator=_arg_validator(_non_empty))
+    action: Literal["show", "retry", "cancel"] = "show"
+
+
+@frozen
+class JobsPurgeArgs:
+    """``jobs-purge``: forget ended jobs in ``status`` that ended ``older_than`` seconds ago."""
+
+    status: list[str]
+    older_than: float = field(validator=_arg_validator(_not_negative))
+
+
 COMMAND_ARGS: Final[Mapping[str, type]] = {
     "events": EventsArgs,
     "stats": NoArgs,
     "connections": NoArgs,
     "streams": NoArgs,
     "rooms": NoArgs,
-    "jobs": NoArgs,
+    "jobs": JobsArgs,
+    "job": JobArgs,
+    "jobs-purge": JobsPurgeArgs,
     "reload": NoArgs,
     "drain": NoArgs,
     "log-level": LogLevelArgs,
