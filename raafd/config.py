@@ -12,6 +12,7 @@ TOML value when it is one (``8081``, ``true``, ``["a"]``) and taken as a string 
 
 from __future__ import annotations
 
+import base64
 import difflib
 import importlib.util
 import ipaddress
@@ -688,7 +689,6 @@ class WebhookConfig:
     max_attempts: int = field(default=6, validator=_between(1, 100))
     retry_base: float = field(default=1.0, validator=_positive)
     retry_max: float = field(default=300.0, validator=_positive)
-    queue: int = field(default=1000, validator=_between(1, 1_000_000))
     # Deliver to private, loopback and link-local addresses too (a hook on this host or LAN).
     allow_private: bool = False
 
@@ -989,6 +989,11 @@ def _events_problems(cfg: Config, environ: Mapping[str, str] | None) -> list[str
             problems.append(f"{where}.url: must be an http:// or https:// URL")
         if bool(hook.secret) == bool(hook.secret_env):
             problems.append(f"{where}: give exactly one of secret or secret_env")
+        elif hook.secret.startswith("whsec_"):
+            try:
+                base64.b64decode(hook.secret[len("whsec_") :], validate=True)
+            except ValueError:
+                problems.append(f"{where}.secret: a whsec_ secret must be base64 after the prefix")
         elif hook.secret_env and not env.get(hook.secret_env, "").strip():
             problems.append(
                 f"{where}.secret_env: the environment variable {hook.secret_env} is not set"

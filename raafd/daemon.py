@@ -36,11 +36,13 @@ from raafd.agents.runner import AgentLoop
 from raafd.agents.tools import ToolRegistry
 from raafd.agents.workflows import start_workflow
 from raafd.bus import Bus
+from raafd.bus.webhooks import Webhooks
 from raafd.chat.offline import OfflineQueues
 from raafd.chat.presence import PresenceService
 from raafd.config import (
     Config,
     ConfigError,
+    WebhookConfig,
     diff_configs,
     is_reloadable,
     load_config,
@@ -69,6 +71,7 @@ from raafd.jobs import Jobs
 from raafd.logging import get_level, get_logger, set_level, set_secrets
 from raafd.metrics import Metrics
 from raafd.net.listener import PublicListener
+from raafd.net.webhooks import post_signed, secret_bytes
 from raafd.protocol.commands import WorkflowStart
 from raafd.providers.base import Provider
 from raafd.providers.breaker import Breakers
@@ -126,6 +129,9 @@ class Daemon:
         # The event bus: every component that has events gets its emit.
         self.bus = Bus(config.events, self.metrics)
         emit = self.bus.emit
+        self.webhooks = Webhooks(
+            self.bus, lambda: self.config.webhooks, self._post_webhook, self.metrics
+        )
         self.breakers = Breakers(config.breaker, emit=emit)
         self.agents = AgentLoop(
             config.agents, {}, self.breakers, None, self.metrics, config.streams
@@ -219,6 +225,7 @@ class Daemon:
             trio.open_nursery() as nursery,
         ):
             self._upstream_client = upstream_client
+            self._http_client = http_client
             self.stores = stores
             self.sessions = store = stores.sessions
             self.offline.store = stores.offline
@@ -246,6 +253,7 @@ class Daemon:
             await nursery.start(self.gateway.run)  # the connections' heartbeats
             await nursery.start(self.presence.run)  # away and offline timers
             await nursery.start(self.offline.run)  # redeliveries, expiry
+            await nursery.start(self.webhooks.run)  # one task per [[webhooks]] entry
             self.address = await nursery.start(self.listener.run)
             self.notifier.ready()
             self.notifier.status(f"serving on {self.address}")
@@ -346,6 +354,8 @@ class Daemon:
         self.bodies.filters = filters
         if self.sessions is not None:
             self.sessions.reload(cfg.sessions)
+        if any(p.startswith("webhooks") for p in applied):
+            self.webhooks.reload()
         log.info("configuration reloaded", applied=applied, needs_restart=restart)
         audit.audit("configuration reloaded", applied=applied, needs_restart=restart)
         self.bus.emit("config.reloaded", {"applied": applied, "needs_restart": restart})
@@ -372,6 +382,23 @@ class Daemon:
     def _restricted_events(self) -> Mapping[str, list[str]]:
         """``events.restricted`` now (reloadable)."""
         return self.config.events.restricted
+
+    async def _post_webhook(
+        self, hook: WebhookConfig, msg_id: str, timestamp: int, body: bytes
+    ) -> int:
+        """One signed attempt of a ``[[webhooks]]`` entry (the secret read now: a rotated
+        environment variable applies at the next event)."""
+        env = os.environ if self.environ is None else self.environ
+        secret = hook.secret or env.get(hook.secret_env, "")
+        return await post_signed(
+            self._http_client,
+            hook.url,
+            secret_bytes(secret),
+            msg_id,
+            timestamp,
+            body,
+            allow_private=hook.allow_private,
+        )
 
     def start_workflow(self, cmd: WorkflowStart, owner: str) -> Stream:
         """Start a workflow's stream, checked against the agents configured now."""

@@ -230,6 +230,18 @@ class Metrics:
         self.bus_events = LoopCounter(
             "raafd_bus_events_total", "Events emitted on the event bus", registry=r
         )
+        self.webhook_deliveries = LoopCounter(
+            "raafd_webhook_deliveries_total",
+            "Event-bus webhook deliveries by outcome: delivered, failed (attempts used up),"
+            " refused (a final answer or the SSRF guard), missed (skipped while behind)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_retries = LoopCounter(
+            "raafd_webhook_retries_total",
+            "Webhook attempts that failed and were retried",
+            registry=r,
+        )
         self.lag_skips = LoopCounter(
             "raafd_subscriber_lag_skips_total",
             "Subscribers (of the event bus) that fell past their bound and skipped ahead with a"
