@@ -183,7 +183,7 @@ class Daemon:
         add_workflow_routes(app, http, self.start_workflow)
         add_presence_routes(app, self.presence)
         add_responses_routes(app, http, lambda: self.sessions)
-        add_offline_routes(app, self.offline)
+        add_offline_routes(app, self.offline, self.guard)
         add_web_routes(app, lambda: self.config)
         add_event_routes(app, http, self.bus, self._restricted_events)
         add_job_routes(app, http, lambda: self.jobs)

@@ -200,3 +200,22 @@ async def test_a_long_queue_comes_a_window_at_a_time_as_the_client_acks(
         assert (await ask(bob_ws, type="ack", ids=window))["deleted"] == 1000
         rest = await recv(bob_ws)
         assert [m["text"] for m in rest["messages"]] == [f"m{i}" for i in range(1000, 1050)]
+
+
+async def test_only_an_admin_reads_another_users_queue_when_roles_are_defined(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    auth = {
+        "users": {
+            "ann": {"token": "tok-ann", "roles": ["member"]},
+            "ops": {"token": "tok-ops", "roles": ["ops"]},
+        },
+        "roles": {"member": {"agents": ["*"]}, "ops": {"agents": ["*"], "admin": True}},
+    }
+    rd = await start_daemon(auth=auth)
+    async with httpx.AsyncClient(base_url=rd.base_url) as http:
+        with trio.fail_after(10):
+            ann = await http.get("/v1/users/bob/queue", headers={"authorization": "Bearer tok-ann"})
+            ops = await http.get("/v1/users/bob/queue", headers={"authorization": "Bearer tok-ops"})
+    assert ann.status_code == 403 and ann.json()["error"]["code"] == "forbidden"
+    assert ops.status_code == 200 and ops.json()["depth"] == 0
