@@ -15,6 +15,7 @@ from trio_websocket import WebSocketConnection
 
 from raafd.store.offline import NewMessage
 from tests.chatws import ask, recv, user
+from tests.waiting import wait_until
 
 TOKENS = {"auth": {"tokens": ["tok-ann", "tok-bob"]}}
 
@@ -200,6 +201,26 @@ async def test_a_long_queue_comes_a_window_at_a_time_as_the_client_acks(
         assert (await ask(bob_ws, type="ack", ids=window))["deleted"] == 1000
         rest = await recv(bob_ws)
         assert [m["text"] for m in rest["messages"]] == [f"m{i}" for i in range(1000, 1050)]
+
+
+async def test_a_room_message_is_queued_for_the_members_with_no_connection(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    rd = await start_daemon(**TOKENS)
+    ann, bob = await names(rd)
+    offline = rd.daemon.offline
+    async with user(rd.ws_url, "tok-ann") as (ann_ws, _):
+        now = rd.daemon.presence.clock()
+        # Ann (the sender, connected) and Bob (no connection) are members; so is carol.
+        assert offline.room_message("lobby", [ann, bob, "carol"], ann, "hello room", now) == 2
+        await wait_until(lambda: offline.store.total() == 2)
+        await nothing_queued(ann_ws)
+    async with user(rd.ws_url, "tok-bob") as (bob_ws, _):
+        queued = (await recv(bob_ws))["messages"]
+        assert [(m["kind"], m["room"], m["from"], m["text"]) for m in queued] == [
+            ("room", "lobby", ann, "hello room")
+        ]
+    assert rd.daemon.metrics.snapshot()["raafd_offline_queued_total{kind=room}"] == 2
 
 
 async def test_only_an_admin_reads_another_users_queue_when_roles_are_defined(

@@ -29,7 +29,8 @@ syncing marks it dirty, and the sync reads the store again.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 import trio
@@ -55,6 +56,7 @@ _FRAME_BYTES: Final = 256 * 1024
 # A sync sends at most the first this many messages of a queue; the next ones follow acks
 # (flow control: a connection's send queue holds a few frames, not a whole long queue).
 _WINDOW: Final = 1000
+_ROOM_BACKLOG: Final = 1000  # room messages waiting to be queued for offline members
 _REAP_EVERY: Final = 60.0  # seconds between deletions of expired messages
 _REAP_BATCH: Final = 1000
 
@@ -95,6 +97,8 @@ class OfflineQueues:
         self._timers = Timers()
         self._due: dict[int, _Inbox] = {}  # inboxes whose redelivery is due, in order
         self._wake = trio.lowlevel.ParkingLot()
+        self._rooms: deque[tuple[list[str], NewMessage]] = deque()  # to queue, oldest first
+        self._room_wake = trio.lowlevel.ParkingLot()
 
     @property
     def clock(self) -> WallClock:
@@ -111,6 +115,7 @@ class OfflineQueues:
             await nursery.start(self._timers.run)
             nursery.start_soon(self._redeliver)
             nursery.start_soon(self._reap)
+            nursery.start_soon(self._queue_room_messages)
             task_status.started()
 
     # --- direct messages ----------------------------------------------------------------------
@@ -143,6 +148,61 @@ class OfflineQueues:
             log.info("offline queue full: oldest dropped", user=to, dropped=done.dropped)
         self._push(to, done.message)
         return done.message
+
+    # --- room messages for offline members --------------------------------------------------
+
+    def room_message(
+        self, room: str, members: Iterable[str], sender: str, text: str, ts: float
+    ) -> int:
+        """A room message is stored (its room has ``offline_delivery``): queue it for each of
+        ``members`` (the sender excepted) with no connection open now; how many those are.
+        Never waits: the queueing happens in the service's task, after the room's own answer
+        (the room's history has the message durably already). At most ``_ROOM_BACKLOG``
+        messages wait for it; past that the oldest waiting is dropped (counted)."""
+        offline = [u for u in members if u != sender and not self.presence.connections(u)]
+        if not offline:
+            return 0
+        cfg = self.config()
+        message = NewMessage(
+            kind="room",
+            sender=sender,
+            text=text,
+            ts=ts,
+            expires_at=ts + cfg.offline_ttl,
+            room=room,
+        )
+        self._rooms.append((offline, message))
+        if len(self._rooms) > _ROOM_BACKLOG:
+            lost, _ = self._rooms.popleft()
+            self.metrics.offline_dropped.inc(len(lost))
+            log.warning("room messages for offline members dropped", room=room, users=len(lost))
+        self._room_wake.unpark_all()
+        return len(offline)
+
+    async def _queue_room_messages(self) -> None:
+        """The one task that puts room messages in offline members' queues: each message's
+        queues written concurrently, so the store's group commit makes them one commit."""
+        while True:
+            while not self._rooms:
+                await self._room_wake.park()
+            users, message = self._rooms.popleft()
+            async with trio.open_nursery() as nursery:
+                for user in users:
+                    nursery.start_soon(self._put_room_message, user, message)
+
+    async def _put_room_message(self, user: str, message: NewMessage) -> None:
+        cfg = self.config()
+        try:
+            done = await self._store().enqueue(
+                user, message, max_queue=cfg.offline_max, max_total=cfg.offline_max_total
+            )
+        except RaafdError as err:  # full, or the store is unavailable
+            self.metrics.offline_dropped.inc()
+            log.warning("room message not queued", user=user, error=err.message)
+            return
+        self.metrics.offline_queued.labels("room").inc()
+        self.metrics.offline_dropped.inc(done.dropped)
+        self._push(user, done.message)  # connected meanwhile
 
     # --- acknowledgements ---------------------------------------------------------------------
 
