@@ -65,6 +65,7 @@ from raafd.http.raw import RawHttpServer
 from raafd.http.responses import add_responses_routes
 from raafd.http.sessions import add_session_routes
 from raafd.http.streams import add_stream_routes
+from raafd.http.ui_chat import add_ui_chat_routes
 from raafd.http.web import add_web_routes
 from raafd.http.workflows import add_workflow_routes
 from raafd.jobs import Jobs
@@ -179,6 +180,7 @@ class Daemon:
         app = build_app(http, stats=self.stats, refresh_gauges=self.refresh_gauges)
         add_stream_routes(app, http)
         add_openai_routes(app, http)
+        add_ui_chat_routes(app, http)
         add_session_routes(app, lambda: self.sessions)
         add_workflow_routes(app, http, self.start_workflow)
         add_presence_routes(app, self.presence)

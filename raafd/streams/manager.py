@@ -280,6 +280,12 @@ class StreamManager:
             raise NotFound(f"no stream {stream_id!r}", field="stream")
         return stream
 
+    def session_stream(self, session: str) -> Stream | None:
+        """The normal stream running for ``session`` now, if any (only when bodies keep
+        sessions: otherwise a session is only a label and this is always None)."""
+        stream_id = self._session_streams.get(session)
+        return self._streams.get(stream_id) if stream_id is not None else None
+
     def subscribe(self, stream_id: str, after: int = 0, *, snapshot: bool = False) -> Subscription:
         """An async context manager (and, inside it, async iterator) delivering the events of
         ``stream_id`` after seq ``after`` (with ``snapshot`` and ``after`` 0: a ``snapshot``
