@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from raafd import __version__
@@ -53,6 +54,7 @@ from raafd.gateway.commands import add_stream_commands
 from raafd.gateway.dm_commands import add_dm_commands
 from raafd.gateway.event_commands import add_event_commands
 from raafd.gateway.gateway import Gateway
+from raafd.gateway.job_commands import add_job_commands
 from raafd.gateway.presence_commands import add_presence_commands
 from raafd.http.app import build_app
 from raafd.http.context import StreamingContext
@@ -69,6 +71,7 @@ from raafd.http.ui_chat import add_ui_chat_routes
 from raafd.http.web import add_web_routes
 from raafd.http.workflows import add_workflow_routes
 from raafd.jobs import Jobs
+from raafd.jobs.callbacks import Post
 from raafd.logging import get_level, get_logger, set_level, set_secrets
 from raafd.metrics import Metrics
 from raafd.net.listener import PublicListener
@@ -157,6 +160,13 @@ class Daemon:
             self.gateway.commands,
             self.streams,
             self.start_workflow,
+            self.guard,
+            lambda: self.config.default_agent,
+        )
+        add_job_commands(
+            self.gateway.commands,
+            lambda: self.jobs,
+            self.streams,
             self.guard,
             lambda: self.config.default_agent,
         )
@@ -250,6 +260,7 @@ class Daemon:
                 self.metrics,
                 start_stream=self._start_job_stream,
                 emit=self.bus.emit,
+                post=self._callback_post(http_client),
             )
             await nursery.start(self.jobs.run)  # after the streams: it recovers and runs jobs
             await nursery.start(self.gateway.run)  # the connections' heartbeats
@@ -405,6 +416,33 @@ class Daemon:
     def start_workflow(self, cmd: WorkflowStart, owner: str) -> Stream:
         """Start a workflow's stream, checked against the agents configured now."""
         return start_workflow(self.streams, cmd, self.config.agents, owner=owner)
+
+    def _callback_post(self, client: httpx.AsyncClient) -> Post | None:
+        """Job and batch callbacks: signed with the secret in ``jobs.callback_secret_env``
+        (read at start) and POSTed to an address the SSRF guard allows
+        (:func:`~raafd.net.webhooks.post_signed`). None without a secret: jobs then refuse a
+        ``callback_url``."""
+        name = self.config.jobs.callback_secret_env
+        env = os.environ if self.environ is None else self.environ
+        secret = env.get(name, "") if name else ""
+        if not secret:
+            if name:
+                log.warning("jobs.callback_secret_env names an empty variable: no callbacks")
+            return None
+        key = secret_bytes(secret)
+
+        async def post(url: str, msg_id: str, body: bytes) -> int:
+            return await post_signed(
+                client,
+                url,
+                key,
+                msg_id,
+                int(time.time()),
+                body,
+                allow_private=self.config.jobs.callbacks_allow_private,
+            )
+
+        return post
 
     def _start_job_stream(self, job: Job, stream_id: str) -> Stream:
         """The stream of one attempt of a job: its agent on its messages, watched by nobody

@@ -23,13 +23,20 @@ from raafd.store.jobs_sqlite import MIGRATIONS, SqliteJobStore
 from tests.test_lifecycle import RAAFD, free_port, write_config
 
 JOBS = 1000
+SLOW_JOBS = 20  # about 5 s each, submitted first: certainly running when the process dies
 DEMO_FAST = """
 [providers.demo]
 type = "demo"
 tokens_per_second = 400.0
 reply_words = 4
+[providers.slow]
+type = "demo"
+tokens_per_second = 4.0
+reply_words = 20
+[agents.slow]
+provider = "slow"
 [jobs]
-workers = 16
+workers = 32
 """
 
 
@@ -78,7 +85,10 @@ async def test_kill_9_with_1000_accepted_jobs_loses_none_and_runs_none_twice_sil
         ) as client:
 
             async def post(n: int) -> None:
-                response = await client.post("/v1/jobs", json={"input": f"job {n}"})
+                body: dict[str, Any] = {"input": f"job {n}"}
+                if n < SLOW_JOBS:
+                    body.update(agent="slow", priority="high")
+                response = await client.post("/v1/jobs", json=body)
                 assert response.status_code == 202, response.text
                 accepted.append(response.json()["job"])
 
@@ -98,13 +108,26 @@ async def test_kill_9_with_1000_accepted_jobs_loses_none_and_runs_none_twice_sil
     assert len(accepted) == JOBS
 
     async with serve(tmp_path, port, "second") as proc:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(max_connections=16)
+        ) as client:
             with trio.fail_after(240):
                 recovered = (await client.get("/v1/stats")).json()["jobs"]["lease_recoveries"]
                 assert recovered > 0
+                found: list[dict[str, Any]] = []
+                limiter = trio.CapacityLimiter(16)
+
+                async def fetch(job_id: str) -> None:
+                    async with limiter:
+                        response = await client.get(f"/v1/jobs/{job_id}", params={"wait": 60})
+                        found.append(response.json())
+
+                async with trio.open_nursery() as nursery:
+                    for job_id in accepted:
+                        nursery.start_soon(fetch, job_id)
+                assert sorted(j["job"] for j in found) == sorted(accepted)
                 twice = 0
-                for job_id in accepted:
-                    job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 60})).json()
+                for job in found:
                     assert job["status"] == "completed", job
                     outcomes = [a["outcome"] for a in job["attempt_history"]]
                     # Exactly one attempt completed; a second attempt only after a first that

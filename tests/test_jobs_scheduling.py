@@ -15,7 +15,7 @@ import trio.testing
 from tests.test_jobs_http import submit
 
 # One job takes 10 s: a blocker that keeps a single worker busy while others queue.
-SLOW = {"providers": {"demo": {"tokens_per_second": 5.0, "reply_words": 50}}}
+SLOW = {"providers": {"demo": {"tokens_per_second": 1.0, "reply_words": 10}}}
 FAST = {"providers": {"demo": {"tokens_per_second": 1000.0, "reply_words": 5}}}
 DOWN = {
     "providers": {

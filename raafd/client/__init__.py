@@ -10,6 +10,10 @@ Direct messages and presence: ``await client.dm(user, text)``, ``client.set_pres
 ``client.get_presence``; pass ``on_queued=handler`` to :func:`open_client` to receive your
 offline queue (each message acknowledged only after ``handler`` returned for it) and
 ``on_presence=`` for the presence changes of the users you watch.
+
+Background jobs: ``job = await client.submit_job("text", agent=..., priority="high")``, then
+``await job.wait(timeout)`` or ``async for event in job.events()`` (every attempt's stream,
+resumed across drops); ``await client.submit_batch(inputs=[...], max_concurrent=4)``.
 """
 
 from raafd.client.client import (
@@ -21,12 +25,14 @@ from raafd.client.client import (
     backoff_delay,
     open_client,
 )
+from raafd.client.jobs import JobHandle
 from raafd.client.queued import QueuedHandler
 
 __all__ = [
     "DEFAULT_URL",
     "SUBPROTOCOL",
     "ClientError",
+    "JobHandle",
     "QueuedHandler",
     "RaafdClient",
     "StreamHandle",

@@ -44,6 +44,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from raafd.client.jobs import JobHandle
 from raafd.client.queued import QueuedHandler, QueuedInbox
 from raafd.errors import RaafdError
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode, ErrorCode
@@ -536,6 +537,36 @@ class RaafdClient:
         }
         reply = await self._request(message)  # idempotent by client_id: retried after a drop
         return str(reply["id"])
+
+    async def submit_job(
+        self, input: str | None = None, *, idempotency_key: str | None = None, **fields: Any
+    ) -> JobHandle:
+        """Submit a background job (the fields of ``POST /v1/jobs``: ``agent``, ``priority``,
+        ``delay``, ``max_attempts`` …); returns once the server holds it durably. An
+        ``idempotency_key`` is made when none is given, so the retry after a dropped connection
+        never submits it twice."""
+        message = {"type": "job.submit", **fields}
+        if input is not None:
+            message["input"] = input
+        message["idempotency_key"] = idempotency_key or uuid.uuid4().hex
+        reply = await self._request(message)
+        return JobHandle(self, reply["job"])
+
+    async def job(self, job_id: str) -> JobHandle:
+        """A handle on an existing job."""
+        reply = await self._request({"type": "job.status", "job": job_id})
+        return JobHandle(self, reply["job"])
+
+    async def submit_batch(self, **fields: Any) -> dict[str, Any]:
+        """Submit a batch (the fields of ``POST /v1/batches``); returns {``batch``, ``jobs``}.
+        Not retried after a drop (a batch has no idempotency key): a lost answer raises
+        ``connection_lost``."""
+        reply = await self._request({"type": "batch.submit", **fields}, retry=False)
+        return {"batch": reply["batch"], "jobs": reply["jobs"]}
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send an idempotent command and return its reply (retried after a drop)."""
+        return await self._request(message)
 
     async def ping(self) -> float:
         """A ``ping`` round trip; returns its duration in seconds."""

@@ -95,6 +95,7 @@ LIMITED_COMMANDS = {
     "dm.send": "room_sends",
     "typing": "typing",
     "job.submit": "job_submits",
+    "batch.submit": "job_submits",
 }
 
 

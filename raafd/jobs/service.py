@@ -46,6 +46,7 @@ import trio
 
 from raafd.config import Config
 from raafd.errors import BadRequest, Conflict, NotFound, RaafdError, Unavailable
+from raafd.jobs.callbacks import Callbacks, Post
 from raafd.jobs.model import (
     Outcome,
     cancel,
@@ -78,8 +79,6 @@ that runs the job's agent on its messages, watched by nobody: no detach grace)."
 Emit = Callable[[str, dict[str, Any]], None]
 """Publishes an event (subject, data) without blocking: the event bus, when wired."""
 
-Deliver = Callable[[Job | Batch], None]
-"""Takes a job or batch whose ``callback_url`` is due a delivery (see :mod:`.callbacks`)."""
 
 _PRIORITIES: Final = 10
 _RECENT_ENDS: Final = 10_000  # ended jobs' last versions kept to spot stale writes
@@ -135,7 +134,7 @@ class Jobs:
         *,
         start_stream: StreamStarter,
         emit: Emit = _noop,
-        deliver: Deliver | None = None,
+        post: Post | None = None,
         uniform: Callable[[], float] = random.random,
     ) -> None:
         self._config = config
@@ -143,7 +142,19 @@ class Jobs:
         self._metrics = metrics
         self._start_stream = start_stream
         self._emit = emit
-        self._deliver = deliver
+        self._callbacks = (
+            None
+            if post is None
+            else Callbacks(
+                config().jobs,
+                store,
+                post,
+                on_failure=self.count_callback_failure,
+                describe_batch=self._describe_batch,
+                now=self.now,
+            )
+        )
+        self._deliver = self._callbacks.deliver if self._callbacks is not None else None
         self._uniform = uniform
         self._cfg = config().jobs  # [jobs] applies at start
         self._clock: tuple[float, float] | None = None  # (unix time, trio time) at run()
@@ -193,6 +204,8 @@ class Jobs:
                 self._nursery = nursery
                 nursery.start_soon(self._schedule_loop)
                 nursery.start_soon(self._heartbeat)
+                if self._callbacks is not None:
+                    await nursery.start(self._callbacks.run)
                 for n in range(self._cfg.workers):
                     nursery.start_soon(self._worker, name=f"job worker {n}")
                 task_status.started()
@@ -221,7 +234,7 @@ class Jobs:
             if job.state == "running":
                 recovered = recover(job, now)
                 if recovered is not None:
-                    new = bump(recovered)
+                    new = bump(_owing(recovered))
                     if await self._store.update(new):
                         self._metrics.job_lease_recoveries.inc()
                         self._counts["lease_recoveries"] += 1
@@ -274,6 +287,14 @@ class Jobs:
             )
         return metadata
 
+    def _check_callback(self, url: str | None) -> None:
+        if url is not None and self._callbacks is None:
+            raise BadRequest(
+                "callbacks are signed, and this server has no callback secret"
+                " (jobs.callback_secret_env)",
+                field="callback_url",
+            )
+
     def _timeout(self, timeout: float | None) -> float:
         cfg = self._cfg
         if timeout is not None and timeout > cfg.max_timeout:
@@ -284,6 +305,7 @@ class Jobs:
         """The job ``cmd`` asks for, checked against the running configuration (raises
         ``not_found`` for the agent, ``bad_request`` naming the field)."""
         cfg = self._cfg
+        self._check_callback(cmd.callback_url)
         agent = self._agent(cmd.agent)
         if cmd.delay is not None:
             if cmd.delay > cfg.max_delay:
@@ -342,6 +364,7 @@ class Jobs:
             where = "inputs" if cmd.inputs is not None else "agents"
             raise BadRequest(f"a batch holds at most {self._cfg.max_batch} jobs", field=where)
         self._check_room(len(runs))
+        self._check_callback(cmd.callback_url)
         now = self.now()
         batch_id = new_batch_id()
         metadata = self._metadata(cmd.metadata)
@@ -431,7 +454,7 @@ class Jobs:
             cancelled = cancel(job, self.now())
             if cancelled is None:
                 raise Conflict(f"job {job_id} has already ended ({job.state})", field="job")
-            new = bump(cancelled)
+            new = bump(_owing(cancelled))
             if await self._store.update(new):
                 stream = self._streams.get(job_id)
                 self._apply(new, job)
@@ -522,6 +545,9 @@ class Jobs:
         event = self._waiters.pop("batch:" + batch_id, None)
         if event is not None:
             event.set()
+
+    async def _describe_batch(self, batch: Batch) -> dict[str, Any]:
+        return public_batch(batch, await self._store.batch_jobs(batch.id))
 
     # --- figures ------------------------------------------------------------------------------
 
@@ -810,7 +836,7 @@ class Jobs:
             nxt = self._next_run(ended, now)
             ended = attrs.evolve(ended, next_job=nxt.id)
             also.append(nxt)
-        new = bump(ended)
+        new = bump(_owing(ended))
         if await self._store.update(new, also=also):
             if job.started_at is not None:
                 self._metrics.job_run_latency.observe(max(0.0, now - job.started_at))
@@ -869,6 +895,13 @@ class Jobs:
             if self._running:
                 until = self.now() + self._cfg.lease
                 await self._store.renew([(job_id, until) for job_id in self._running])
+
+
+def _owing(job: Job) -> Job:
+    """``job``, marked as owed a callback when it has ended with a ``callback_url``."""
+    if job.terminal and job.callback_url is not None and job.callback_state is None:
+        return attrs.evolve(job, callback_state="pending")
+    return job
 
 
 def describe(job: Job) -> dict[str, Any]:

@@ -6,14 +6,14 @@ the jobs service."""
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import attrs
 from attrs import field, frozen
 
 from raafd.protocol.commands import Message, _FieldError
 
-__all__ = ["BatchSubmit", "JobRef", "JobSubmit", "check_priority"]
+__all__ = ["BatchRef", "BatchSubmit", "JobRef", "JobSubmit", "check_priority"]
 
 _MAX_ID: Final = 128
 _MAX_URL: Final = 2048
@@ -153,8 +153,13 @@ class JobRef:
     ``job.watch``) the last seq already seen of the current attempt's stream."""
 
     job: str = field(validator=_short)
-    after: int = field(default=0)
+    after: int = field(default=0, validator=_non_negative)
     ref: str | None = None
 
 
-JobCommand = Literal["job.submit", "job.status", "job.cancel", "job.watch"]
+@frozen
+class BatchRef:
+    """``batch.status``: ``batch`` is the batch id."""
+
+    batch: str = field(validator=_short)
+    ref: str | None = None

@@ -101,6 +101,7 @@ class Job:
     lease_until: float | None = None
     next_job: str | None = None  # recurring: the id of the run created when this one ended
     callbacks: list[dict[str, Any]] = field(factory=list)  # delivery attempts of callback_url
+    callback_state: str | None = None  # pending (owed a delivery), delivered, failed
     version: int = 0
 
     @property
@@ -146,6 +147,7 @@ class Job:
         if self.callback_url is not None:
             out["callback_url"] = self.callback_url
             out["callbacks"] = self.callbacks
+            out["callback_state"] = self.callback_state
         if self.idempotency_key is not None:
             out["idempotency_key"] = self.idempotency_key
         return out
@@ -226,6 +228,10 @@ class JobStore(Protocol):
 
     async def purge(self, *, states: Sequence[str], before: float) -> int:
         """Forget jobs in ``states`` that finished before ``before``; how many."""
+        ...
+
+    async def pending_callbacks(self) -> list[Job]:
+        """Ended jobs still owed a callback delivery (at startup)."""
         ...
 
     async def get_batch(self, batch_id: str) -> Batch | None: ...

@@ -109,6 +109,10 @@ class MemoryJobStore:
                 del self._keys[job.idempotency_key]
         return len(gone)
 
+    async def pending_callbacks(self) -> list[Job]:
+        await trio.lowlevel.checkpoint()
+        return [j for j in self._jobs.values() if j.terminal and j.callback_state == "pending"]
+
     async def get_batch(self, batch_id: str) -> Batch | None:
         await trio.lowlevel.checkpoint()
         return self._batches.get(batch_id)

@@ -51,6 +51,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         data TEXT NOT NULL              -- the batch, JSON
     );
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN callback TEXT;  -- 'pending': an ended job owed a delivery
+    CREATE INDEX jobs_by_callback ON jobs (callback) WHERE callback IS NOT NULL;
+    """,
 )
 
 _ACTIVE_SQL: Final = "SELECT data FROM jobs WHERE state NOT IN ({})".format(
@@ -60,8 +64,10 @@ _ACTIVE_SQL: Final = "SELECT data FROM jobs WHERE state NOT IN ({})".format(
 
 def _row(job: Job) -> tuple[object, ...]:
     ended = job.finished_at if job.state in TERMINAL_STATES else None
+    pending = "pending" if job.terminal and job.callback_state == "pending" else None
     return (
         job.id,
+        pending,
         job.state,
         job.agent,
         job.created_at,
@@ -74,8 +80,8 @@ def _row(job: Job) -> tuple[object, ...]:
 
 
 _INSERT: Final = (
-    "INSERT INTO jobs (id, state, agent, created_at, ended_at, idempotency_key, batch, version,"
-    " data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO jobs (id, callback, state, agent, created_at, ended_at, idempotency_key, batch,"
+    " version, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -120,9 +126,9 @@ class SqliteJobStore:
 
         def write(conn: sqlite3.Connection) -> bool:
             changed = conn.execute(
-                "UPDATE jobs SET state = ?, ended_at = ?, version = ?, data = ?"
+                "UPDATE jobs SET callback = ?, state = ?, ended_at = ?, version = ?, data = ?"
                 " WHERE id = ? AND version = ?",
-                (new.state, row[4], new.version, row[8], new.id, new.version - 1),
+                (row[1], new.state, row[5], new.version, row[9], new.id, new.version - 1),
             ).rowcount
             if changed != 1:
                 return False
@@ -204,6 +210,13 @@ class SqliteJobStore:
             ).rowcount
 
         return await self._db.write(write)
+
+    async def pending_callbacks(self) -> list[Job]:
+        def read(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute("SELECT data FROM jobs WHERE callback = 'pending'")
+            return [decode_job(row[0]) for row in rows]
+
+        return await self._db.read(read)
 
     async def get_batch(self, batch_id: str) -> Batch | None:
         def read(conn: sqlite3.Connection) -> Batch | None:
