@@ -170,7 +170,7 @@ class Daemon:
             self.guard,
             lambda: self.config.default_agent,
         )
-        self.presence = PresenceService(lambda: self.config.chat, self.metrics)
+        self.presence = PresenceService(lambda: self.config.chat, self.metrics, emit=emit)
         add_presence_commands(self.gateway.commands, self.presence)
         self.offline = OfflineQueues(lambda: self.config.chat, self.presence, self.metrics)
         add_dm_commands(self.gateway.commands, self.offline)

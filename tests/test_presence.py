@@ -43,6 +43,12 @@ async def test_a_reconnect_within_the_linger_is_invisible_and_offline_comes_exac
         assert clock.deadline(offline["last_seen"]) == pytest.approx(left_at, abs=0.01)
         stats = rd.daemon.stats()["presence"]
         assert (stats["online"], stats["offline_known"]) == (1, 1)
+        # On the event bus: each change once (the reconnect is not one).
+        changes, _ = rd.daemon.bus.replay("presence.changed", 0, limit=100)
+        assert [(e.data["user"], e.data["status"]) for e in changes if e.data["user"] == ann] == [
+            (ann, "online"),
+            (ann, "offline"),
+        ]
 
 
 async def test_away_after_inactivity_and_back_with_a_custom_status(
