@@ -76,10 +76,10 @@ async def test_ws_subscribe_replays_since_filters_by_where_and_once(start_daemon
     bus = rd.daemon.bus
     for n in range(5):
         bus.emit("job.done", {"n": n, "queue": "a" if n % 2 else "b"})
+    since = bus.head - 5  # (connecting adds events: connection.opened, presence.changed)
     with trio.fail_after(20):
         async with open_ws(rd.ws_url, subprotocols=[SUBPROTOCOL]) as ws:
             await recv(ws, "welcome")
-            since = bus.head - 5
             await ws.send_message(
                 json.dumps(
                     {
