@@ -913,6 +913,7 @@ def describe(job: Job) -> dict[str, Any]:
         "priority": job.priority,
         "attempts": job.attempts,
         "created_at": job.created_at,
+        "started_at": job.started_at,
         "finished_at": job.finished_at,
         "stream": job.stream,
     }
