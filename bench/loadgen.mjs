@@ -1,6 +1,6 @@
 // Load generator for bench/stream_bench.py: raw sockets, no client library, one core.
 //
-//   node bench/loadgen.mjs stream --transport ws|sse|openai|direct --port P --n N
+//   node bench/loadgen.mjs stream --transport ws|sse|openai|vercel|direct --port P --n N
 //        [--host 127.0.0.1] [--ramp MS] [--duration MS] [--deltas 64] [--stall 200]
 //        [--model assistant]
 //   node bench/loadgen.mjs idle --port P --n N [--sources K] [--concurrency C] [--hold S]
@@ -12,9 +12,12 @@
 //   ws      GET /v1/ws (subprotocol raafd.v1), then {"type":"stream.start"} per stream
 //   sse     POST /v1/streams with Accept: text/event-stream, on a keep-alive connection
 //   openai  POST /v1/chat/completions to raafd ("model": --model, the agent), stream:true
+//   vercel  POST /v1/ui/chat (the Vercel AI SDK's UI message stream), a new chat id (session)
+//           per stream
 //   direct  POST /v1/chat/completions straight to the fake upstream (the baseline)
 // openai and direct read `data: {chat.completion.chunk}` lines (choices[0].delta.content) up
-// to `data: [DONE]`; ws and sse read raafd's `content` events.
+// to `data: [DONE]`; vercel reads `text-delta` chunks up to `data: [DONE]`; ws and sse read
+// raafd's `content` events.
 // Every content delta carries "<index>@<upstream send ms>|" (bench/fake_upstream.mjs); on
 // receipt the generator records one-way latency (receipt - send), inter-token gaps per stream
 // (a delivery carrying several tokens counts its later ones as gap 0), time to first token (first content receipt - request write), missing, duplicated and
@@ -256,6 +259,7 @@ function summary(values) {
 function streamMode() {
   const transport = opt.transport ?? 'ws';
   const chunks = transport === 'direct' || transport === 'openai'; // OpenAI chunk framing
+  const ui = transport === 'vercel'; // the AI SDK's UI message chunks
   const model = opt.model ?? (transport === 'direct' ? 'm' : 'assistant');
   const ramp = Number(opt.ramp ?? 1300);
   const duration = Number(opt.duration ?? 5000);
@@ -423,12 +427,19 @@ function streamMode() {
         this.httpError += ` ${line.slice(0, 120)}`;
         return;
       }
-      if (chunks) {
+      if (chunks || ui) {
         if (line === '[DONE]') {
           this.sawDone = true;
           return;
         }
         const doc = JSON.parse(line);
+        if (ui) {
+          if (doc.type === 'text-delta') this.onContent(doc.delta);
+          else if (doc.type === 'error' || doc.type === 'abort') {
+            this.httpError = `ui ${doc.type}: ${doc.errorText ?? doc.reason}`;
+          }
+          return;
+        }
         const c = doc.choices?.[0]?.delta?.content;
         if (c) this.onContent(c);
       } else {
@@ -438,7 +449,7 @@ function streamMode() {
     onHttpEnd(closeAfter) {
       if (this.inStream) {
         if (this.httpError) this.failStream(this.httpError);
-        else if (chunks && this.sawDone) this.completeStream();
+        else if ((chunks || ui) && this.sawDone) this.completeStream();
         else this.failStream('response ended before the terminal event');
       }
       this.httpError = null;
@@ -466,6 +477,12 @@ function streamMode() {
         req =
           `POST /v1/streams HTTP/1.1\r\nHost: ${HOST}:${PORT}\r\nContent-Type: application/json\r\n` +
           `Accept: text/event-stream\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+      } else if (ui) {
+        const body = `{"id":"bench-${process.pid}-${this.id}-${this.streamNo}",` +
+          '"messages":[{"id":"m","role":"user","parts":[{"type":"text","text":"bench"}]}]}';
+        req =
+          `POST /v1/ui/chat HTTP/1.1\r\nHost: ${HOST}:${PORT}\r\n` +
+          `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
       } else if (transport === 'openai') {
         const body = `{"model":${JSON.stringify(model)},"messages":[{"role":"user","content":"bench"}],` +
           '"stream":true}';

@@ -52,7 +52,7 @@ INTERVAL_MS = 20
 STALL_MS = 200
 STREAM_MS = DELTAS * INTERVAL_MS  # about one stream's length: the ramp of the starts
 AGENT = "assistant"  # the generated config's agent: the `model` of the openai transport
-TRANSPORTS = ("ws", "sse", "openai")  # through raafd; `direct` always runs
+TRANSPORTS = ("ws", "sse", "openai", "vercel")  # through raafd; `direct` always runs
 
 # Targets (printed PASS/MISS; they never change the exit status).
 TARGET_TTFT_P50_MS = 1.0  # added, at 100 streams
@@ -880,7 +880,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one short run per case (< 60 s)")
     ap.add_argument("--n", type=_ints, help="concurrent streams (default 1,100,500; quick 1,100)")
     ap.add_argument("--idle", type=_ints, help="idle WebSocket counts (default 5000,15000)")
-    ap.add_argument("--transport", default="ws,sse", help="ws,sse,openai (direct always runs)")
+    ap.add_argument(
+        "--transport", default="ws,sse", help="ws,sse,openai,vercel (direct always runs)"
+    )
     ap.add_argument("--runs", type=int, help="runs per case (default 3; quick 1)")
     ap.add_argument("--duration", type=float, help="seconds of load per run (default 8; quick 2)")
     ap.add_argument(
