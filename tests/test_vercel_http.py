@@ -361,3 +361,45 @@ async def test_auth_is_the_same_bearer_as_everywhere(start_daemon: Any) -> None:
                 chunks, _ = await read_chunks(r)
     assert refused.status_code == 401 and resume.status_code == 401
     assert chunks[-1] == "[DONE]"
+
+
+async def test_both_http_paths_answer_alike(start_daemon: Any) -> None:
+    rd = await start_daemon(**FAST)
+    answers = []
+    async with httpx.AsyncClient(base_url=rd.base_url) as client:
+        with trio.fail_after(20):
+            for warm in (False, True):
+                if warm:  # a connection hypercorn took over serves the chat there
+                    assert (await client.get("/healthz")).status_code == 200
+                chat = body(f"p{warm}", "[words:3] same")
+                async with client.stream("POST", "/v1/ui/chat", json=chat) as r:
+                    headers = {k: r.headers[k] for k in ("content-type", "cache-control")}
+                    assert r.headers["x-vercel-ai-ui-message-stream"] == "v1"
+                    chunks, _ = await read_chunks(r)
+                answers.append((headers, [c if c == "[DONE]" else c["type"] for c in chunks]))
+    assert answers[0] == answers[1]
+    assert answers[0][1][-1] == "[DONE]"
+
+
+async def test_an_agent_the_roles_do_not_grant_is_forbidden(start_daemon: Any) -> None:
+    rd = await start_daemon(
+        agents={"writer": {"instructions": "w"}},
+        auth={
+            "users": {"alice": {"token": "alice-token-value", "roles": ["reader"]}},
+            "roles": {"reader": {"agents": ["assistant"]}},
+        },
+        **FAST,
+    )
+    headers = {"authorization": "Bearer alice-token-value"}
+    async with httpx.AsyncClient(base_url=rd.base_url, headers=headers) as client:
+        with trio.fail_after(20):
+            refused = await client.post("/v1/ui/chat", json=body("f1", "x", agent="writer"))
+            async with client.stream("POST", "/v1/ui/chat", json=body("f2", "x")) as r:
+                chunks, _ = await read_chunks(r)
+    assert refused.status_code == 403
+    assert refused.json()["error"] | {"message": ""} == {
+        "code": "forbidden",
+        "message": "",
+        "field": "agent",
+    }
+    assert chunks[-1] == "[DONE]"

@@ -2,8 +2,9 @@
 
 Through hypercorn, every streamed event wakes a pump task and climbs h11 and the ASGI send path
 (about 200 µs a token at 100 streams, against 60-150 µs over WebSocket; docs/architecture.md
-has the figures). This server serves two kinds of request itself, ``POST /v1/streams`` asking
-for SSE or NDJSON and ``GET /v1/streams/{id}/events``, and delivers them the way the WebSocket
+has the figures). This server serves the streaming requests itself, ``POST /v1/streams`` asking
+for SSE or NDJSON, ``GET /v1/streams/{id}/events``, ``stream: true`` chat completions and the
+Vercel AI SDK's ``POST /v1/ui/chat``, and delivers them the way the WebSocket
 gateway does: a live event is written as one chunk straight to the socket by the stream's own
 task. Any other request, and anything unusual about one (a chunked body, ``Expect``, an
 upgrade, a head it does not fully understand), is left whole in the buffer and handed, with the
@@ -59,14 +60,16 @@ from raafd.http.streams import (
     snapshot_param,
     start_stream,
 )
+from raafd.http.ui_chat import UI_HEADERS, failure_chunk, start_ui_chat
 from raafd.logging import get_logger
 from raafd.net.delivery import Framing as DeliveryFraming
 from raafd.net.h1 import LAST_CHUNK, RequestHead, chunk, parse_request_head, response_head
 from raafd.net.sockio import Output, RawSocket
 from raafd.protocol.events import StreamEvent
+from raafd.protocol.ui_stream import UIStreamFraming
 
 if TYPE_CHECKING:
-    from raafd.streams import Subscription
+    from raafd.streams import Stream, Subscription
 
 __all__ = ["RawHttpServer", "StreamRequest", "route"]
 
@@ -83,12 +86,14 @@ Handover = tuple[trio.SocketStream, bytes]
 class StreamRequest:
     """A request this server serves: start a stream and follow it (``stream_id`` None), or
     follow the stream ``stream_id``; or, with ``openai``, a ``POST /v1/chat/completions``
-    (served here only when its body asks for ``stream: true``)."""
+    (served here only when its body asks for ``stream: true``); or, with ``ui``, a
+    ``POST /v1/ui/chat`` (the Vercel AI SDK's chat, always streamed)."""
 
     framing: Framing
     stream_id: str | None
     body_length: int
     openai: bool = False
+    ui: bool = False
 
 
 def route(head: RequestHead) -> StreamRequest | None:
@@ -114,6 +119,8 @@ def route(head: RequestHead) -> StreamRequest | None:
         return StreamRequest(FRAMINGS[framing], None, int(length))
     if head.method == "POST" and path == "/v1/chat/completions":
         return StreamRequest(FRAMINGS[SSE], None, int(length), openai=True)
+    if head.method == "POST" and path == "/v1/ui/chat":
+        return StreamRequest(FRAMINGS[SSE], None, int(length), ui=True)
     if head.method == "GET" and int(length) == 0:
         match = _EVENTS_PATH.fullmatch(path)
         if match is not None:
@@ -394,6 +401,11 @@ class _Connection:
                     if isinstance(started, Response):
                         return await self._answer(head.method, started, keep)
                     return await self._complete(head.method, started, keep)
+                if request.ui:
+                    stream, cancel = start_ui_chat(
+                        ctx, body, request_id, principal, head.headers, query
+                    )
+                    return await self._ui_chat(head.method, stream, cancel, keep)
                 if request.stream_id is None:
                     stream_id = start_stream(ctx, body, request_id, principal).id
                     after = 0
@@ -472,14 +484,15 @@ class _Connection:
         method: str,
         stream_id: str,
         subscription: Subscription,
-        framing: Framing | ChunkFraming,
+        framing: Framing | ChunkFraming | UIStreamFraming,
         keep: bool,
         opening: bytes = b"",
     ) -> bool:
         """Deliver ``subscription`` as the response (``opening`` first in its body); True when
         the connection may serve another request."""
         headers = [
-            ("content-type", SSE if isinstance(framing, ChunkFraming) else framing.content_type),
+            ("content-type", framing.content_type if isinstance(framing, Framing) else SSE),
+            *(UI_HEADERS.items() if isinstance(framing, UIStreamFraming) else ()),
             ("x-raafd-stream", stream_id),
             ("cache-control", "no-cache"),
             ("x-accel-buffering", "no"),
@@ -527,6 +540,26 @@ class _Connection:
         finally:
             subscription.close()
             if not stream.finished:
+                stream.cancel("client")
+
+    async def _ui_chat(self, method: str, stream: Stream, cancel: bool, keep: bool) -> bool:
+        """A Vercel AI SDK chat answer (the UI message stream). The client's leaving detaches
+        (a resume finds the stream), or cancels it when the request asked; an end without the
+        terminal event gets the protocol's error chunk, as on the ASGI path."""
+        subscription = stream.subscribe(0)
+        subscription.open()
+        try:
+            framing = UIStreamFraming()
+            if await self._respond(method, stream.id, subscription, framing, keep):
+                return True
+            if not self.eof and not self.broken:
+                with trio.move_on_after(self.ctx.config().http.send_timeout):
+                    failure = failure_chunk(None)
+                    await self._send(chunk(failure) + LAST_CHUNK if keep else failure)
+            return False
+        finally:
+            subscription.close()
+            if cancel and not stream.finished:
                 stream.cancel("client")
 
     # The delivery's sink (raafd.net.delivery.Sink): this connection's output.

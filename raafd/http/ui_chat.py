@@ -29,6 +29,7 @@ protocol's ``error`` chunk.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -43,14 +44,18 @@ from raafd.net.delivery import Sink
 from raafd.protocol.ui_stream import DONE, HEADERS, UIStreamFraming
 
 if TYPE_CHECKING:
+    from raafd.auth import Principal
     from raafd.streams import Stream
 
 __all__ = [
+    "UI_HEADERS",
     "UIChatRequest",
     "UIMessage",
     "add_ui_chat_routes",
+    "failure_chunk",
     "parse_cursor",
     "run_input",
+    "start_ui_chat",
 ]
 
 _MAX_ID = 128
@@ -123,57 +128,76 @@ def parse_cursor(text: str) -> tuple[str, int]:
     return stream_id, int(seq)
 
 
-def _response(
-    ctx: StreamingContext,
-    stream: Stream,
-    after: int,
-    on_disconnect: str,
-) -> StreamingResponse:
+def _response(ctx: StreamingContext, stream: Stream, after: int, cancel: bool) -> StreamingResponse:
     """``stream`` as the UI message stream, its events after ``after`` framed (those before
     only move the translation's state)."""
     framing = UIStreamFraming(skip_through=after)
     # Subscribed now, before the response starts: from 0, since the state needs every event.
     subscription = stream.subscribe(0)
-    cancel = on_disconnect == "cancel"
 
     async def body(sink: Sink) -> None:
         await deliver(
-            ctx, sink, stream, subscription, framing, failure=_failure, cancel_on_disconnect=cancel
+            ctx,
+            sink,
+            stream,
+            subscription,
+            framing,
+            failure=failure_chunk,
+            cancel_on_disconnect=cancel,
         )
 
-    return StreamingResponse(body, SSE, headers={**_HEADERS, "x-raafd-stream": stream.id})
+    return StreamingResponse(body, SSE, headers={**UI_HEADERS, "x-raafd-stream": stream.id})
 
 
-# hypercorn's path adds cache-control and x-accel-buffering to every streamed response.
-_HEADERS = {k: v for k, v in HEADERS.items() if k not in ("cache-control", "x-accel-buffering")}
+# Both HTTP paths add cache-control and x-accel-buffering to every streamed response.
+UI_HEADERS = {k: v for k, v in HEADERS.items() if k not in ("cache-control", "x-accel-buffering")}
 
 
-def _failure(err: RaafdError | None) -> bytes:
+def failure_chunk(err: RaafdError | None) -> bytes:
     """The end of a response whose delivery could not reach the terminal event (``gone``,
     ``slow_consumer``): the protocol's ``error`` chunk, then ``[DONE]``."""
     message = "the stream ended before its end was delivered" if err is None else err.message
     return b"data: " + orjson.dumps({"type": "error", "errorText": message}) + b"\n\n" + DONE
 
 
+def start_ui_chat(
+    ctx: StreamingContext,
+    body: bytes,
+    request_id: str,
+    principal: Principal,
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+) -> tuple[Stream, bool]:
+    """Validate a ``POST /v1/ui/chat`` body and start its stream for ``principal`` (both HTTP
+    paths): the stream, and whether a disconnect cancels it. Refused with ``unavailable``
+    while draining, ``forbidden`` for an agent the principal's roles do not grant,
+    ``rate_limited`` past its stream starts, ``bad_request`` naming the field."""
+    if ctx.draining():
+        raise Unavailable("the server is draining", retry_after=1)
+    req = structure(json_object(body), UIChatRequest)
+    text = run_input(req)
+    agent = req.agent or headers.get("x-raafd-agent") or query.get("agent")
+    ctx.guard.require(principal, "agent.run", agent or ctx.config().default_agent, "agent")
+    ctx.guard.limit("stream_starts", None, principal)
+    stream = ctx.streams.start(
+        agent=agent,
+        messages=[{"role": "user", "content": text}],
+        owner=f"ui:{request_id}",
+        session=req.id,
+    )
+    # "cancel" in the body, or the header the other protocol adapters take.
+    cancel = req.on_disconnect == "cancel" or headers.get("x-raafd-disconnect") == "cancel"
+    return stream, cancel
+
+
 def add_ui_chat_routes(router: Router, ctx: StreamingContext) -> None:
     async def chat(request: Request) -> StreamingResponse:
         if ctx.draining():  # before reading a body that would be refused anyway
             raise Unavailable("the server is draining", retry_after=1)
-        req = structure(json_object(await request.body()), UIChatRequest)
-        text = run_input(req)
-        agent = req.agent or request.headers.get("x-raafd-agent") or request.query.get("agent")
-        if ctx.draining():
-            raise Unavailable("the server is draining", retry_after=1)
-        stream = ctx.streams.start(
-            agent=agent,
-            messages=[{"role": "user", "content": text}],
-            owner=f"ui:{request.id}",
-            session=req.id,
+        stream, cancel = start_ui_chat(
+            ctx, await request.body(), request.id, request.principal, request.headers, request.query
         )
-        disconnect = req.on_disconnect
-        if request.headers.get("x-raafd-disconnect") == "cancel":  # as on the other adapters
-            disconnect = "cancel"
-        return _response(ctx, stream, 0, disconnect)
+        return _response(ctx, stream, 0, cancel)
 
     async def resume(request: Request, chat: str) -> Response | StreamingResponse:
         cursor = request.headers.get("last-event-id") or request.query.get("after")
@@ -188,11 +212,11 @@ def add_ui_chat_routes(router: Router, ctx: StreamingContext) -> None:
             if stream.session != chat:
                 raise NotFound(f"stream {stream_id!r} is not chat {chat!r}'s", field="after")
             stream.log.check(after)
-            return _response(ctx, stream, after, "detach")
+            return _response(ctx, stream, after, False)
         running = ctx.streams.session_stream(chat)
         if running is None:
             return Response(204)  # the SDK's "no active stream"
-        return _response(ctx, running, 0, "detach")
+        return _response(ctx, running, 0, False)
 
     async def stop(request: Request, chat: str) -> Response:
         running = ctx.streams.session_stream(chat)
