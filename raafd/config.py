@@ -29,6 +29,8 @@ import cattrs
 from attrs import field, frozen
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from raafd.protocol.rooms import ROOM_NAME
+
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
 
@@ -51,6 +53,7 @@ __all__ = [
     "ProviderConfig",
     "RateConfig",
     "RoleConfig",
+    "RoomConfig",
     "ServerConfig",
     "SessionsConfig",
     "StoreConfig",
@@ -619,9 +622,34 @@ class StateConfig:
     dir: str = "./var"
 
 
+AGENT_REPLY_MODES = ("mention", "every_message", "off")
+
+
+@frozen
+class RoomConfig:
+    """``[rooms.NAME]``: one room's attributes (rooms made with ``room.create`` / ``POST
+    /v1/rooms`` carry the same ones, kept in the store). ``restricted`` rooms admit only the
+    principals in ``allow``; ``agent`` answers when mentioned (``@name``), after every message,
+    or not at all (``agent_reply``)."""
+
+    title: str = ""
+    description: str = ""
+    max_members: int = field(default=50, validator=_between(1, 100_000))
+    history: int = field(default=500, validator=_between(1, 1_000_000))
+    history_ttl: float = field(default=0.0, validator=_non_negative)  # seconds; 0: no expiry
+    restricted: bool = False
+    allow: list[str] = field(factory=list)
+    agent: str = ""
+    agent_reply: str = field(default="mention", validator=_one_of(*AGENT_REPLY_MODES))
+    agent_cancel: bool = True  # a member may cancel the room's running reply
+    offline_delivery: bool = False
+    max_message_length: int = field(default=4000, validator=_between(1, 1_000_000))
+    rate_limit: int = field(default=60, validator=_between(1, 100_000))  # per member per minute
+
+
 @frozen
 class ChatConfig:
-    """``[chat]``: presence, direct messages and per-user offline queues."""
+    """``[chat]``: presence, direct messages and per-user offline queues, rooms and typing."""
 
     # Presence: a connected user without activity (a command other than ping/ack) for this
     # long is `away`; a user whose last connection closed is `offline` after this linger (a
@@ -643,6 +671,19 @@ class ChatConfig:
     # same connection (it is always delivered again on the user's next connection).
     redeliver_after: float = field(default=30.0, validator=_positive)
     max_message_length: int = field(default=4000, validator=_positive)  # dm.send text
+    # Rooms (a setting used when a room is set up applies to rooms loaded or made after a
+    # reload: max_lag, history_max_bytes).
+    max_rooms: int = field(default=1000, validator=_positive)
+    max_rooms_per_user: int = field(default=100, validator=_positive)  # rooms a user is member of
+    create_on_join: bool = False  # a join of an unknown room creates it (if the user may create)
+    creators: list[str] = field(factory=lambda: ["*"])  # who may create rooms; "*": anyone
+    typing_timeout: float = field(default=5.0, validator=_positive)
+    max_meta_bytes: int = field(default=1024, validator=_between(2, 65536))  # encoded JSON
+    history_max_bytes: int = field(default=4 << 20, validator=_positive)  # a room's live log
+    max_lag: int = field(default=1024, validator=_positive)  # messages behind → close 4001
+    send_queue: int = field(default=256, validator=_positive)  # sends waiting per room
+    agent_queue: int = field(default=8, validator=_between(1, 1000))  # mentions waiting per room
+    agent_context: int = field(default=20, validator=_between(1, 1000))  # messages the agent sees
 
 
 STORE_BACKENDS = ("sqlite", "memory")
@@ -760,6 +801,7 @@ class Config:
     events: EventsConfig = field(factory=EventsConfig)
     webhooks: list[WebhookConfig] = field(factory=list)
     jobs: JobsConfig = field(factory=JobsConfig)
+    rooms: dict[str, RoomConfig] = field(factory=dict)
 
     @property
     def admin_socket_path(self) -> Path:
@@ -924,6 +966,16 @@ def _cross_check(cfg: Config, environ: Mapping[str, str] | None) -> list[str]:
                 )
             elif target == name:
                 problems.append(f"agents.{name}.handoffs.{i}: an agent cannot hand off to itself")
+    for name, room in cfg.rooms.items():
+        if not ROOM_NAME.fullmatch(name):
+            problems.append(f"rooms.{name}: a room name is 1 to 64 letters, digits or _ . -")
+        if room.agent and room.agent not in cfg.agents:
+            problems.append(
+                f"rooms.{name}.agent: no agent named {room.agent!r} is configured"
+                + _near(room.agent, cfg.agents)
+            )
+    if len(cfg.rooms) > cfg.chat.max_rooms:
+        problems.append(f"rooms: {len(cfg.rooms)} rooms configured, over chat.max_rooms")
     if cfg.default_agent not in cfg.agents:
         problems.append(f"default_agent: no agent named {cfg.default_agent!r} is configured")
     for name, tool_cfg in cfg.tools.items():

@@ -40,6 +40,7 @@ from raafd.bus import Bus
 from raafd.bus.webhooks import Webhooks
 from raafd.chat.offline import OfflineQueues
 from raafd.chat.presence import PresenceService
+from raafd.chat.rooms import Rooms
 from raafd.config import (
     Config,
     ConfigError,
@@ -56,6 +57,7 @@ from raafd.gateway.event_commands import add_event_commands
 from raafd.gateway.gateway import Gateway
 from raafd.gateway.job_commands import add_job_commands
 from raafd.gateway.presence_commands import add_presence_commands
+from raafd.gateway.room_commands import add_room_commands
 from raafd.http.app import build_app
 from raafd.http.context import StreamingContext
 from raafd.http.events_bus import add_event_routes
@@ -178,6 +180,14 @@ class Daemon:
         self.gateway.observers.append(self.presence)
         self.gateway.observers.append(self.offline)
         add_event_commands(self.gateway.commands, self.bus, self.guard, self._restricted_events)
+        self.rooms = Rooms(
+            lambda: self.config,
+            lambda: self.stores.chat if self.stores is not None else None,
+            self.metrics,
+            self.streams,
+            emit=emit,
+        )
+        add_room_commands(self.gateway.commands, self.rooms)
         # The HTTP adapters get the services they use, never the daemon.
         http = StreamingContext(
             config=lambda: self.config,
@@ -263,6 +273,7 @@ class Daemon:
                 post=self._callback_post(http_client),
             )
             await nursery.start(self.jobs.run)  # after the streams: it recovers and runs jobs
+            await nursery.start(self.rooms.run)  # agents' replies in rooms, typing timers
             await nursery.start(self.gateway.run)  # the connections' heartbeats
             await nursery.start(self.presence.run)  # away and offline timers
             await nursery.start(self.offline.run)  # redeliveries, expiry
@@ -469,6 +480,10 @@ class Daemon:
         self.offline.refresh_gauges()
         if self.jobs is not None:
             self.jobs.refresh_gauges()
+        rooms = self.rooms.rooms.values()
+        self.metrics.rooms.set(len(rooms))
+        self.metrics.room_members.set(sum(len(r.members) for r in rooms))
+        self.metrics.room_connections.set(sum(len(r.online) for r in rooms))
 
     def stats(self) -> dict[str, Any]:
         self.refresh_gauges()
@@ -486,6 +501,7 @@ class Daemon:
             "presence": self.presence.stats(),
             "offline": self.offline.stats(),
             "jobs": self.jobs.stats() if self.jobs is not None else {},
+            "rooms": self.rooms.stats(),
             "breakers": self.breakers.snapshot(),
             "store": self._store_stats(),
             "events": self.bus.stats(),

@@ -385,6 +385,21 @@ class Metrics:
             buckets=_JOB_BUCKETS,
             registry=r,
         )
+        # Rooms (raafd/chat/rooms.py): gauges set from the rooms at scrape time.
+        self.rooms = Gauge("raafd_rooms", "Rooms", registry=r)
+        self.room_members = Gauge("raafd_room_members", "Room memberships (durable)", registry=r)
+        self.room_connections = Gauge(
+            "raafd_room_connections", "Connections joined to a room now", registry=r
+        )
+        self.room_messages = LoopCounter(
+            "raafd_room_messages_total", "Room messages stored and fanned out", registry=r
+        )
+        self.typing_relays = LoopCounter(
+            "raafd_typing_relays_total", "Typing changes relayed to a room's members", registry=r
+        )
+        self.room_replies = LoopCounter(
+            "raafd_room_agent_replies_total", "Agent replies started in rooms", registry=r
+        )
         from raafd import __version__
 
         self.info.labels(__version__).set(1)

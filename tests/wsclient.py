@@ -8,6 +8,7 @@ socket (a ResourceWarning). Opening the TCP stream ourselves and wrapping it wit
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,3 +37,15 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]
                 nursery.cancel_scope.cancel()
     finally:
         await stream.aclose()
+
+
+async def recv_json(ws: WebSocketConnection) -> dict[str, Any]:
+    """The next message, as a JSON object (within 10 s)."""
+    with trio.fail_after(10):
+        message = json.loads(await ws.get_message())
+    assert isinstance(message, dict)
+    return message
+
+
+async def send_json(ws: WebSocketConnection, **message: Any) -> None:
+    await ws.send_message(json.dumps(message))

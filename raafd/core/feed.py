@@ -132,7 +132,8 @@ class Feed:
     ``stream`` field for agent streams); ``build`` encodes an event once, for every subscriber
     on every transport; ``on_subscribers`` is told the new count after each subscribe and
     unsubscribe (an agent stream's detach grace starts at 0); ``on_evict`` is handed each event
-    the log evicts (see :class:`~raafd.core.log.EventLog`)."""
+    the log evicts (see :class:`~raafd.core.log.EventLog`); ``start`` is the seq the feed
+    continues from (a room's last stored message: its first event is ``start + 1``)."""
 
     __slots__ = (
         "_build",
@@ -157,11 +158,12 @@ class Feed:
         build: Build = build_event,
         on_subscribers: Callable[[int], None] | None = None,
         on_evict: Callable[[StreamEvent], None] | None = None,
+        start: int = 0,
     ) -> None:
         self.id = feed_id
         self.limits = limits
         self.policy = policy
-        self.log = EventLog(limits.max_events, limits.max_bytes, on_evict)
+        self.log = EventLog(limits.max_events, limits.max_bytes, on_evict, start=start)
         self._metrics = metrics
         self._build = build
         self._on_subscribers = on_subscribers
@@ -444,6 +446,12 @@ class Subscription:
     def closed(self) -> bool:
         """True once closed (unsubscribed) or dropped."""
         return self._state == "closed"
+
+    @property
+    def registered(self) -> bool:
+        """True while the feed delivers to it (already False inside the feed's
+        ``on_subscribers`` call that reports its leaving)."""
+        return self in self.feed._subs
 
     def _lag(self) -> int:
         # Live events appended since subscribing and not yet read. The history a subscriber

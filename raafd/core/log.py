@@ -83,9 +83,12 @@ class EventLog:
         max_events: int,
         max_bytes: int,
         on_evict: Callable[[StreamEvent], None] | None = None,
+        start: int = 0,
     ) -> None:
         if max_events < 1 or max_bytes < 1:
             raise ValueError("an event log holds at least one event and one byte")
+        if start < 0:
+            raise ValueError("a log starts after seq 0 or later")
         self.max_events = max_events
         self.max_bytes = max_bytes
         # Slot i (from 0) is the event with seq _base + i: its JSON is _blob[end(i-1):end(i)]
@@ -95,10 +98,13 @@ class EventLog:
         self._blob = bytearray()
         self._ends = array("Q")
         self._kinds = bytearray()
-        self._base = 1
+        # ``start``: the seq before the first event this log will hold. A feed whose earlier
+        # events live elsewhere (a room's history in the store) starts after them; asking for
+        # those is ``Gone``, and the caller reads them from where they are.
+        self._base = start + 1
         self._first = 0
         self._feed = ""  # the feed's id, from the first event
-        self._head = 0
+        self._head = start
         self.closed = False  # a terminal event is in the log (read on every append)
         #: Told each evicted event (see the module docstring); dropped once the log is sealed.
         self.on_evict = on_evict

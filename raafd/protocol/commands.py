@@ -22,6 +22,7 @@ __all__ = [
     "COMMANDS",
     "Ack",
     "Command",
+    "FieldError",
     "Hello",
     "Ping",
     "StreamAttach",
@@ -42,6 +43,10 @@ class _FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+FieldError = _FieldError
+"""Raised by a command's validator to name the field at fault (other command modules use it)."""
 
 
 def _short(_: Any, a: attrs.Attribute[Any], value: str | None) -> None:

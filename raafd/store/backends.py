@@ -18,9 +18,12 @@ from typing import Final
 from attrs import frozen
 
 from raafd.config import Config
-from raafd.store import jobs_sqlite
+from raafd.store import chat_sqlite, jobs_sqlite
 from raafd.store import sqlite as session_sqlite
 from raafd.store.base import SessionBackend
+from raafd.store.chat import ChatStore
+from raafd.store.chat_memory import MemoryChatStore
+from raafd.store.chat_sqlite import SqliteChatStore
 from raafd.store.db import Database, open_database
 from raafd.store.jobs import JobStore
 from raafd.store.jobs_memory import MemoryJobStore
@@ -39,6 +42,7 @@ SCHEMAS: Final[Mapping[str, Sequence[str]]] = {
     "sessions": session_sqlite.MIGRATIONS,
     "offline": OFFLINE_MIGRATIONS,
     "jobs": jobs_sqlite.MIGRATIONS,
+    "chat": chat_sqlite.MIGRATIONS,
 }
 
 
@@ -49,6 +53,7 @@ class Stores:
     sessions: SessionBackend
     offline: OfflineStore  # per-user offline queues (direct messages, room messages)
     jobs: JobStore
+    chat: ChatStore  # rooms: their history and members
     db: Database | None  # the shared SQLite database; None with the memory backend
 
 
@@ -59,7 +64,11 @@ async def open_stores(config: Config) -> AsyncIterator[Stores]:
     if backend == "memory":
         async with open_memory_session_store(config.sessions) as memory:
             yield Stores(
-                sessions=memory, offline=MemoryOfflineStore(), jobs=MemoryJobStore(), db=None
+                sessions=memory,
+                offline=MemoryOfflineStore(),
+                jobs=MemoryJobStore(),
+                chat=MemoryChatStore(),
+                db=None,
             )
     elif backend == "sqlite":
         async with open_database(database_path(config.state), SCHEMAS) as db:
@@ -67,6 +76,7 @@ async def open_stores(config: Config) -> AsyncIterator[Stores]:
                 sessions=SqliteSessionStore(db, config.sessions),
                 offline=await SqliteOfflineStore.open(db),
                 jobs=SqliteJobStore(db),
+                chat=SqliteChatStore(db),
                 db=db,
             )
     else:  # pragma: no cover - the config validator allows only the names above
