@@ -31,6 +31,7 @@ import trio
 from raafd import __version__
 from raafd.admin.events import events_handler
 from raafd.admin.jobs import job_admin_commands
+from raafd.admin.rooms import room_admin_commands
 from raafd.admin.server import AdminServer
 from raafd.agents.bodies import AgentBodies
 from raafd.agents.runner import AgentLoop
@@ -67,6 +68,7 @@ from raafd.http.openai_compat import add_openai_routes
 from raafd.http.presence import add_presence_routes
 from raafd.http.raw import RawHttpServer
 from raafd.http.responses import add_responses_routes
+from raafd.http.rooms import add_room_routes
 from raafd.http.sessions import add_session_routes
 from raafd.http.streams import add_stream_routes
 from raafd.http.ui_chat import add_ui_chat_routes
@@ -187,7 +189,7 @@ class Daemon:
             self.streams,
             emit=emit,
         )
-        add_room_commands(self.gateway.commands, self.rooms)
+        add_room_commands(self.gateway.commands, self.rooms, self.guard)
         # The HTTP adapters get the services they use, never the daemon.
         http = StreamingContext(
             config=lambda: self.config,
@@ -204,6 +206,7 @@ class Daemon:
         add_session_routes(app, lambda: self.sessions)
         add_workflow_routes(app, http, self.start_workflow)
         add_presence_routes(app, self.presence)
+        add_room_routes(app, self.rooms, self.guard)
         add_responses_routes(app, http, lambda: self.sessions)
         add_offline_routes(app, self.offline, self.guard)
         add_web_routes(app, lambda: self.config)
@@ -231,6 +234,7 @@ class Daemon:
                 "cancel": self._admin_cancel,
                 "events": events_handler(self.bus),
                 **job_admin_commands(lambda: self.jobs),
+                **room_admin_commands(self.rooms),
             },
             metrics=self.metrics,
         )

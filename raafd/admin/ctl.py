@@ -37,9 +37,10 @@ _COMMANDS: Final = {
     "log-level": "change the log level",
     "connections": "list open client connections",
     "streams": "list streams",
-    "kick": "close one client connection",
+    "kick": "close one client connection (--room NAME: remove a user from a room)",
     "cancel": "cancel one stream",
     "rooms": "list chat rooms",
+    "room": "show one room: attributes, members, head, message rate",
     "jobs": "list background jobs (`jobs purge --status S --older-than D` forgets old ones)",
     "job": "show a job, or `job retry ID` / `job cancel ID`",
     "events": "print event-bus events matching a pattern (--follow: keep printing)",
@@ -97,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "log-level":
             p.add_argument("level", choices=LOG_LEVELS)
         elif name == "kick":
-            p.add_argument("id", help="the connection id (see `raafd ctl connections`)")
+            p.add_argument(
+                "id", help="the connection id (see `raafd ctl connections`), or with --room a user"
+            )
+            p.add_argument("--room", help="remove the user `id` from this room (its membership)")
+        elif name == "room":
+            p.add_argument("room", help="the room's name (see `raafd ctl rooms`)")
         elif name == "cancel":
             p.add_argument("id", help="the stream id (see `raafd ctl streams`)")
         elif name == "events":
@@ -150,8 +156,13 @@ def main(argv: Sequence[str], default_socket: Path | None = None) -> int:
     args: dict[str, Any] = {}
     if ns.cmd == "log-level":
         args["level"] = ns.level
+    elif ns.cmd == "kick" and ns.room is not None:
+        ns.cmd = "room-kick"
+        args = {"room": ns.room, "user": ns.id}
     elif ns.cmd in ("kick", "cancel"):
         args["id"] = ns.id
+    elif ns.cmd == "room":
+        args["room"] = ns.room
     elif ns.cmd == "jobs":
         if ns.action == "purge":
             if ns.status is None or ns.older_than is None:

@@ -66,6 +66,8 @@ __all__ = [
     "LogLevelArgs",
     "NoArgs",
     "Request",
+    "RoomArgs",
+    "RoomKickArgs",
     "decode_answer",
     "encode_error",
     "encode_request",
@@ -196,7 +198,24 @@ class JobsPurgeArgs:
     older_than: float = field(validator=_arg_validator(_not_negative))
 
 
+@frozen
+class RoomArgs:
+    """``room``: one room."""
+
+    room: str = field(validator=_arg_validator(_non_empty))
+
+
+@frozen
+class RoomKickArgs:
+    """``room-kick``: end ``user``'s membership of ``room``."""
+
+    room: str = field(validator=_arg_validator(_non_empty))
+    user: str = field(validator=_arg_validator(_non_empty))
+
+
 COMMAND_ARGS: Final[Mapping[str, type]] = {
+    "room": RoomArgs,
+    "room-kick": RoomKickArgs,
     "events": EventsArgs,
     "stats": NoArgs,
     "connections": NoArgs,

@@ -53,7 +53,7 @@ _MAX_SOCKET_PATH: Final = 107
 _RECEIVE_SIZE: Final = 16384
 _PROBE_TIMEOUT: Final = 2.0
 # Commands that only read; logged at debug so a monitoring loop does not flood the log.
-_READ_ONLY: Final = frozenset({"stats", "connections", "streams", "rooms", "jobs"})
+_READ_ONLY: Final = frozenset({"stats", "connections", "streams", "rooms", "room", "jobs"})
 # accept() failures that mean "out of resources for now" (trio.serve_listeners' list).
 _ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 

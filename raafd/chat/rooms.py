@@ -202,6 +202,10 @@ class Room:
         self._pending: collections.deque[_Send] = collections.deque()
         self._turn = trio.Lock()
         self.messages = 0  # sent since start
+        # Messages per minute, for operators: the count of the current minute and the last.
+        self._minute = 0.0
+        self._this_minute = 0
+        self._last_minute = 0
         # Agents: the one answering next (after a handoff), the running reply, queued ones.
         self.agent = settings.agent
         self.reply: Stream | None = None
@@ -219,6 +223,19 @@ class Room:
             for conn, entry in [*self.online.items()]:
                 if not entry.subscription.registered:
                     del self.online[conn]
+
+    def counted(self, now: float) -> None:
+        """One more message at ``now`` (trio time) for :meth:`per_minute`."""
+        self.per_minute(now)
+        self._this_minute += 1
+
+    def per_minute(self, now: float) -> int:
+        """Messages in the last whole minute, or in the current one if that is more."""
+        minute = now // 60
+        if minute != self._minute:
+            self._last_minute = self._this_minute if minute == self._minute + 1 else 0
+            self._this_minute, self._minute = 0, minute
+        return max(self._last_minute, self._this_minute)
 
     def online_users(self) -> set[str]:
         return {entry.member.user for entry in self.online.values()}
@@ -251,6 +268,7 @@ class Room:
             "member_count": len(self.members),
             "connections": len(self.online),
             "messages_since_start": self.messages,
+            "messages_per_minute": self.per_minute(trio.current_time()),
             "reply": self.reply.id if self.reply is not None else None,
             "queued_replies": self.mentions,
             "created_by": self.created_by or None,
@@ -630,6 +648,7 @@ class Rooms:
                 wire = message.to_wire()
                 room.feed.append("room.message", wire)
                 room.messages += 1
+                room.counted(trio.current_time())
                 self.metrics.room_messages.inc()
                 # A restricted room's text stays among its members (the bus has no room ACL).
                 self.emit(

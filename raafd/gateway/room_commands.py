@@ -29,6 +29,7 @@ from raafd.protocol.rooms import (
     RoomSend,
     Typing,
 )
+from raafd.security.guard import Guard
 
 __all__ = ["add_room_commands"]
 
@@ -124,16 +125,23 @@ class _ReplyFramings:
         return framing
 
 
-def add_room_commands(table: CommandTable, rooms: Rooms) -> None:
+def add_room_commands(table: CommandTable, rooms: Rooms, guard: Guard) -> None:
+    """``guard`` applies the role policy first: ``room.join`` for joining, reading, typing and
+    creating a room, ``room.publish`` for sending (``forbidden`` naming ``room``)."""
     framings = _ReplyFramings(rooms)
 
+    def may(conn: Peer, action: str, room: str) -> None:
+        guard.require(conn.principal, action, room, "room")
+
     async def create(conn: Peer, cmd: RoomCreate) -> None:
+        may(conn, "room.join", cmd.room)
         room = await rooms.create(cmd.room, cmd.settings(), conn.user)
         await conn.send_json({"type": "room.created", "ref": cmd.ref, **room.describe()})
 
     async def join(conn: Peer, cmd: RoomJoin) -> None:
         if conn.draining:
             raise Unavailable("the server is draining; join elsewhere")
+        may(conn, "room.join", cmd.room)
         conn.check_room()
         for attempt in range(_JOIN_TRIES):
             joining = await rooms.join(cmd.room, conn.user, after=cmd.after, limit=cmd.limit)
@@ -158,6 +166,7 @@ def add_room_commands(table: CommandTable, rooms: Rooms) -> None:
         await conn.send_json({"type": "room.left", "ref": cmd.ref, "room": cmd.room})
 
     async def send(conn: Peer, cmd: RoomSend) -> None:
+        may(conn, "room.publish", cmd.room)
         message = await rooms.send(
             cmd.room, conn.user, cmd.text, client_id=cmd.client_id, meta=cmd.meta
         )
@@ -167,6 +176,7 @@ def add_room_commands(table: CommandTable, rooms: Rooms) -> None:
         await conn.send_json(answer)
 
     async def history(conn: Peer, cmd: RoomHistory) -> None:
+        may(conn, "room.join", cmd.room)
         found = await rooms.history(
             cmd.room, conn.user, after=cmd.after, before=cmd.before, limit=cmd.limit
         )
@@ -180,12 +190,14 @@ def add_room_commands(table: CommandTable, rooms: Rooms) -> None:
         )
 
     async def cancel(conn: Peer, cmd: RoomCancel) -> None:
+        may(conn, "room.join", cmd.room)
         stream = rooms.cancel_reply(cmd.room, conn.user)
         await conn.send_json(
             {"type": "ok", "ref": cmd.ref, "command": "room.cancel", "stream": stream}
         )
 
     async def typing(conn: Peer, cmd: Typing) -> None:
+        may(conn, "room.join", cmd.room)
         rooms.typing(cmd.room, conn.user, conn.id, cmd.state)
 
     table.add("room.create", RoomCreate, create)
