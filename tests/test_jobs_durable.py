@@ -40,14 +40,16 @@ workers = 32
 """
 
 
-def _config(tmp: Path, port: int) -> Path:
+def _config(tmp: Path, port: int, extra: str) -> Path:
     path = tmp / "raafd.toml"
-    write_config(path, tmp, port, DEMO_FAST)
+    write_config(path, tmp, port, extra)
     return path
 
 
 @asynccontextmanager
-async def serve(tmp: Path, port: int, name: str) -> AsyncIterator[trio.Process]:
+async def serve(
+    tmp: Path, port: int, name: str, extra: str = DEMO_FAST
+) -> AsyncIterator[trio.Process]:
     """A ``raafd serve`` process, yielded once it has told systemd READY=1."""
     notify_path = tmp / f"notify-{name}.sock"
     notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -56,7 +58,7 @@ async def serve(tmp: Path, port: int, name: str) -> AsyncIterator[trio.Process]:
     env.pop("RAAFD_CONFIG", None)
     with (tmp / f"stderr-{name}.log").open("wb") as stderr:
         proc = await trio.lowlevel.open_process(
-            [*RAAFD, "serve", "--config", str(_config(tmp, port))],
+            [*RAAFD, "serve", "--config", str(_config(tmp, port, extra))],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -142,6 +144,43 @@ async def test_kill_9_with_1000_accepted_jobs_loses_none_and_runs_none_twice_sil
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await proc.wait() == 0
+
+
+async def test_sigterm_puts_running_jobs_back_without_counting_the_attempt(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    # Answers of 60 s: still running when the drain's grace (5 s) ends.
+    long = '[providers.demo]\ntype = "demo"\ntokens_per_second = 1.0\nreply_words = 60\n'
+    ids: list[str] = []
+    async with serve(tmp_path, port, "draining", long + "[jobs]\nworkers = 2\n") as proc:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            with trio.fail_after(60):
+                for n in range(3):
+                    response = await client.post("/v1/jobs", json={"input": f"long {n}"})
+                    ids.append(response.json()["job"])
+                while (await client.get("/v1/stats")).json()["jobs"]["running"] < 2:
+                    pass
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await proc.wait() == 0
+    async with serve(tmp_path, port, "after") as proc:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            with trio.fail_after(60):
+                assert (await client.get("/v1/stats")).json()["jobs"]["lease_recoveries"] == 0
+                done = [
+                    (await client.get(f"/v1/jobs/{job_id}", params={"wait": 30})).json()
+                    for job_id in ids
+                ]
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    for job in done:
+        assert job["status"] == "completed", job
+        outcomes = [a["outcome"] for a in job["attempt_history"]]
+        assert outcomes in (["complete"], ["drain", "complete"]), job
+        assert job["attempts"] == 1  # the attempt the drain stopped is not counted
+    assert sum(len(j["attempt_history"]) == 2 for j in done) == 2  # the two that were running
 
 
 def _job(job_id: str, now: float, **kw: Any) -> Job:

@@ -746,12 +746,13 @@ class Jobs:
 
     async def _worker(self) -> None:
         while True:
-            job = self._pick()
+            # Draining: take nothing more (a job taken now would only be put back).
+            job = None if self._draining else self._pick()
             while job is None:
                 if self._draining:
                     return
                 await self._ready_lot.park()
-                job = self._pick()
+                job = None if self._draining else self._pick()
             self._busy_workers += 1
             self._per_agent[job.agent] += 1
             self._per_provider[self._provider(job)] += 1
