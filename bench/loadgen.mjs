@@ -466,6 +466,7 @@ function streamMode() {
       this.streamNo++;
       this.expect = 0;
       this.prevAt = 0;
+      this.carry = '';
       this.sawDone = false;
       this.httpError = null;
       counts.streams_started++;
@@ -502,10 +503,14 @@ function streamMode() {
       if (this.reqAt < firstRequestAt) firstRequestAt = this.reqAt;
       this.sock.write(req);
     }
-    onContent(text) {
+    onContent(delta) {
       const t = this.rt;
       counts.deliveries++;
       lastTokenAt = t;
+      // A stamp may be split over deliveries (an output filter that holds text back, such as
+      // raafd's redact, releases text at any character): the unfinished tail waits for the
+      // rest, and the stamp counts when its '|' arrives.
+      const text = this.carry ? this.carry + delta : delta;
       let start = 0;
       for (;;) {
         const bar = text.indexOf('|', start);
@@ -535,6 +540,7 @@ function streamMode() {
           this.expect = idx + 1;
         } else counts.duplicates++;
       }
+      this.carry = start < text.length ? text.slice(start) : '';
     }
     completeStream() {
       if (this.expect < deltas) counts.missing += deltas - this.expect;

@@ -16,6 +16,11 @@ it to compare two trees of the hot path (any tree whose OpenAI provider has
 
     PYTHONPATH=<tree> .venv/bin/python bench/token_path.py [--streams 3000] [--runs 5]
 
+``--filter KIND`` (repeatable; ``all`` for one of each) puts the agent's output filters of
+``bench/stream_bench.py --filters`` between the sinks and the stream's writer, as a stream of
+an agent with those filters has them: the CPU a filter costs per token. (The filter timer's
+task, a cost per stream rather than per token, is not started.)
+
 It reaches into raafd's internals on purpose (the sinks and the writer are private).
 """
 
@@ -25,6 +30,8 @@ import argparse
 import gc
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -60,8 +67,34 @@ def http_chunk(body: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(body), body)
 
 
-async def run_streams(streams: int) -> float:
+FILTERS: dict[str, dict[str, Any]] = {  # as bench/stream_bench.py --filters configures them
+    "redact": {"type": "redact", "patterns": ["sk-[A-Za-z0-9]{8,12}"]},
+    "block": {"type": "block", "patterns": ["(?i:forbidden)"]},
+    "max_output_chars": {"type": "max_output_chars", "max_chars": 1_000_000},
+    "buffer": {"type": "buffer", "min_chars": 1, "max_delay_ms": 20.0},
+}
+
+
+def filtered(kinds: list[str]) -> Callable[[Stream], Any]:
+    """The writer a stream with these filters gives its body (no filters: the stream's own)."""
+    if not kinds:
+        return _Writer
+    from raafd.config import AgentConfig, FilterConfig
+    from raafd.streams.filters import FilterContext, _FilteredWriter, build_filters
+
+    configs = [FilterConfig(**FILTERS[kind]) for kind in kinds]
+    chain = build_filters({"a": AgentConfig(filters=configs)})["a"]
+
+    def writer(stream: Stream) -> Any:
+        state = chain.open(FilterContext(stream.id, "a", trio.current_time))
+        return _FilteredWriter(_Writer(stream), state)
+
+    return writer
+
+
+async def run_streams(streams: int, kinds: list[str]) -> float:
     """Seconds of CPU per token over ``streams`` streams of DELTAS tokens."""
+    make_writer = filtered(kinds)
     metrics, config, timers = Metrics(), StreamsConfig(), Timers()
     client = UpstreamClient(max_connections=1, max_idle=1, idle_expiry=1.0, trust_env=False)
     provider_config = ProviderConfig(type="openai", base_url="http://127.0.0.1:9/v1", model="m")
@@ -82,7 +115,7 @@ async def run_streams(streams: int) -> float:
         async with stream.subscribe(stream.head) as subscription:
             subscription.push = push
             stream._gap_on = True  # as while a body runs: tokens move the idle timer
-            send = DeltaWatch(_TurnSink(_Writer(stream), None)).send
+            send = DeltaWatch(_TurnSink(make_writer(stream), None)).send
             body, parser, state = ChunkedBody(), SSEParser(), _ChunkState()
             parser.feed(_ROLE)
 
@@ -91,7 +124,9 @@ async def run_streams(streams: int) -> float:
                     await send(delta)  # never waits here: the subscriber keeps up
         stream.cancel()
     elapsed = time.process_time() - started
-    if frames != streams * DELTAS:
+    # A redact or block filter holds the last characters of a stream back until its end, which
+    # these streams never reach: their last delta may stay unsent.
+    if frames < streams * (DELTAS - (1 if kinds else 0)):
         raise RuntimeError(f"{frames} frames for {streams * DELTAS} tokens")
     return elapsed / (streams * DELTAS)
 
@@ -100,12 +135,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        choices=[*FILTERS, "all"],
+        help="an output filter on the path (repeat for several, in order; all: one of each)",
+    )
     args = parser.parse_args()
+    kinds = list(FILTERS) if "all" in args.filter else args.filter
     configure_logging("warning")
-    results = [trio.run(run_streams, args.streams) * 1e6 for _ in range(args.runs)]
+    results = [trio.run(run_streams, args.streams, kinds) * 1e6 for _ in range(args.runs)]
     print(
         f"token path: {statistics.median(results):.2f} µs per token (median of {args.runs};"
-        f" min {min(results):.2f}, max {max(results):.2f}; {args.streams} streams x {DELTAS})"
+        f" min {min(results):.2f}, max {max(results):.2f}; {args.streams} streams x {DELTAS};"
+        f" filters: {', '.join(kinds) or 'none'})"
     )
 
 
