@@ -86,6 +86,14 @@ class TooLarge(RaafdError):
     http_status = 413
 
 
+class RequestTimeout(RaafdError):
+    """A request's head or body did not arrive within ``server.header_timeout`` (HTTP 408; the
+    connection closes)."""
+
+    code = ErrorCode.TIMEOUT
+    http_status = 408
+
+
 class RateLimited(RaafdError):
     code = ErrorCode.RATE_LIMITED
     http_status = 429

@@ -3,10 +3,12 @@ authentication), and what the listener does with heads and bodies that never com
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from typing import Any
 
+import pytest
 import structlog
 import trio
 
@@ -175,3 +177,98 @@ def test_logged_exceptions_keep_their_traceback() -> None:
     finally:
         structlog.reset_defaults()
     assert "Traceback" in out.getvalue() and "KeyError" in out.getvalue()
+
+
+async def _answer_of(address: str, data: bytes, *, then_wait: bool = True) -> tuple[bytes, float]:
+    """Send ``data`` and read until the server closes: what it said, and after how long."""
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    started = trio.current_time()
+    async with stream:
+        await stream.send_all(data)
+        received = bytearray()
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return bytes(received), trio.current_time() - started
+
+
+async def test_a_head_that_never_ends_gets_408_at_the_header_timeout(start_daemon: Any) -> None:
+    rd = await start_daemon(server={"header_timeout": 1.0})
+    with trio.fail_after(20):
+        answer, took = await _answer_of(rd.address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    assert 0.9 <= took < 3.0
+    assert rd.daemon.metrics.snapshot()["raafd_connections_refused_total{reason=head_timeout}"] == 1
+
+
+async def test_a_head_over_max_header_bytes_in_one_write_gets_431(start_daemon: Any) -> None:
+    rd = await start_daemon(server={"max_header_bytes": 4096})
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 65_000 + b"\r\n\r\n"
+    with trio.fail_after(20):
+        answer, _ = await _answer_of(rd.address, head)
+        fits, _ = await _answer_of(
+            rd.address, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+    assert fits.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_an_http2_prior_knowledge_preface_is_refused_at_once(start_daemon: Any) -> None:
+    rd = await start_daemon(auth={"tokens": ["s3cret-token"]})
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    with trio.fail_after(20):
+        answer, took = await _answer_of(rd.address, preface)
+    assert answer.startswith(b"HTTP/1.1 505 "), answer[:80]
+    assert took < 2.0
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # hypercorn's path: a JSON body announced and never sent
+        b"POST /v1/streams HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 40\r\n\r\n{",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n",
+        b"POST /v1/streams HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        # the raw streaming path
+        b"POST /v1/streams HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+        b"Content-Length: 40\r\n\r\n{",
+    ],
+)
+async def test_a_body_that_never_arrives_gets_408_at_the_header_timeout(
+    start_daemon: Any, request_bytes: bytes
+) -> None:
+    rd = await start_daemon(server={"header_timeout": 1.0})
+    with trio.fail_after(20):
+        answer, took = await _answer_of(rd.address, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"code":"timeout"' in answer
+    assert 0.9 <= took < 4.0
+    assert rd.daemon.listener.open_connections == 0 or await _no_connections(rd)
+
+
+async def _no_connections(rd: Any) -> bool:
+    from tests.waiting import wait_until
+
+    await wait_until(lambda: rd.daemon.listener.open_connections == 0)
+    return True
+
+
+async def test_idle_admin_connections_make_room_for_a_new_one(start_daemon: Any) -> None:
+    from raafd.admin.client import admin_call
+
+    rd = await start_daemon()
+    path = rd.daemon.config.admin_socket_path
+    idle = []
+    with trio.fail_after(20):
+        try:
+            for _ in range(16):
+                idle.append(await trio.open_unix_socket(str(path)))
+            started = trio.current_time()
+            result = await admin_call(path, "stats", {})
+            assert "version" in result
+            assert trio.current_time() - started < 5
+        finally:
+            for stream in idle:
+                await stream.aclose()

@@ -73,9 +73,12 @@ class AdminServer:
     """Serves admin commands on a unix socket at ``path``.
 
     ``handlers`` maps command names to :data:`Handler` coroutines. Connections are tasks of
-    the server's own nursery, at most ``max_connections`` at once (further clients wait in the
-    listen backlog). A connection with no complete request for ``idle_timeout`` seconds, or
-    that does not read an answer within ``send_timeout``, is closed.
+    the server's own nursery, at most ``max_connections`` at once. When all are taken and a
+    client waits to connect, the connection idle the longest (waiting for its next request) is
+    closed to make room, so idle connections never lock the socket; only when every one is
+    running a command do further clients wait in the listen backlog. A connection with no
+    complete request for ``idle_timeout`` seconds, or that does not read an answer within
+    ``send_timeout``, is closed.
     """
 
     def __init__(
@@ -95,6 +98,8 @@ class AdminServer:
         self.send_timeout = send_timeout
         self._slots = trio.Semaphore(max_connections)
         self._ids = itertools.count(1)
+        # The waits of connections idle between requests, oldest first (bounded by the slots).
+        self._idle: dict[int, trio.CancelScope] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the socket path and serve until cancelled; ``started`` with the path.
@@ -123,6 +128,12 @@ class AdminServer:
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
+            if self._slots.value == 0 and self._idle:
+                # Full, with someone idle: when a client waits to connect, make room.
+                await trio.lowlevel.wait_readable(listener.socket)
+                if self._idle:
+                    oldest = next(iter(self._idle))
+                    self._idle.pop(oldest).cancel()
             # Take a slot before accepting, so a flood waits in the backlog, not in tasks.
             await self._slots.acquire()
             handed_over = False
@@ -145,10 +156,11 @@ class AdminServer:
                 await trio.sleep(0.1)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        conn_id = next(self._ids)
         try:
-            structlog.contextvars.bind_contextvars(admin_conn=next(self._ids), **_peer(stream))
+            structlog.contextvars.bind_contextvars(admin_conn=conn_id, **_peer(stream))
             async with stream:
-                await self._serve_lines(stream)
+                await self._serve_lines(stream, conn_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("admin client went away")
         except trio.TooSlowError:
@@ -157,19 +169,23 @@ class AdminServer:
             # A bug in this file must not take the daemon down with one admin connection.
             log.exception("admin connection failed")
         finally:
+            self._idle.pop(conn_id, None)
             self._slots.release()
 
-    async def _serve_lines(self, stream: trio.SocketStream) -> None:
+    async def _serve_lines(self, stream: trio.SocketStream, conn_id: int) -> None:
         splitter = LineSplitter()
         # The idle clock restarts only when a request is complete, so trickling bytes does not
         # keep a connection (and one of the few slots) forever.
         deadline = trio.current_time() + self.idle_timeout
         while True:
             data: bytes | None = None
-            with trio.move_on_at(deadline):
+            with trio.CancelScope(deadline=deadline) as waiting:
+                self._idle[conn_id] = waiting  # evictable while it waits
                 data = await stream.receive_some(_RECEIVE_SIZE)
+            self._idle.pop(conn_id, None)
             if data is None:
-                log.debug("admin connection idle; closing", timeout=self.idle_timeout)
+                why = "idle" if trio.current_time() >= deadline else "room for another client"
+                log.debug("admin connection idle; closing", timeout=self.idle_timeout, why=why)
                 return
             if not data:
                 last = splitter.end()

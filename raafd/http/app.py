@@ -52,6 +52,7 @@ def build_app(
         lambda: ctx.config().http.max_body_bytes,
         authorize,
         cors_origins=lambda: ctx.config().http.cors_origins,
+        body_timeout=lambda: ctx.config().server.header_timeout,
     )
 
     async def healthz(request: Request) -> Response:

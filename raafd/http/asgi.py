@@ -8,6 +8,7 @@ more. Handlers raise :class:`raafd.errors.RaafdError`; they never build error bo
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from raafd.errors import (
     MethodNotAllowed,
     NotFound,
     RaafdError,
+    RequestTimeout,
     TooLarge,
     Unauthorized,
 )
@@ -65,10 +67,14 @@ def next_request_id() -> str:
 
 
 class Request:
-    def __init__(self, scope: Scope, receive: Receive, max_body: int) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, max_body: int, body_timeout: float = math.inf
+    ) -> None:
         self.scope = scope
         self._receive = receive
         self.max_body = max_body
+        self.body_timeout = body_timeout  # from the request's start: server.header_timeout
+        self.deadline = trio.current_time() + body_timeout
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.query: dict[str, str] = dict(parse_qsl(scope.get("query_string", b"").decode()))
@@ -86,7 +92,13 @@ class Request:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await self._receive()
+            with trio.move_on_at(self.deadline) as waiting:
+                message = await self._receive()
+            if waiting.cancelled_caught:
+                # A body that never comes would hold a connection slot forever (slowloris).
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.body_timeout:g} s"
+                )
             if message["type"] == "http.disconnect":
                 raise trio.BrokenResourceError("client went away")
             chunk = message.get("body", b"")
@@ -155,7 +167,7 @@ def error_response(err: RaafdError) -> Response:
     headers = {}
     if err.retry_after is not None:
         headers["retry-after"] = str(max(1, round(err.retry_after)))
-    if isinstance(err, TooLarge):
+    if isinstance(err, TooLarge | RequestTimeout):
         headers["connection"] = "close"  # the unread rest of the body makes it unusable
     if isinstance(err, Unauthorized):
         headers["www-authenticate"] = "Bearer"
@@ -179,10 +191,12 @@ class Router:
         max_body: Callable[[], int],
         authorize: Callable[[Request], Principal] | None = None,
         cors_origins: Callable[[], Sequence[str]] | None = None,
+        body_timeout: Callable[[], float] | None = None,
     ) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
         self.metrics = metrics
         self._max_body = max_body
+        self._body_timeout = body_timeout
         self._authorize = authorize
         self._cors_origins = cors_origins
 
@@ -216,7 +230,8 @@ class Router:
             # a reused keep-alive connection or to another path.
             await send({"type": "websocket.close", "code": 1008})
             return
-        request = Request(scope, receive, self._max_body())
+        timeout = math.inf if self._body_timeout is None else self._body_timeout()
+        request = Request(scope, receive, self._max_body(), timeout)
         structlog.contextvars.bind_contextvars(req=request.id)
         access = NO_CORS
         origin = request.headers.get("origin")

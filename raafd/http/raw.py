@@ -46,7 +46,7 @@ import structlog
 import trio
 
 from raafd.auth import Principal, check_http
-from raafd.errors import RaafdError, TooLarge, Unauthorized
+from raafd.errors import RaafdError, RequestTimeout, TooLarge, Unauthorized
 from raafd.http.asgi import Response, error_response, next_request_id
 from raafd.http.context import StreamingContext
 from raafd.http.cors import Headers, cors
@@ -273,7 +273,14 @@ class _Connection:
             if head is None or request is None:
                 return True
             if request.openai:
-                streaming = await self._asks_to_stream(head_end, request.body_length, deadline)
+                try:
+                    streaming = await self._asks_to_stream(
+                        head_end, request.body_length, deadline
+                    )
+                except RequestTimeout as err:
+                    self.ctx.metrics.errors.labels(err.code).inc()
+                    await self._answer(head.method, error_response(err), False)
+                    return False
                 if streaming is None:
                     return False
                 if not streaming:
@@ -324,8 +331,8 @@ class _Connection:
 
     async def _asks_to_stream(self, head_end: int, length: int, deadline: float) -> bool | None:
         """Whether the body after the head is JSON with ``"stream": true``, read without taking
-        it (so hypercorn can serve the request whole when not); None when the client left or
-        did not send it by ``deadline``."""
+        it (so hypercorn can serve the request whole when not); None when the client left;
+        ``RequestTimeout`` when it did not send it by ``deadline``."""
         if length > self.ctx.config().http.max_body_bytes:
             return False  # hypercorn answers 413
         end = head_end + length
@@ -335,7 +342,7 @@ class _Connection:
                     if not await self._receive():
                         return None
             if len(self.buf) < end:
-                return None
+                raise RequestTimeout("the request body did not arrive in time")
         try:
             body = orjson.loads(bytes(self.buf[head_end:end]))
         except orjson.JSONDecodeError:
@@ -348,8 +355,8 @@ class _Connection:
                 while len(self.buf) < length:
                     if not await self._receive():
                         return None
-            if len(self.buf) < length:
-                return None  # past the deadline
+            if len(self.buf) < length:  # past the deadline: answered 408, then closed
+                raise RequestTimeout("the request body did not arrive in time")
         body = bytes(self.buf[:length])
         self._take(length)
         return body

@@ -118,6 +118,41 @@ _RATE_LIMITED = _simple_response(
     b'{"error":{"code":"rate_limited","message":"too many new connections from this address"}}',
     "retry-after: 1\r\n",
 )
+_TIMEOUT = _simple_response(
+    408,
+    "Request Timeout",
+    b'{"error":{"code":"timeout","message":"the request head did not arrive in time"}}',
+)
+_HEAD_TOO_LARGE = _simple_response(
+    431,
+    "Request Header Fields Too Large",
+    b'{"error":{"code":"too_large","message":"the request head is over the limit"}}',
+)
+_NO_HTTP2 = _simple_response(
+    505,
+    "HTTP Version Not Supported",
+    b'{"error":{"code":"bad_request","message":"HTTP/2 is not served here: use HTTP/1.1"}}',
+)
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _refusal(
+    buf: bytearray, head_end: int, limit: int, *, timed_out: bool
+) -> tuple[str, bytes] | None:
+    """What a connection's first bytes earn before any routing, as (metric reason, answer):
+    an HTTP/2 prior-knowledge preface (505: raafd serves HTTP/1.1 only, and an h2 connection
+    would otherwise be held by the HTTP/2 server with no deadline), a head over
+    ``max_header_bytes`` however it arrived (431), a head not complete by ``header_timeout``
+    (408); None to route it (no bytes at all: closed quietly)."""
+    if len(buf) >= 3 and buf.startswith(_H2_PREFACE[: min(len(buf), len(_H2_PREFACE))]):
+        return "http2", _NO_HTTP2
+    if head_end + 4 > limit or (head_end < 0 and len(buf) > limit):
+        return "head_too_large", _HEAD_TOO_LARGE
+    if head_end < 0 and buf and timed_out:
+        return "head_timeout", _TIMEOUT
+    return None
+
+
 _DRAINING = _simple_response(
     503,
     "Service Unavailable",
@@ -242,8 +277,11 @@ class PublicListener:
             with contextlib.suppress(OSError):
                 stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
         buf = bytearray()
-        with trio.move_on_after(self.config.header_timeout):
-            while b"\r\n\r\n" not in buf and len(buf) <= self.config.max_header_bytes:
+        limit = self.config.max_header_bytes
+        with trio.move_on_after(self.config.header_timeout) as deadline:
+            while b"\r\n\r\n" not in buf and len(buf) <= limit:
+                if buf.startswith(_H2_PREFACE[: len(buf)]) and len(buf) >= 3:
+                    break  # HTTP/2 with prior knowledge: refused below, not waited for
                 try:
                     chunk = await stream.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -252,6 +290,13 @@ class PublicListener:
                     break
                 buf += chunk
         head_end = buf.find(b"\r\n\r\n")
+        refusal = _refusal(buf, head_end, limit, timed_out=deadline.cancelled_caught)
+        if refusal is not None:
+            reason, answer = refusal
+            self.metrics.connections_refused.labels(reason).inc()
+            with trio.move_on_after(1):
+                await _send_and_close(stream, answer)
+            return
         head = parse_request_head(bytes(buf[: head_end + 4])) if head_end >= 0 else None
         websocket = head is not None and head.is_websocket_upgrade and head.path == "/v1/ws"
         if head is not None and websocket and self.websocket_handler is not None:
