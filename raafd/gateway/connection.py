@@ -198,8 +198,12 @@ class Connection:
                     self._work = self._out.nursery = work
                     await self._after_handshake()
                     await self._reader()
-                    # The client sent EOF: its streams go on to their end, then it closes.
+                    # The client sent EOF: its streams go on to their end, then it closes
+                    # (_end_if_done cancels the work then). The nursery stays open meanwhile:
+                    # a delivery that falls behind starts its puller in it.
                     self._end_if_done()
+                    if self.attachments:
+                        await trio.sleep_forever()
             except* _Close as group:
                 self._close = group.exceptions[0]  # type: ignore[assignment]
             except* (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -295,7 +299,8 @@ class Connection:
                         if isinstance(event, Request):
                             request = event
                             break
-                except RemoteProtocolError as exc:
+                except (RemoteProtocolError, ValueError) as exc:
+                    # ValueError: wsproto decodes Host as IDNA, and some bytes are not that.
                     await self._refuse_upgrade(exc)
                     return False
         if request is None:
@@ -313,15 +318,16 @@ class Connection:
         self._ws = ClientFrames()
         return True
 
-    async def _refuse_upgrade(self, exc: RemoteProtocolError) -> None:
+    async def _refuse_upgrade(self, exc: RemoteProtocolError | ValueError) -> None:
         """A malformed upgrade (RFC 6455 §4.2.1): 400, or 426 for a version other than 13,
         both naming the version this server speaks; then the connection closes."""
-        hint = exc.event_hint
+        hint = getattr(exc, "event_hint", None)
         status = hint.status_code if isinstance(hint, RejectConnection) else 400
-        log.info("websocket upgrade refused", status=status, reason=str(exc))
+        why = str(exc) if isinstance(exc, RemoteProtocolError) else "a header is not valid"
+        log.info("websocket upgrade refused", status=status, reason=why)
         self.gateway.metrics.connections_refused.labels("bad_upgrade").inc()
         body = orjson.dumps(
-            {"error": {"code": "bad_request", "message": f"not a WebSocket upgrade: {exc}"}}
+            {"error": {"code": "bad_request", "message": f"not a WebSocket upgrade: {why}"}}
         )
         reason = "Upgrade Required" if status == 426 else "Bad Request"
         head = (
