@@ -2,7 +2,7 @@
 raafd, while a normal client streams beside them. It prints figures; it is not a pass/fail test
 (the exit status is 1 only when the daemon crashed or hung, or the normal client failed).
 
-    .venv/bin/python bench/fuzz.py                      # 1,000,000 frames + 20,000 requests
+    .venv/bin/python bench/fuzz.py                      # 1,000,000 frames + 10,000 requests
     .venv/bin/python bench/fuzz.py --frames 50000 --requests 2000 --seed 7
 
 The daemon (``python -m raafd.cli serve`` with a generated config: the demo provider, fast;
@@ -37,15 +37,12 @@ import contextlib
 import json
 import os
 import random
-import shutil
-import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -355,102 +352,39 @@ async def fuzz(
 
 # --- the command line: a daemon of its own, pinned -------------------------------------------
 
-
-def _config(port: int, state: Path) -> str:
-    return f"""
-[server]
-port = {port}
-header_timeout = 2.0
-max_connections = 2000
+# The fuzzed daemon's config beyond bench/daemon_proc.py's base: the per-connection command
+# limits off (so frames reach the command decoder rather than the rate limiter), short
+# retention (the fuzzers start many streams).
+FUZZ_CONFIG = """
 [websocket]
 max_frame = 65536
-[providers.demo]
-tokens_per_second = 2000.0
-reply_words = 12
 [streams]
 retention = 5.0
 detach_grace = 2.0
 [limits.connection]
-commands = {{ rate = 0.0, burst = 1 }}
-stream_starts = {{ rate = 0.0, burst = 1 }}
-[state]
-dir = "{state}"
-[store]
-backend = "memory"
-[logging]
-level = "warning"
-format = "json"
+commands = { rate = 0.0, burst = 1 }
+stream_starts = { rate = 0.0, burst = 1 }
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _proc_status(pid: int) -> tuple[int, int]:
-    """(RSS bytes, open fds) of ``pid``."""
-    rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def main(argv: list[str] | None = None) -> int:
+    from daemon_proc import running_daemon  # bench/ is sys.path[0] when run as a script
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=1_000_000)
-    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--http-connections", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--hang", type=float, default=5.0, help="seconds a probe may take")
     args = parser.parse_args(argv)
-    cores = sorted(os.sched_getaffinity(0))
-    server_core, load_core = (str(cores[0]), str(cores[-1]))
-    os.sched_setaffinity(0, {cores[-1]})
-    with tempfile.TemporaryDirectory(prefix="raafd-fuzz-") as tmp:
-        port = _free_port()
-        config = Path(tmp) / "raafd.toml"
-        config.write_text(_config(port, Path(tmp) / "var"))
-        log = (Path(tmp) / "raafd.log").open("w")
-        cmd = [sys.executable, "-m", "raafd.cli", "serve", "--config", str(config)]
-        if shutil.which("taskset"):
-            cmd = ["taskset", "-c", server_core, *cmd]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            return _run(proc, port, args, server_core, load_core, Path(tmp) / "raafd.log")
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-            log.close()
+    with running_daemon(FUZZ_CONFIG, header_timeout=2.0, max_connections=2000) as daemon:
+        return _run(daemon, args)
 
 
-def _run(
-    proc: subprocess.Popen[bytes],
-    port: int,
-    args: argparse.Namespace,
-    server_core: str,
-    load_core: str,
-    log: Path,
-) -> int:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print(log.read_text()[-3000:])
-                return 1
-            time.sleep(0.05)
-    rss0, fds0 = _proc_status(proc.pid)
-    print(f"raafd pid {proc.pid} on core {server_core}, fuzzer on core {load_core}")
+def _run(daemon: Any, args: argparse.Namespace) -> int:
+    rss0, fds0 = daemon.status()
+    cores = f"core {daemon.server_core}, fuzzer on core {daemon.load_core}"
+    print(f"raafd pid {daemon.proc.pid} on {cores}")
     print(f"seed {args.seed}; start: RSS {rss0 / 2**20:.1f} MiB, {fds0} fds")
     print(
         f"{'s':>6} {'frames':>10} {'ws conns':>9} {'requests':>9} {'RSS MiB':>8} {'fds':>5}"
@@ -459,9 +393,9 @@ def _run(
     peak = [rss0]
 
     def show(report: Report, elapsed: float) -> None:
-        if proc.poll() is not None:
-            raise RuntimeError(f"raafd exited with {proc.returncode}")
-        rss, fds = _proc_status(proc.pid)
+        if not daemon.alive():
+            raise RuntimeError(f"raafd exited with {daemon.proc.returncode}")
+        rss, fds = daemon.status()
         peak[0] = max(peak[0], rss)
         print(
             f"{elapsed:6.0f} {report.frames:10,} {report.ws_connections:9,} {report.requests:9,}"
@@ -474,31 +408,32 @@ def _run(
     try:
         report = trio.run(
             lambda: fuzz(
-                f"127.0.0.1:{port}",
+                daemon.address,
                 frames=args.frames,
                 requests=args.requests,
                 seed=args.seed,
                 hang=args.hang,
+                http_connections=args.http_connections,
                 show=show,
             )
         )
     except (RuntimeError, trio.TooSlowError, OSError) as exc:
-        alive = proc.poll() is None
-        print(f"FAILED: {exc!r}; raafd {'alive' if alive else f'exited {proc.returncode}'}")
-        print(log.read_text()[-3000:])
+        alive = daemon.alive()
+        print(f"FAILED: {exc!r}; raafd {'alive' if alive else f'exited {daemon.proc.returncode}'}")
+        print(daemon.log.read_text()[-3000:])
         return 1
     elapsed = time.monotonic() - started
     time.sleep(6)  # retention and detach grace of the fuzzers' streams
-    rss, fds = _proc_status(proc.pid)
-    crashed = proc.poll() is not None
-    errors = [line for line in log.read_text().splitlines() if '"level": "error"' in line]
+    rss, fds = daemon.status()
+    crashed = not daemon.alive()
+    errors = daemon.error_lines()
+    rate = (report.frames + report.requests) / elapsed
     print()
     print(f"frames sent        {report.frames:,} on {report.ws_connections:,} connections")
     print(
         f"requests sent      {report.requests:,}; answered or closed in time: "
         f"{report.requests - report.http_hangs:,}; hangs {report.http_hangs}"
     )
-    rate = (report.frames + report.requests) / elapsed
     print(f"rate               {rate:,.0f} per second over {elapsed:.0f} s")
     print(f"crashes            {int(crashed)}")
     print(f"/healthz probes    {report.probes}, slowest {report.probe_max * 1000:.1f} ms")
@@ -510,8 +445,17 @@ def _run(
         f" end {rss / 2**20:.1f} MiB; fds start {fds0}, end {fds}"
     )
     print(f"error log lines    {len(errors)}")
-    for line in errors[:5]:
-        print("  ", line[:300])
+    seen: set[str] = set()
+    for line in errors:  # each distinct failure once, with the end of its traceback
+        record = json.loads(line)
+        trace = str(record.get("exception", "")).splitlines()
+        key = "\n".join(trace[-3:])
+        if key in seen:
+            continue
+        seen.add(key)
+        print(f"   {record.get('event')}:")
+        for trace_line in trace[-14:]:
+            print("     ", trace_line[:160])
     for failure in report.normal_failures[:5]:
         print("  ", failure)
     bad = crashed or report.http_hangs or report.normal_failures or errors

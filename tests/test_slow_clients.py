@@ -272,3 +272,32 @@ async def test_idle_admin_connections_make_room_for_a_new_one(start_daemon: Any)
         finally:
             for stream in idle:
                 await stream.aclose()
+
+
+async def test_dribbling_heads_are_closed_at_the_deadline_while_real_clients_are_served(
+    start_daemon: Any,
+) -> None:
+    from bench.slowloris import slowloris
+
+    rd = await start_daemon(server={"header_timeout": 1.5})
+    with trio.fail_after(60):
+        result = await slowloris(
+            rd.address, sockets=150, clients=5, duration=2.0, interval=0.2, connect_at_once=50
+        )
+    assert len(result.closed_after) == 150
+    assert result.answered_408 == 150
+    # Each at its own deadline counted from its accept (bench/slowloris.py prints how close;
+    # here only that none is held on: a loaded machine accepts late).
+    assert max(result.closed_after) < 1.5 + 5.0
+    assert result.latencies and result.failures == []
+
+
+async def test_an_upgrade_whose_host_is_not_idna_gets_400(start_daemon: Any) -> None:
+    rd = await start_daemon()
+    upgrade = (
+        b"GET /v1/ws HTTP/1.1\r\nHost: \xe2\x82x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with trio.fail_after(20):
+        answer, _ = await _answer_of(rd.address, upgrade)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:80]

@@ -274,9 +274,7 @@ class _Connection:
                 return True
             if request.openai:
                 try:
-                    streaming = await self._asks_to_stream(
-                        head_end, request.body_length, deadline
-                    )
+                    streaming = await self._asks_to_stream(head_end, request.body_length, deadline)
                 except RequestTimeout as err:
                     self.ctx.metrics.errors.labels(err.code).inc()
                     await self._answer(head.method, error_response(err), False)
