@@ -516,6 +516,7 @@ class Daemon:
                 "gc_thresholds": list(gc.get_threshold()),
                 "gc_counts": list(gc.get_count()),
                 "gc_frozen": gc.get_freeze_count(),
+                "tasks": _count_tasks(),
             },
             "log_level": get_level(),
         }
@@ -570,3 +571,19 @@ class Daemon:
             raise BadRequest(str(err), field="level") from None
         log.info("log level changed", level=level)
         return {"level": level}
+
+
+def _count_tasks() -> int:
+    """The trio tasks alive in this run (0 outside one); bench/soak.py watches it come back to
+    its baseline after many stream starts and cancels."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return 0
+    count, pending = 0, [root] if root is not None else []
+    while pending:
+        task = pending.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return count
