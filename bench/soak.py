@@ -138,6 +138,7 @@ async def soak(daemon: Any, args: argparse.Namespace) -> int:
         f"{'events':>11} {'lost':>5}"
     )
     started = time.monotonic()
+    before = -1
     async with trio.open_nursery() as nursery:
         ready = trio.Semaphore(100)
         for _ in range(args.idle):
