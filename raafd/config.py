@@ -411,7 +411,6 @@ class LimitsConfig:
     connection: ConnectionLimits = field(factory=ConnectionLimits)
     principal: PrincipalLimits = field(factory=PrincipalLimits)
     ip: IpLimits = field(factory=IpLimits)
-    max_streams_per_principal: int = field(default=0, validator=_non_negative)  # 0: no cap
     hard_limit: int = field(default=50, validator=_non_negative)  # refusals in a row: 4429
     max_tracked: int = field(default=100_000, validator=_positive)  # principals / IPs kept
 
