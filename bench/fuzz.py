@@ -248,6 +248,26 @@ async def _http_fuzzer(
                 report.http_hangs += 1
 
 
+async def checked_stream(ws: Any, text: str) -> tuple[int, str | None]:
+    """Start a stream on the WebSocket ``ws`` and read it to its end: (events, None) when it
+    was whole (seq from 1 without a gap, exactly one terminal event, ``complete``), else
+    (events, what was wrong)."""
+    await ws.send_message(json.dumps({"type": "stream.start", "input": text}))
+    seqs: list[int] = []
+    terminal: list[str] = []
+    with trio.fail_after(60):
+        while not terminal:
+            message = json.loads(await ws.get_message())
+            if message.get("type") != "stream.event":
+                continue
+            seqs.append(message["seq"])
+            if message["event"] in ("complete", "error", "cancelled"):
+                terminal.append(message["event"])
+    if seqs != list(range(1, len(seqs) + 1)) or terminal != ["complete"]:
+        return len(seqs), f"seqs {seqs[:5]}… end {terminal}"
+    return len(seqs), None
+
+
 async def _normal_client(host: str, port: int, report: Report, stop: trio.Event) -> None:
     from trio_websocket import open_websocket
 
@@ -256,19 +276,9 @@ async def _normal_client(host: str, port: int, report: Report, stop: trio.Event)
         n = 0
         while not stop.is_set():
             n += 1
-            await ws.send_message(json.dumps({"type": "stream.start", "input": f"normal {n}"}))
-            seqs: list[int] = []
-            terminal: list[str] = []
-            with trio.fail_after(30):
-                while not terminal:
-                    message = json.loads(await ws.get_message())
-                    if message.get("type") != "stream.event":
-                        continue
-                    seqs.append(message["seq"])
-                    if message["event"] in ("complete", "error", "cancelled"):
-                        terminal.append(message["event"])
-            if seqs != list(range(1, len(seqs) + 1)) or terminal != ["complete"]:
-                report.normal_failures.append(f"stream {n}: seqs {seqs[:5]}… end {terminal}")
+            _, wrong = await checked_stream(ws, f"normal {n}")
+            if wrong is not None:
+                report.normal_failures.append(f"stream {n}: {wrong}")
             report.normal_streams += 1
             if report.first_stream is not None:
                 report.first_stream.set()

@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 import trio
-from fuzz import _drain, _upgrade_request, client_frame  # bench/ is sys.path[0]
+from fuzz import _drain, _upgrade_request, checked_stream, client_frame  # bench/ is sys.path[0]
 
 SOAK_CONFIG = """
 [websocket]
@@ -69,21 +69,11 @@ async def _streamer(host: str, port: int, counts: Counts, stop: trio.Event) -> N
         n = 0
         while not stop.is_set():
             n += 1
-            await ws.send_message(json.dumps({"type": "stream.start", "input": f"soak {n}"}))
-            seqs: list[int] = []
-            terminal: list[str] = []
-            with trio.fail_after(60):
-                while not terminal:
-                    message = json.loads(await ws.get_message())
-                    if message.get("type") != "stream.event":
-                        continue
-                    seqs.append(message["seq"])
-                    if message["event"] in ("complete", "error", "cancelled"):
-                        terminal.append(message["event"])
+            events, wrong = await checked_stream(ws, f"soak {n}")
             counts.streams += 1
-            counts.events += len(seqs)
-            if seqs != list(range(1, len(seqs) + 1)) or terminal != ["complete"]:
-                counts.lost.append(f"stream {n}: {len(seqs)} events, end {terminal}")
+            counts.events += events
+            if wrong is not None:
+                counts.lost.append(f"stream {n}: {wrong}")
 
 
 async def _cycles(host: str, port: int, cycles: int) -> None:
