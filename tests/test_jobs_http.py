@@ -6,6 +6,9 @@ path (the SQLite store, restarts) is in test_jobs_durable.py."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from typing import Any
 
 import httpx
@@ -14,6 +17,7 @@ import trio
 import trio.testing
 
 from raafd.admin.client import admin_call
+from raafd.admin.ctl import main as ctl_main
 from raafd.errors import RaafdError
 from tests.waiting import wait_until
 
@@ -202,3 +206,38 @@ async def test_submitting_needs_the_job_permission_for_the_agent(
                 "/v1/jobs", json={"input": "x"}, headers={"authorization": "Bearer t-worker"}
             )
             assert accepted.status_code == 202
+
+
+async def test_raafd_ctl_jobs_job_and_purge(start_daemon: Any) -> None:
+    rd = await start_daemon(**FAST)
+    sock = str(rd.daemon.config.admin_socket_path)
+
+    async def ctl(*args: str) -> tuple[int, str]:
+        out = io.StringIO()
+
+        def call() -> int:
+            with contextlib.redirect_stdout(out):
+                return ctl_main([*args, "--socket", sock, "--json"])
+
+        code = await trio.to_thread.run_sync(call)
+        # The daemon's audit lines share this process's stdout: ctl's JSON starts a line.
+        lines = out.getvalue().splitlines()
+        starts = [i for i, line in enumerate(lines) if line[:1] in ("{", "[")]
+        return code, "\n".join(lines[starts[0] :]) if starts else ""
+
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(base_url=rd.base_url, timeout=None) as client:
+            job = await submit(client)
+            await client.get(f"/v1/jobs/{job['job']}", params={"wait": 30})
+        code, text = await ctl("jobs", "--status", "completed")
+        assert code == 0 and [r["job"] for r in json.loads(text)] == [job["job"]]
+        code, text = await ctl("job", job["job"])
+        assert code == 0 and json.loads(text)["status"] == "completed"
+        code, _ = await ctl("job", "retry", job["job"])
+        assert code == 1  # only dead jobs are retried
+        code, text = await ctl("jobs", "purge", "--status", "completed", "--older-than", "1d")
+        assert code == 0 and json.loads(text) == {"purged": 0}
+        code, text = await ctl("jobs", "purge", "--status", "completed", "--older-than", "0")
+        assert code == 0 and json.loads(text) == {"purged": 1}
+        code, _ = await ctl("jobs", "purge", "--status", "completed")
+        assert code == 2  # --older-than is required
