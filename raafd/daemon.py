@@ -461,7 +461,23 @@ class Daemon:
 
     def _start_job_stream(self, job: Job, stream_id: str) -> Stream:
         """The stream of one attempt of a job: its agent on its messages, watched by nobody
-        (no detach grace; the job's own timeout bounds it)."""
+        (no detach grace; the job's own timeout bounds it). A workflow job runs its workflow
+        on its input."""
+        if job.workflow is not None:
+            cmd = WorkflowStart(
+                mode=job.workflow["mode"],
+                agents=job.workflow["agents"],
+                input=job.messages[-1]["content"],
+                synthesizer=job.workflow.get("synthesizer"),
+                stream=stream_id,
+            )
+            return start_workflow(
+                self.streams,
+                cmd,
+                self.config.agents,
+                owner=f"job:{job.id}",
+                detach_grace=math.inf,
+            )
         return self.streams.start(
             agent=job.agent,
             messages=job.messages,

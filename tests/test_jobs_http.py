@@ -241,3 +241,28 @@ async def test_raafd_ctl_jobs_job_and_purge(start_daemon: Any) -> None:
         assert code == 0 and json.loads(text) == {"purged": 1}
         code, _ = await ctl("jobs", "purge", "--status", "completed")
         assert code == 2  # --older-than is required
+
+
+async def test_a_workflow_job_runs_its_agents_on_the_input(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    rd = await start_daemon(
+        agents={"assistant": {"provider": "demo"}, "b": {"provider": "demo"}}, **FAST
+    )
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(base_url=rd.base_url, timeout=None) as client:
+            flow = {"mode": "sequential", "agents": ["assistant", "b"]}
+            job = await submit(client, input="flow", workflow=flow)
+            assert job["workflow"]["agents"] == ["assistant", "b"]
+            done = (await client.get(f"/v1/jobs/{job['job']}", params={"wait": 30})).json()
+            assert done["status"] == "completed" and done["result"]["final_response"]
+            stream = (await client.get(f"/v1/streams/{done['stream']}")).json()
+            assert stream["status"] == "complete"
+            bad = {"mode": "sequential", "agents": ["assistant", "nobody"]}
+            refused = await client.post("/v1/jobs", json={"input": "x", "workflow": bad})
+            assert refused.status_code == 404
+            assert refused.json()["error"]["field"] == "workflow.agents.1"
+            parallel = {"mode": "parallel", "agents": ["assistant", "b"]}
+            refused = await client.post("/v1/jobs", json={"input": "x", "workflow": parallel})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["field"] == "workflow.synthesizer"

@@ -176,10 +176,12 @@ def start_workflow(
     agents: Mapping[str, Any],
     *,
     owner: str,
+    detach_grace: float | None = None,
 ) -> Stream:
     """Check ``cmd`` against the configured ``agents`` and start its stream (what
-    ``POST /v1/workflows`` and ``workflow.start`` both do). Raises what
-    :meth:`StreamManager.start` raises, and ``NotFound`` for an unknown agent."""
+    ``POST /v1/workflows`` and ``workflow.start`` both do; a background job passes its own
+    ``detach_grace``). Raises what :meth:`StreamManager.start` raises, and ``NotFound`` for an
+    unknown agent."""
     workflow = check_agents(cmd, agents)
     bodies = manager.bodies
     if not isinstance(bodies, AgentBodies):  # wired wrong: the daemon gives AgentBodies
@@ -189,5 +191,6 @@ def start_workflow(
         messages=_user(workflow.input),
         stream_id=cmd.stream,
         owner=owner,
+        detach_grace=detach_grace,
         body=workflow_body(bodies.runner, workflow),
     )

@@ -53,7 +53,8 @@ def add_job_commands(
     async def submit(conn: Peer, cmd: JobSubmit) -> None:
         if conn.draining:
             raise Unavailable("the server is draining; submit the job elsewhere")
-        guard.require(conn.principal, "job.submit", cmd.agent or default_agent(), "agent")
+        for agent, field in cmd.agents_named(default_agent()):
+            guard.require(conn.principal, "job.submit", agent, field)
         job, created = await service().submit(cmd, owner=conn.user)
         await conn.send_json(
             {"type": "job.submitted", "ref": cmd.ref, "created": created, "job": job.public()}

@@ -56,8 +56,8 @@ def add_job_routes(router: Router, ctx: HttpContext, jobs: Callable[[], Jobs | N
         if ctx.draining():
             raise Unavailable("the server is draining; submit the job elsewhere", retry_after=1)
         cmd = decode_body(await request.body(), JobSubmit)
-        agent = cmd.agent or ctx.config().default_agent
-        ctx.guard.require(request.principal, "job.submit", agent, "agent")
+        for agent, field in cmd.agents_named(ctx.config().default_agent):
+            ctx.guard.require(request.principal, "job.submit", agent, field)
         ctx.guard.limit("job_submits", None, request.principal)
         job, created = await service().submit(cmd, owner=_owner(request))
         headers = {"location": f"/v1/jobs/{job.id}"}

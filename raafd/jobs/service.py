@@ -306,7 +306,21 @@ class Jobs:
         ``not_found`` for the agent, ``bad_request`` naming the field)."""
         cfg = self._cfg
         self._check_callback(cmd.callback_url)
-        agent = self._agent(cmd.agent)
+        workflow = None
+        if cmd.workflow is not None:
+            agents = self._config().agents
+            flow = cmd.workflow
+            for i, name in enumerate(flow.agents):
+                if name not in agents:
+                    raise NotFound(f"no agent named {name!r}", field=f"workflow.agents.{i}")
+            if flow.synthesizer is not None and flow.synthesizer not in agents:
+                raise NotFound(f"no agent named {flow.synthesizer!r}", field="workflow.synthesizer")
+            workflow = {"mode": flow.mode, "agents": flow.agents, "synthesizer": flow.synthesizer}
+            # The agent the workflow's stream names (and the limits count), as workflow.start.
+            parallel = flow.mode == "parallel" and flow.synthesizer is not None
+            agent = flow.synthesizer if parallel and flow.synthesizer else flow.agents[0]
+        else:
+            agent = self._agent(cmd.agent)
         if cmd.delay is not None:
             if cmd.delay > cfg.max_delay:
                 raise BadRequest(f"delay must be at most {cfg.max_delay} s", field="delay")
@@ -324,6 +338,7 @@ class Jobs:
             id=job_id,
             agent=agent,
             messages=cmd.conversation(),
+            workflow=workflow,
             created_at=now,
             run_at=run_at,
             state="scheduled" if run_at > now else "queued",

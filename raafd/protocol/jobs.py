@@ -6,14 +6,14 @@ the jobs service."""
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 from attrs import field, frozen
 
-from raafd.protocol.commands import Message, _FieldError
+from raafd.protocol.commands import Message, WorkflowStart, _FieldError
 
-__all__ = ["BatchRef", "BatchSubmit", "JobRef", "JobSubmit", "check_priority"]
+__all__ = ["BatchRef", "BatchSubmit", "JobRef", "JobSubmit", "JobWorkflow", "check_priority"]
 
 _MAX_ID: Final = 128
 _MAX_URL: Final = 2048
@@ -69,6 +69,7 @@ class JobSubmit:
     or ``messages``; ``delay`` (seconds) or ``run_at`` (unix time) for a later start."""
 
     agent: str | None = field(default=None, validator=_short)
+    workflow: JobWorkflow | None = None
     input: str | None = None
     messages: list[Message] | None = None
     session: str | None = field(default=None, validator=_short)
@@ -89,6 +90,21 @@ class JobSubmit:
             raise _FieldError("input", "give exactly one of 'input' or 'messages'")
         if self.delay is not None and self.run_at is not None:
             raise _FieldError("run_at", "give at most one of 'delay' or 'run_at'")
+        if self.workflow is not None:
+            if self.agent is not None:
+                raise _FieldError("workflow", "give 'agent' or 'workflow', not both")
+            if self.input is None:
+                raise _FieldError("input", "a workflow runs on 'input', not 'messages'")
+
+    def agents_named(self, default_agent: str) -> list[tuple[str, str]]:
+        """The agents the job runs, each with the field that names it (permission checks)."""
+        if self.workflow is None:
+            return [(self.agent or default_agent, "agent")]
+        flow = self.workflow
+        named = [(name, f"workflow.agents.{i}") for i, name in enumerate(flow.agents)]
+        if flow.synthesizer is not None:
+            named.append((flow.synthesizer, "workflow.synthesizer"))
+        return named
 
     def conversation(self) -> list[dict[str, Any]]:
         if self.messages is not None:
@@ -114,6 +130,24 @@ def _names(_: Any, a: attrs.Attribute[Any], value: list[str] | None) -> None:
 def _inputs(_: Any, a: attrs.Attribute[Any], value: list[str] | None) -> None:
     if value is not None and not value:
         raise _FieldError(a.name, "must not be empty")
+
+
+@frozen
+class JobWorkflow:
+    """A job's ``workflow``: several agents over its ``input``, as ``workflow.start`` runs them
+    (``mode`` sequential, or parallel with a ``synthesizer``)."""
+
+    mode: Literal["sequential", "parallel"]
+    agents: list[str] = field(validator=_names)
+    synthesizer: str | None = field(default=None, validator=_short)
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            WorkflowStart(
+                mode=self.mode, agents=self.agents, input="", synthesizer=self.synthesizer
+            )
+        except _FieldError as exc:
+            raise _FieldError(exc.field, str(exc)) from None
 
 
 @frozen
