@@ -67,11 +67,11 @@ def _free_port() -> int:
 
 
 class Served:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: str = "") -> None:
         self.tmp = tmp
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        (tmp / "raafd.toml").write_text(CONFIG.format(port=self.port, tmp=tmp))
+        (tmp / "raafd.toml").write_text(CONFIG.format(port=self.port, tmp=tmp) + extra)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("RAAFD_CONFIG", None)
         self.log = (tmp / "stderr.log").open("wb")
@@ -276,3 +276,80 @@ def test_the_page_and_module_are_served_with_their_headers(served: Served) -> No
         urllib.request.urlopen(again, timeout=10)
     not_modified.value.close()
     assert not_modified.value.code == 304
+
+
+ALICE, BOB = "alice-secret-token", "bob-secret-token"
+ROOMS = """
+[auth]
+tokens = ["{alice}", "{bob}"]
+[rooms.lobby]
+title = "Lobby"
+agent = "assistant"
+"""
+
+
+@pytest.fixture(scope="module")
+def served_rooms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    server = Served(tmp_path_factory.mktemp("rooms"), ROOMS.format(alice=ALICE, bob=BOB))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _signed_in(browser: Any, served: Served, token: str) -> tuple[Any, Any]:
+    context = browser.new_context()
+    context.set_default_timeout(20_000)
+    tab = context.new_page()
+    tab.goto(served.base + "/")
+    tab.locator("#auth").wait_for()  # auth is on: the page asks for a token
+    tab.fill("#token", token)
+    tab.press("#token", "Enter")
+    tab.wait_for_selector("#connection:has-text('connected as token-')")
+    tab.fill("#room-name", "lobby")
+    tab.press("#room-name", "Enter")
+    tab.locator("#room-title:has-text('lobby')").wait_for()
+    return context, tab
+
+
+def test_two_browsers_in_a_room_see_messages_members_typing_and_the_agent(
+    browser: Any, served_rooms: Served, request: pytest.FixtureRequest
+) -> None:
+    alice_ctx, alice = _signed_in(browser, served_rooms, ALICE)
+    bob_ctx, bob = _signed_in(browser, served_rooms, BOB)
+    try:
+        alice_user = alice.locator("#connection").text_content().split()[-1]
+        bob_user = bob.locator("#connection").text_content().split()[-1]
+        # Presence: each sees the other as an online member.
+        alice.locator(f"#members li[data-user='{bob_user}'][data-status='online']").wait_for()
+        bob.locator(f"#members li[data-user='{alice_user}'][data-status='online']").wait_for()
+        # Typing: Bob types, Alice sees it (and it is never echoed to Bob).
+        bob.type("#room-input", "hel")
+        alice.locator("#typing", has_text=f"{bob_user} is typing").wait_for()
+        assert bob.locator("#typing").text_content() == ""
+        # Messages both ways, each shown once on both pages.
+        bob.fill("#room-input", "hello from <b>bob</b>")
+        bob.press("#room-input", "Enter")
+        for tab in (alice, bob):
+            tab.locator("#room-log li.room-message .text").get_by_text(
+                "hello from <b>bob</b>", exact=True
+            ).wait_for()
+            assert tab.locator("#room-log b").count() == 0
+        alice.fill("#room-input", "hi bob, ask @assistant")
+        alice.press("#room-input", "Enter")
+        # The room's agent answers the mention: both pages see its reply stored as a message.
+        for tab in (alice, bob):
+            tab.locator("#room-log li.room-message .text").get_by_text(
+                "hi bob, ask @assistant", exact=True
+            ).wait_for()
+            tab.locator("#room-log li.room-message .who", has_text="agent:assistant").wait_for(
+                timeout=30_000
+            )
+            texts = tab.locator("#room-log li.room-message .text").all_text_contents()
+            assert texts.count("hello from <b>bob</b>") == 1
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        for name, tab in (("alice", alice), ("bob", bob)):
+            tab.screenshot(path=str(ARTIFACTS / f"{request.node.name}-{name}.png"), full_page=True)
+        alice_ctx.close()
+        bob_ctx.close()

@@ -40,6 +40,12 @@ function setStatus(status, detail) {
   }
 }
 
+function askForToken(why) {
+  $("auth").hidden = false;
+  $("connection").textContent = why;
+  $("token").focus();
+}
+
 async function connect() {
   client?.close();
   client = new RaafdClient(window.location.origin, {
@@ -48,18 +54,19 @@ async function connect() {
     onStatus: setStatus,
   });
   try {
+    // The agent list first: a 401 here says auth is on and which token is missing or wrong,
+    // before a WebSocket would wait for a hello that never comes.
+    await loadAgents();
     await client.connect();
   } catch (error) {
     if (error instanceof RaafdError && error.code === "unauthorized") {
-      $("auth").hidden = false;
-      $("connection").textContent = "a token is needed";
-      $("token").focus();
+      client.close();
+      askForToken(store.getItem("raafd.token") ? "that token was refused" : "a token is needed");
       return;
     }
     throw error;
   }
   $("auth").hidden = true;
-  await loadAgents();
   loadRooms();
 }
 
@@ -181,12 +188,14 @@ function roomMessage(message) {
 function renderMembers(members) {
   $("members").replaceChildren(
     ...members.map((m) => {
-      const member = typeof m === "string" ? { user: m, status: "online" } : m;
+      const member = typeof m === "string" ? { user: m, online: true } : m;
+      const status = member.status ?? (member.online === false ? "offline" : "online");
       const item = el("li", "member");
       item.dataset.user = member.user;
-      const dot = el("span", `dot ${member.status ?? "online"}`);
+      item.dataset.status = status;
+      const dot = el("span", `dot ${status}`);
       dot.setAttribute("aria-hidden", "true");
-      item.append(dot, el("span", "", `${member.user} (${member.status ?? "online"})`));
+      item.append(dot, el("span", "", `${member.user} (${status})`));
       return item;
     }),
   );
@@ -208,28 +217,33 @@ async function joinRoom(name) {
   $("room-title").textContent = name;
   $("room-log").replaceChildren();
   room.history.forEach(roomMessage);
-  renderMembers(room.members);
+  const members = new Map(
+    room.members.map((m) => (typeof m === "string" ? [m, { user: m, online: true }] : [m.user, m])),
+  );
+  renderMembers([...members.values()]);
   const replies = new Map(); // agent stream id → reply
-  const joined = room;
-  for await (const frame of joined) {
+  for await (const frame of room) {
     if (frame.type === "room.message") {
       if (frame.stream && replies.has(frame.stream)) replies.get(frame.stream).item.remove();
       roomMessage(frame);
     } else if (frame.type === "room.member") {
-      const members = [...$("members").children].map((li) => li.dataset.user);
-      if (frame.event === "leave") renderMembers(joined.members = members.filter((u) => u !== frame.user));
-      else if (!members.includes(frame.user)) renderMembers(joined.members = [...joined.members, frame]);
-      else renderMembers(joined.members.map((m) => ((m.user ?? m) === frame.user ? { ...frame } : m)));
+      if (frame.event === "leave") members.delete(frame.user);
+      else members.set(frame.user, { ...members.get(frame.user), ...frame, online: frame.online ?? frame.status !== "offline" });
+      renderMembers([...members.values()]);
     } else if (frame.type === "typing") {
       showTyping(frame.user, frame.state);
-    } else if (frame.type === "stream.event") {
+    } else if (frame.type === "room.reply" || frame.type === "stream.event") {
       let reply = replies.get(frame.stream);
       if (!reply) {
         reply = replyItem(frame.agent ? `agent:${frame.agent}` : "agent");
+        reply.item.dataset.stream = frame.stream;
+        reply.started = performance.now();
         replies.set(frame.stream, reply);
         $("room-log").append(reply.item);
       }
-      if (render(reply, frame, performance.now())) reply.text.setAttribute("aria-busy", "false");
+      if (frame.type === "stream.event" && render(reply, frame, reply.started)) {
+        reply.text.setAttribute("aria-busy", "false");
+      }
     }
   }
 }
@@ -262,7 +276,7 @@ $("room-join").addEventListener("submit", (event) => {
     $("typing").textContent = `could not join: ${error.message}`;
   });
 });
-let typingSent = 0;
+let typingSent = -Infinity; // when the last typing start was sent (performance.now())
 $("room-input").addEventListener("input", () => {
   if (room && performance.now() - typingSent > 2000) {
     typingSent = performance.now();
@@ -275,7 +289,7 @@ $("room-compose").addEventListener("submit", (event) => {
   const text = input.value.trim();
   if (!room || !text) return;
   input.value = "";
-  typingSent = 0;
+  typingSent = -Infinity;
   room.typing("stop").catch(() => {});
   room.send(text).catch((error) => {
     $("typing").textContent = `not sent: ${error.message}`;

@@ -142,12 +142,21 @@ export class RoomHandle {
     /** @type {any[]} */ this.history = [];
     /** @type {string[] | any[]} */ this.members = [];
     /** @type {Channel<Frame>} */ this.events = new Channel();
+    /** @type {Map<string, number>} */ this.replySeqs = new Map(); // agent reply stream → last seq
   }
   /** @param {Frame} frame */
   deliver(frame) {
     if (frame.type === "room.message") {
       if (this.lastId !== null && frame.id <= this.lastId) return; // already delivered
       this.lastId = frame.id;
+      if (frame.stream) this.replySeqs.delete(frame.stream); // the reply is stored: done
+    } else if (frame.type === "stream.event") {
+      // An agent's reply in the room: a (re)join may replay it from seq 1; each event once.
+      if (frame.seq <= (this.replySeqs.get(frame.stream) ?? 0)) return;
+      if (this.replySeqs.size >= 64 && !this.replySeqs.has(frame.stream)) {
+        this.replySeqs.delete(this.replySeqs.keys().next().value);
+      }
+      this.replySeqs.set(frame.stream, frame.seq);
     }
     this.events.push(frame);
   }
@@ -330,6 +339,7 @@ export class RaafdClient {
       }
       case "room.message":
       case "room.member":
+      case "room.reply":
       case "typing": {
         const room = this.rooms.get(frame.room);
         if (room) room.deliver(frame);
