@@ -754,6 +754,9 @@ class JobsConfig:
     backoff_max: float = field(default=300.0, validator=_positive)
     jitter: float = field(default=0.2, validator=_between(0.0, 1.0))
     idempotency_retention: float = field(default=86_400.0, validator=_positive)
+    # Ended jobs (completed, dead, cancelled) are forgotten this long after they ended; 0 keeps
+    # them until `raafd ctl jobs purge`.
+    retention: float = field(default=604_800.0, validator=_non_negative)
     max_metadata_bytes: int = field(default=4096, validator=_positive)
     max_delay: float = field(default=31_536_000.0, validator=_positive)  # a year
     min_every: float = field(default=1.0, validator=_positive)

@@ -147,3 +147,19 @@ async def test_the_per_agent_limit_holds_jobs_back_without_holding_workers(
     assert done_b["started_at"] < done_a[1]["started_at"]
     for earlier, later in itertools.pairwise(done_a):
         assert later["started_at"] >= earlier["finished_at"]
+
+
+async def test_ended_jobs_are_forgotten_after_the_retention(
+    start_daemon: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    rd = await start_daemon(jobs={"retention": 300.0}, **FAST)
+    with trio.fail_after(600):
+        async with httpx.AsyncClient(base_url=rd.base_url, timeout=None) as client:
+            job = await submit(client)
+            await finished(client, job["job"])
+            later = await submit(client, delay=3000)  # not ended: kept whatever its age
+            await trio.sleep(200)
+            assert (await client.get(f"/v1/jobs/{job['job']}")).status_code == 200
+            await trio.sleep(200)  # past 300 s and the next sweep
+            assert (await client.get(f"/v1/jobs/{job['job']}")).status_code == 404
+            assert (await client.get(f"/v1/jobs/{later['job']}")).json()["status"] == "scheduled"

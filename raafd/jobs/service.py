@@ -83,6 +83,8 @@ Emit = Callable[[str, dict[str, Any]], None]
 _PRIORITIES: Final = 10
 _RECENT_ENDS: Final = 10_000  # ended jobs' last versions kept to spot stale writes
 _CANCEL_TRIES: Final = 5
+_SWEEP_EVERY: Final = 60.0  # seconds between sweeps of ended jobs past jobs.retention
+_ENDED: Final = ("completed", "dead", "cancelled")
 _EMIT_STATES: Final = frozenset({"queued", "running", "completed", "failed", "dead", "cancelled"})
 
 
@@ -905,12 +907,21 @@ class Jobs:
                     self._enqueue(ready)
 
     async def _heartbeat(self) -> None:
+        """Renew the running jobs' leases every ``lease / 3``; once a minute, forget the jobs
+        that ended more than ``jobs.retention`` ago."""
         period = self._cfg.lease / 3
+        next_sweep = trio.current_time() + _SWEEP_EVERY
         while True:
             await trio.sleep(period)
             if self._running:
                 until = self.now() + self._cfg.lease
                 await self._store.renew([(job_id, until) for job_id in self._running])
+            if self._cfg.retention and trio.current_time() >= next_sweep:
+                next_sweep = trio.current_time() + _SWEEP_EVERY
+                before = self.now() - self._cfg.retention
+                gone = await self._store.purge(states=_ENDED, before=before)
+                if gone:
+                    log.info("ended jobs forgotten", jobs=gone, retention=self._cfg.retention)
 
 
 def _owing(job: Job) -> Job:

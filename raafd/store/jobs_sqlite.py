@@ -55,6 +55,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE jobs ADD COLUMN callback TEXT;  -- 'pending': an ended job owed a delivery
     CREATE INDEX jobs_by_callback ON jobs (callback) WHERE callback IS NOT NULL;
     """,
+    """
+    CREATE INDEX jobs_by_end ON jobs (ended_at) WHERE ended_at IS NOT NULL;
+    """,
 )
 
 _ACTIVE_SQL: Final = "SELECT data FROM jobs WHERE state NOT IN ({})".format(
