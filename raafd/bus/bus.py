@@ -152,6 +152,19 @@ def _lookup(data: Any, path: tuple[str, ...]) -> Any:
     return data
 
 
+_last: list[Any] = [None, ""]  # the event whose subject was asked for last, and its subject
+
+
+def _subject(event: StreamEvent) -> str:
+    """``event``'s subject; every subscriber's view asks for the same event in a row, so the
+    last answer is kept (the fields of a replayed event are decoded once)."""
+    if _last[0] is not event:
+        _last[0] = event
+        _last[1] = event.fields["subject"]
+    subject: str = _last[1]
+    return subject
+
+
 def _view(
     pattern: Pattern, where: Where | None, deny: Sequence[Pattern], once: bool
 ) -> Callable[[StreamEvent], StreamEvent | None]:
@@ -166,18 +179,17 @@ def _view(
         nonlocal spent
         if spent:
             return None
-        fields = event.fields
-        subject = fields["subject"]
+        subject = _subject(event)
         if match(subject) is None or (refuse is not None and refuse(subject) is not None):
             return None
         if tests:
-            data = fields["data"]
+            data = event.fields["data"]
             for path, value in tests:
                 if not _same(_lookup(data, path), value):
                     return None
         if once:
             spent = True
-            return _Last(event.stream, event.seq, event.kind, fields, event.json)
+            return _Last(event.stream, event.seq, event.kind, event.fields, event.json)
         return event
 
     return view

@@ -260,6 +260,7 @@ class Feed:
         up and whose ``push`` takes it (no task switch), else its reader is woken to pull."""
         seq = event.seq
         solo = self._solo
+        terminal = event.terminal
         for sub in (solo,) if solo is not None else [*self._subs]:
             push = sub.push
             if push is not None and not sub._held and sub._cursor == seq - 1:
@@ -269,7 +270,7 @@ class Feed:
                         viewed = sub.view(event)
                         if viewed is not None:
                             seen = viewed
-                        elif not event.terminal:
+                        elif not terminal:
                             sub._cursor = seq  # not for this subscriber: it stays caught up
                             continue
                     took = push(seen)
@@ -298,7 +299,10 @@ class Feed:
 
     def _drop_laggards(self) -> None:
         max_lag = self.limits.max_lag
-        for sub in [s for s in self._subs if s._lag() > max_lag]:
+        # _lag() > max_lag, inlined: this runs at every append of a shared feed, once per
+        # subscriber (a method call and a max() each cost more than the comparison).
+        below = self.log.head - max_lag
+        for sub in [s for s in self._subs if s._cursor < below and s._attach_head < below]:
             if sub._on_lag is not None:
                 sub._skip(self.log.head)
                 continue
