@@ -330,3 +330,41 @@ async def test_role_permissions_and_restricted_subjects_apply_per_principal(
             )
             assert answer.status_code == 403
             assert answer.json()["error"]["field"] == "pattern"
+
+
+async def test_a_websocket_subscriber_that_does_not_read_skips_ahead_and_stays_connected(
+    start_daemon: Any,
+) -> None:
+    from tests.test_gateway import _masked_text, _raw_client, _take_frames
+
+    rd = await start_daemon(websocket={"send_queue": 4}, events={"queue": 16})
+    bus = rd.daemon.bus
+    client, received = await _raw_client(rd.address, 4096)
+    subscribe = json.dumps({"type": "events.subscribe", "pattern": "big.*"}).encode()
+    await client.send_all(_masked_text(subscribe))
+    with trio.fail_after(10):
+        while b"events.subscribed" not in received:
+            received.extend(await client.receive_some(65536))
+    (conn,) = rd.daemon.gateway.connections.values()
+    blob = "x" * 2000
+    for n in range(1, 501):  # synchronous: the emitter never waits for the client
+        bus.emit("big.thing", {"n": n, "blob": blob})
+    head = bus.head
+    seen: list[int] = []
+    missed: list[tuple[int, int]] = []
+    with trio.fail_after(20):
+        while not seen or seen[-1] != head:
+            received.extend(await client.receive_some(65536))
+            for _opcode, payload in _take_frames(received):
+                message = json.loads(payload)
+                if message["type"] == "event":
+                    seen.append(message["seq"])
+                elif message["type"] == "events.lagged":
+                    missed.append((message["missed_from"], message["missed_to"]))
+    assert missed, "a client this far behind skips ahead"
+    covered = sorted(seen + [s for a, b in missed for s in range(a, b + 1)])
+    assert covered == list(range(head - 499, head + 1))  # no gap, no repeat, in order
+    assert seen == sorted(seen)
+    assert conn.id in rd.daemon.gateway.connections  # skipped ahead, not disconnected
+    assert rd.daemon.metrics.registry.get_sample_value("raafd_subscriber_lag_skips_total")
+    await client.aclose()
