@@ -4,6 +4,8 @@
 //        [--host 127.0.0.1] [--ramp MS] [--duration MS] [--deltas 64] [--stall 200]
 //        [--model assistant]
 //   node bench/loadgen.mjs idle --port P --n N [--sources K] [--concurrency C] [--hold S]
+//   node bench/loadgen.mjs room --port P --n N --rooms R --rate M --duration MS [--token T]
+//        [--publishers P] [--window W] [--concurrency C] [--sources K]
 //
 // stream: N virtual clients, each with its own connection, each running one stream at a time
 // back to back (a closed loop) until --duration has passed; a stream started before that runs to
@@ -26,6 +28,15 @@
 // idle: opens N WebSocket connections (source addresses 127.0.0.1..127.0.0.K, at most C
 // handshakes in flight), waits for each `welcome`, prints {"event":"ready",...}, holds them until
 // a line on stdin, stdin's end, or --hold seconds, closes them, prints {"event":"closed",...}.
+//
+// room: N member connections spread over R rooms (room-0 … room-R-1, created by the caller),
+// each joins its room; then --publishers connections per room (default 4: a connection's
+// commands are answered in order, so one connection has one room.send being stored at a time)
+// send M messages a second to it together (at most W room.send unanswered each), for
+// --duration ms. Each message's text carries the
+// publisher's send time; every member records one-way latency on receipt. Prints one JSON
+// object: messages sent and acknowledged, deliveries, their rate, latency, and how many member
+// connections the server closed (4001) or whose ids had gaps.
 //
 // Every mode ends by itself: a hard deadline bounds each run.
 
@@ -759,9 +770,201 @@ function idleMode() {
   pump();
 }
 
+// --- room mode --------------------------------------------------------------------------------
+
+function openWs(i, token, onOpen, onText, onClose) {
+  const sources = Number(opt.sources ?? 1);
+  const localAddress = `127.0.0.${1 + (i % sources)}`;
+  const sock = net.connect({ host: HOST, port: PORT, localAddress, noDelay: true });
+  let head = null;
+  const parser = new WsParser((op, payload) => {
+    if (op === 0x9) sock.write(wsFrame(0xa, payload));
+    else if (op === 0x8) {
+      onClose(payload.length >= 2 ? payload.readUInt16BE(0) : 1005);
+      sock.end();
+    } else if (op === 0x1) onText(payload);
+  });
+  sock.on('connect', () => {
+    const hs = wsHandshake(HOST, PORT);
+    sock.write(token ? hs.replace('GET /v1/ws ', `GET /v1/ws?token=${token} `) : hs);
+  });
+  sock.on('data', (d) => {
+    if (head !== false) {
+      const buf = head ? Buffer.concat([head, d]) : d;
+      const idx = buf.indexOf('\r\n\r\n');
+      if (idx < 0) {
+        head = buf;
+        return;
+      }
+      head = false;
+      onOpen(sock);
+      if (idx + 4 < buf.length) parser.feed(buf.subarray(idx + 4));
+      return;
+    }
+    parser.feed(d);
+  });
+  sock.on('error', () => onClose(-1));
+  return sock;
+}
+
+function roomMode() {
+  const rooms = Number(opt.rooms ?? 1);
+  const rate = Number(opt.rate ?? 100);
+  const duration = Number(opt.duration ?? 10_000);
+  const window = Number(opt.window ?? 64);
+  const concurrency = Number(opt.concurrency ?? 200);
+  const token = opt.token ?? '';
+  const latencies = [];
+  let deliveries = 0;
+  let joined = 0;
+  let closed4001 = 0;
+  let closedOther = 0;
+  let gaps = 0;
+  let sent = 0;
+  let acked = 0;
+  let errors = 0;
+  let firstDelivery = 0;
+  let lastDelivery = 0;
+  const socks = [];
+  const deadline = setTimeout(() => finish('deadline'), duration + 120_000);
+
+  const member = (i) => {
+    const room = `room-${i % rooms}`;
+    let last = -1;
+    const sock = openWs(
+      i,
+      token,
+      () => {},
+      (payload) => {
+        // Cheap checks first: most frames are room.message.
+        if (payload[9] === 0x72 && payload[16] === 0x73) {
+          // {"type":"room.message","room":…,"id":N,…,"text":"mK @T|"…}: read id and T
+          // without parsing the JSON (the generator's own cost must stay below the server's).
+          const t = nowMs();
+          const s = payload.toString('latin1');
+          const i = s.indexOf('"id":') + 5;
+          const id = Number(s.slice(i, s.indexOf(',', i)));
+          const at = s.indexOf('@', s.indexOf('"text":'));
+          latencies.push(t - Number(s.slice(at + 1, s.indexOf('|', at))));
+          if (last >= 0 && id !== last + 1) gaps++;
+          last = id;
+          deliveries++;
+          if (!firstDelivery) firstDelivery = t;
+          lastDelivery = t;
+          return;
+        }
+        const msg = JSON.parse(payload.toString('utf8'));
+        if (msg.type === 'welcome') sock.write(wsText(JSON.stringify({ type: 'room.join', room, limit: 1 })));
+        else if (msg.type === 'room.joined') {
+          last = msg.head;
+          joined++;
+          if (joined === N) startPublishing();
+          pump();
+        } else if (msg.type === 'error') {
+          errors++;
+          process.stderr.write(`member error: ${JSON.stringify(msg)}\n`);
+        }
+      },
+      (code) => {
+        if (code === 4001) closed4001++;
+        else if (!finishing) closedOther++;
+      },
+    );
+    socks.push(sock);
+  };
+  let next = 0;
+  const pump = () => {
+    while (next < N && next - joined < concurrency) member(next++);
+  };
+
+  let finishing = false;
+  let publishStarted = 0;
+  let publishEnded = 0;
+  const publishers = [];
+  const startPublishing = () => {
+    publishStarted = nowMs();
+    const perRoom = Number(opt.publishers ?? 4);
+    for (let pi = 0; pi < rooms * perRoom; pi++) {
+      const r = pi % rooms;
+      const share = rate / perRoom;
+      let inFlight = 0;
+      let count = 0;
+      let open = false;
+      const room = `room-${r}`;
+      const sock = openWs(
+        N + pi,
+        token,
+        () => {},
+        (payload) => {
+          const msg = JSON.parse(payload.toString('utf8'));
+          if (msg.type === 'welcome') sock.write(wsText(JSON.stringify({ type: 'room.join', room, limit: 1 })));
+          else if (msg.type === 'room.joined') open = true;
+          else if (msg.type === 'room.sent') {
+            inFlight--;
+            acked++;
+          } else if (msg.type === 'error') {
+            inFlight--;
+            errors++;
+            process.stderr.write(`publisher error: ${JSON.stringify(msg)}\n`);
+          }
+        },
+        () => {},
+      );
+      publishers.push(sock);
+      // A steady rate: every tick sends what is due since the start (at most `window` unanswered).
+      const tick = setInterval(() => {
+        if (!open) return;
+        const now = nowMs();
+        if (now - publishStarted >= duration) {
+          clearInterval(tick);
+          if (++publishEnded === rooms * perRoom) setTimeout(() => finish('done'), 2000);
+          return;
+        }
+        const due = Math.floor(((now - publishStarted) * share) / 1000);
+        while (count < due && inFlight < window) {
+          count++;
+          inFlight++;
+          sent++;
+          const text = `m${pi}.${count} @${nowMs()}|`;
+          sock.write(wsText(JSON.stringify({ type: 'room.send', room, text, ref: String(count) })));
+        }
+      }, 2);
+    }
+  };
+
+  const finish = (why) => {
+    if (finishing) return;
+    finishing = true;
+    clearTimeout(deadline);
+    const span = (lastDelivery - firstDelivery) / 1000;
+    out({
+      event: 'room',
+      why,
+      members: N,
+      rooms,
+      joined,
+      rate_per_room: rate,
+      sent,
+      acked,
+      errors,
+      deliveries,
+      deliveries_per_s: span > 0 ? Math.round(deliveries / span) : 0,
+      latency_ms: summary(latencies),
+      closed_4001: closed4001,
+      closed_other: closedOther,
+      gaps,
+      loadgen_cpu_ms: cpuMs(),
+    });
+    for (const s of [...socks, ...publishers]) s.destroy();
+    setTimeout(() => process.exit(0), 50);
+  };
+  pump();
+}
+
 if (mode === 'stream') streamMode();
 else if (mode === 'idle') idleMode();
+else if (mode === 'room') roomMode();
 else {
-  process.stderr.write('usage: node bench/loadgen.mjs stream|idle --port P --n N ...\n');
+  process.stderr.write('usage: node bench/loadgen.mjs stream|idle|room --port P --n N ...\n');
   process.exit(2);
 }

@@ -13,6 +13,7 @@ import trio
 import trio.testing
 from trio_websocket import WebSocketConnection
 
+from tests.fakes.openai_upstream import FakeOpenAI, Script, ToolCallScript
 from tests.test_gateway import _masked_text, _raw_client
 from tests.waiting import wait_until
 from tests.wsclient import open_ws
@@ -409,3 +410,98 @@ async def test_a_mention_streams_the_agents_reply_to_every_member_and_keeps_it(
         await send(a, type="room.history", room="lobby", ref="h")
         history = await recv_type(a, "room.history")
         assert [m["from"] for m in history["messages"]] == [alice, alice, "agent:assistant"]
+
+
+async def test_a_handoff_in_a_reply_is_visible_and_the_agent_handed_to_answers_next(
+    start_daemon: Any, nursery: trio.Nursery
+) -> None:
+    fake = FakeOpenAI(default=Script(pieces=("Billing again.",), interval=0.001))
+    port = await nursery.start(fake.run)
+    fake.push(
+        Script(
+            pieces=("Let me transfer you. ",),
+            tool_calls=(ToolCallScript("transfer_to_billing", "{}"),),
+            interval=0.001,
+        ),
+        Script(pieces=("Billing ", "here."), interval=0.001),
+    )
+    rd = await start_daemon(
+        auth={"tokens": TOKENS},
+        limits=NO_LIMITS,
+        providers={"up": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}},
+        agents={
+            "front": {"provider": "up", "handoffs": ["billing"]},
+            "billing": {"provider": "up"},
+        },
+        rooms={"help": {"agent": "front"}},
+    )
+    async with client(rd, TOKENS[0]) as (a, alice), client(rd, TOKENS[1]) as (b, _):
+        await join(a, "help")
+        await join(b, "help")
+        await say(a, "help", "@front I need a refund")
+
+        async def reply_of(
+            ws: WebSocketConnection, after: int = 0
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            events = []
+            while True:
+                frame = await recv(ws)
+                if frame["type"] == "stream.event":
+                    events.append(frame)
+                if (
+                    frame["type"] == "room.message"
+                    and frame["from"].startswith("agent:")
+                    and frame["id"] > after
+                ):
+                    return events, frame
+
+        events, stored = await reply_of(b)
+        handoffs = [e for e in events if e["event"] == "handoff"]
+        assert [(h["from_agent"], h["to_agent"]) for h in handoffs] == [("front", "billing")]
+        assert stored["from"] == "agent:billing" and stored["text"].endswith("Billing here.")
+        # The agent saw who said what.
+        first = fake.requests[0].json
+        assert any(
+            m["role"] == "user" and m["content"] == f"{alice}: @front I need a refund"
+            for m in first["messages"]
+        )
+        # The next mention of the room's agent is answered by the agent handed to.
+        await say(b, "help", "@front thanks")
+        events, stored = await reply_of(a, after=stored["id"])
+        assert stored["from"] == "agent:billing" and stored["text"] == "Billing again."
+        assert rd.daemon.streams.get(stored["stream"]).agent == "billing"
+
+
+async def test_a_member_may_cancel_the_rooms_running_reply(start_daemon: Any) -> None:
+    rd = await start_daemon(
+        auth={"tokens": TOKENS},
+        limits=NO_LIMITS,
+        providers={"demo": {"tokens_per_second": 20.0, "reply_words": 400}},
+        rooms={
+            "lobby": {"agent": "assistant"},
+            "strict": {"agent": "assistant", "agent_cancel": False},
+        },
+    )
+    async with client(rd, TOKENS[0]) as (a, _):
+        await join(a, "lobby")
+        await say(a, "lobby", "@assistant tell me a long story")
+        reply = await recv_type(a, "room.reply")
+        await send(a, type="room.cancel", room="lobby", ref="c")
+        seen: dict[str, dict[str, Any]] = {}
+        while "ok" not in seen or "cancelled" not in seen:
+            frame = await recv(a)
+            if frame["type"] == "ok" or frame.get("event") == "cancelled":
+                seen[frame.get("event", frame["type"])] = frame
+        assert seen["ok"]["stream"] == reply["stream"]
+        assert seen["cancelled"]["reason"] == "client" and seen["cancelled"]["room"] == "lobby"
+        stop = await recv_type(a, "typing")
+        while stop["state"] != "stop":
+            stop = await recv_type(a, "typing")
+        await send(a, type="room.history", room="lobby", ref="h")
+        history = await recv_type(a, "room.history")
+        assert [m["from"].startswith("agent:") for m in history["messages"]] == [False]
+        await join(a, "strict")
+        await say(a, "strict", "@assistant go on")
+        await recv_type(a, "room.reply")
+        await send(a, type="room.cancel", room="strict", ref="c")
+        assert (await recv_type(a, "error"))["code"] == "forbidden"

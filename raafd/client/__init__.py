@@ -11,6 +11,11 @@ Direct messages and presence: ``await client.dm(user, text)``, ``client.set_pres
 offline queue (each message acknowledged only after ``handler`` returned for it) and
 ``on_presence=`` for the presence changes of the users you watch.
 
+Rooms: ``room = await client.join("lobby", after=last_id)`` (``room.history``, then
+``async for event in room``: every message once, in order, across drops), ``await
+client.send("lobby", text)`` (a generated ``client_id``: a retry never posts twice),
+``await client.typing("lobby")``.
+
 Background jobs: ``job = await client.submit_job("text", agent=..., priority="high")``, then
 ``await job.wait(timeout)`` or ``async for event in job.events()`` (every attempt's stream,
 resumed across drops); ``await client.submit_batch(inputs=[...], max_concurrent=4)``.
@@ -27,6 +32,7 @@ from raafd.client.client import (
 )
 from raafd.client.jobs import JobHandle
 from raafd.client.queued import QueuedHandler
+from raafd.client.rooms import RoomHandle
 
 __all__ = [
     "DEFAULT_URL",
@@ -35,6 +41,7 @@ __all__ = [
     "JobHandle",
     "QueuedHandler",
     "RaafdClient",
+    "RoomHandle",
     "StreamHandle",
     "backoff_delay",
     "open_client",

@@ -1,9 +1,17 @@
-"""``raafd chat [URL] [--agent NAME] [--token TOKEN]``: a terminal chat on the WebSocket client.
+"""``raafd chat [URL] [--agent NAME] [--token TOKEN] [--room NAME]``: a terminal chat on the
+WebSocket client.
 
 Each line you type is sent with the conversation so far; the reply prints as it streams, tool
 calls, retries and errors as bracketed lines, and a usage line ends it. Ctrl-C during a reply
 cancels that stream (``stream.cancel``) and returns to the prompt; Ctrl-C at the prompt, or the
 end of input (Ctrl-D), leaves. The token defaults to ``$RAAFD_TOKEN``.
+
+With ``--room NAME`` it joins a room instead: the room's recent messages, then each line you
+type is sent to the room and everyone's messages print as ``[user] text``; an agent's reply
+streams on its own line (``[agent:NAME] …``), ended before anyone else's message prints and
+taken up again after it, so the two never mix within a line. Typing and membership changes
+print on a status line (``* bob is typing``, ``* carol joined``). Reconnects rejoin where the
+room left off.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any, Final, TextIO
 import trio
 
 from raafd.client.client import DEFAULT_URL, ClientError, RaafdClient, StreamHandle, open_client
+from raafd.client.rooms import RoomHandle
 
 __all__ = ["build_parser", "chat", "main"]
 
@@ -35,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
     parser.add_argument("--agent", help="agent name (default: the server's default agent)")
     parser.add_argument("--token", help="bearer token (default: $RAAFD_TOKEN)")
+    parser.add_argument("--room", help="join this room and chat there")
     return parser
 
 
@@ -47,13 +57,18 @@ def main(
     token = args.token or os.environ.get("RAAFD_TOKEN") or None
     streams = (stdin or sys.stdin, stdout or sys.stdout)
     try:
-        return trio.run(_main, args.url, args.agent, token, *streams)
+        return trio.run(_main, args.url, args.agent, token, *streams, args.room)
     except KeyboardInterrupt:  # before the chat took over SIGINT (while connecting)
         return EXIT_INTERRUPTED
 
 
 async def _main(
-    url: str, agent: str | None, token: str | None, stdin: TextIO, stdout: TextIO
+    url: str,
+    agent: str | None,
+    token: str | None,
+    stdin: TextIO,
+    stdout: TextIO,
+    room: str | None = None,
 ) -> int:
     send, interrupts = trio.open_memory_channel[None](1)
     async with trio.open_nursery() as nursery:
@@ -61,7 +76,13 @@ async def _main(
         if threading.current_thread() is threading.main_thread():
             await nursery.start(_forward_interrupts, send)
         status = await chat(
-            url, agent=agent, token=token, stdin=stdin, stdout=stdout, interrupts=interrupts
+            url,
+            agent=agent,
+            token=token,
+            stdin=stdin,
+            stdout=stdout,
+            interrupts=interrupts,
+            room=room,
         )
         nursery.cancel_scope.cancel()
     return status
@@ -89,20 +110,27 @@ async def chat(
     stdin: TextIO,
     stdout: TextIO,
     interrupts: trio.MemoryReceiveChannel[None],
+    room: str | None = None,
 ) -> int:
     """Run the chat until end of input (0), an interrupt at the prompt (130) or a connection
-    that cannot be had (1). Each message on ``interrupts`` is one Ctrl-C."""
+    that cannot be had (1). Each message on ``interrupts`` is one Ctrl-C. With ``room``, chat
+    in that room (see the module docstring)."""
     status = EXIT_ERROR
     try:
         async with open_client(url, token=token, agent=agent) as client:
-            status = await _Chat(client, stdin, stdout, interrupts).run()
+            if room is not None:
+                status = await _RoomChat(client, room, stdin, stdout, interrupts).run()
+            else:
+                status = await _Chat(client, stdin, stdout, interrupts).run()
     except ClientError as err:  # the first connection failed
         print(f"raafd chat: {err}", file=sys.stderr)
         return EXIT_ERROR
     return status
 
 
-class _Chat:
+class _Terminal:
+    """Lines in and text out, shared by the two chats."""
+
     def __init__(
         self,
         client: RaafdClient,
@@ -114,10 +142,7 @@ class _Chat:
         self.stdin = stdin
         self.stdout = stdout
         self.interrupts = interrupts
-        self.history: list[dict[str, str]] = []
         self._line_start = True
-
-    # --- output -------------------------------------------------------------------------------
 
     def _write(self, text: str) -> None:
         if text:
@@ -128,6 +153,28 @@ class _Chat:
     def _say(self, line: str) -> None:
         """A line of its own, after whatever was being streamed."""
         self._write(("" if self._line_start else "\n") + line + "\n")
+
+    async def _read_line(self) -> str | None:
+        """The next line ("" at end of input), or None when interrupted first."""
+        lines: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._cancel_on_interrupt, nursery.cancel_scope)
+            # The thread is left behind on interrupt: a blocking read cannot be cancelled.
+            lines.append(await trio.to_thread.run_sync(self.stdin.readline, abandon_on_cancel=True))
+            nursery.cancel_scope.cancel()
+        return lines[0] if lines else None
+
+    async def _cancel_on_interrupt(self, scope: trio.CancelScope) -> None:
+        await self.interrupts.receive()
+        scope.cancel()
+
+
+class _Chat(_Terminal):
+    """The chat with an agent: each line is sent with the conversation so far (``history``)."""
+
+    history: list[dict[str, str]]
+
+    # --- output -------------------------------------------------------------------------------
 
     def _show(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -166,6 +213,7 @@ class _Chat:
     # --- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> int:
+        self.history = []
         self._say(f"connected as {self.client.user}; Ctrl-C cancels a reply, Ctrl-D leaves")
         while True:
             self._write("> ")
@@ -200,20 +248,6 @@ class _Chat:
                 print(f"raafd chat: {self.client.error}", file=sys.stderr)
                 return EXIT_ERROR
 
-    async def _read_line(self) -> str | None:
-        """The next line ("" at end of input), or None when interrupted first."""
-        lines: list[str] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._cancel_on_interrupt, nursery.cancel_scope)
-            # The thread is left behind on interrupt: a blocking read cannot be cancelled.
-            lines.append(await trio.to_thread.run_sync(self.stdin.readline, abandon_on_cancel=True))
-            nursery.cancel_scope.cancel()
-        return lines[0] if lines else None
-
-    async def _cancel_on_interrupt(self, scope: trio.CancelScope) -> None:
-        await self.interrupts.receive()
-        scope.cancel()
-
     async def _reply(self, handle: StreamHandle) -> dict[str, Any] | None:
         """Print the stream; on Ctrl-C cancel it. Returns its terminal event, if seen."""
         with trio.CancelScope() as streaming:
@@ -239,3 +273,107 @@ class _Chat:
         if handle.terminal is None:
             self._say("[cancelled]")
         return handle.terminal
+
+
+class _RoomChat(_Terminal):
+    """``raafd chat --room NAME``: see the module docstring."""
+
+    def __init__(
+        self,
+        client: RaafdClient,
+        room: str,
+        stdin: TextIO,
+        stdout: TextIO,
+        interrupts: trio.MemoryReceiveChannel[None],
+    ) -> None:
+        super().__init__(client, stdin, stdout, interrupts)
+        self.room = room
+        self._streaming: str | None = None  # the reply stream whose text ends the current line
+        self._agents: dict[str, str] = {}  # reply stream → agent (bounded: forgotten at its end)
+
+    def _say(self, line: str) -> None:
+        """A line of its own: a streaming reply's line is ended first."""
+        super()._say(line)
+        self._streaming = None
+
+    def _show(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "room.message":
+            stream = event.get("stream")
+            if stream is not None and stream == self._streaming:
+                self._write("\n")  # its text has been streamed: end its line
+                self._streaming = None
+            elif stream is None or stream not in self._agents:
+                self._say(f"[{event.get('from')}] {event.get('text')}")
+            self._agents.pop(str(stream), None)
+        elif kind == "room.reply":
+            self._agents[str(event.get("stream"))] = str(event.get("agent"))
+        elif kind == "stream.event":
+            self._show_reply(event)
+        elif kind == "typing":
+            if event.get("state") == "start":
+                self._say(f"* {event.get('user')} is typing")
+        elif kind == "room.member":
+            verb = {"join": "joined", "leave": "left"}.get(str(event.get("event")), "changed")
+            self._say(f"* {event.get('user')} {verb}")
+
+    def _show_reply(self, event: dict[str, Any]) -> None:
+        stream = str(event.get("stream"))
+        kind = event.get("event")
+        if kind == "content":
+            if self._streaming != stream:
+                agent = self._agents.get(stream, "agent")
+                self._say_start(f"[agent:{agent}] ")
+                self._streaming = stream
+            self._write(str(event.get("delta", "")))
+        elif kind == "handoff":
+            self._say(f"[handoff {event.get('from_agent')} -> {event.get('to_agent')}]")
+            self._agents[stream] = str(event.get("to_agent"))
+        elif kind in ("error", "cancelled"):
+            error = event.get("error") or {}
+            detail = error.get("message") if kind == "error" else event.get("reason")
+            self._say(f"[reply {kind}: {detail}]")
+            self._agents.pop(stream, None)
+
+    def _say_start(self, prefix: str) -> None:
+        self._write(("" if self._line_start else "\n") + prefix)
+
+    async def run(self) -> int:
+        try:
+            joined = await self.client.join(self.room)
+        except ClientError as err:
+            print(f"raafd chat: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        self._say(f"joined {self.room} as {self.client.user}; Ctrl-D leaves")
+        for message in joined.history:
+            self._show({"type": "room.message", **message})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._print_events, joined)
+            status = await self._read_lines()
+            nursery.cancel_scope.cancel()
+        return status
+
+    async def _print_events(self, joined: RoomHandle) -> None:
+        try:
+            async for event in joined:
+                self._show(event)
+        except ClientError as err:
+            self._say(f"[error {err}]")
+
+    async def _read_lines(self) -> int:
+        while True:
+            line = await self._read_line()
+            if line is None:
+                return EXIT_INTERRUPTED
+            if not line:
+                return EXIT_OK
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                await self.client.send(self.room, text)
+            except ClientError as err:
+                if self.client.error is not None:
+                    print(f"raafd chat: {err}", file=sys.stderr)
+                    return EXIT_ERROR
+                self._say(f"[error {err}]")

@@ -46,6 +46,7 @@ from trio_websocket import (
 
 from raafd.client.jobs import JobHandle
 from raafd.client.queued import QueuedHandler, QueuedInbox
+from raafd.client.rooms import HISTORY_PAGE, RoomHandle
 from raafd.errors import RaafdError
 from raafd.protocol.codes import SUBPROTOCOL, CloseCode, ErrorCode
 from raafd.protocol.events import TERMINAL_KINDS
@@ -391,6 +392,7 @@ class RaafdClient:
         on_queued: QueuedHandler | None = None,
         on_presence: Callable[[dict[str, Any]], None] | None = None,
         queued_buffer: int = 1000,
+        room_buffer: int = 1000,
     ) -> None:
         if stream_buffer < 1 or max_pending < 1 or max_streams < 1 or queued_buffer < 1:
             raise ValueError("stream_buffer, max_pending and max_streams must be 1 or more")
@@ -421,6 +423,8 @@ class RaafdClient:
         self.user: str | None = None
         self._queued = None if on_queued is None else QueuedInbox(on_queued, queued_buffer)
         self._on_presence = on_presence
+        self._room_buffer = max(room_buffer, 1)
+        self._rooms: dict[str, RoomHandle] = {}
 
     # --- state --------------------------------------------------------------------------------
 
@@ -508,6 +512,87 @@ class RaafdClient:
 
         await self._request(_attach_message(handle), on_reply=on_attached)
         return handle
+
+    async def join(self, room: str, *, after: int | None = None) -> RoomHandle:
+        """Join a room: the handle's ``history`` holds the room's recent messages (or exactly
+        those after id ``after``), and iterating it gives the room's events from there on,
+        every message once and in order across dropped connections (the client joins again
+        with the last id it handed out; see :mod:`raafd.client.rooms`)."""
+        if room in self._rooms:
+            raise ClientError("conflict", f"room {room} is joined already", "room")
+        message: dict[str, Any] = {"type": "room.join", "room": room}
+        if after is not None:
+            message["after"] = after
+        handles: list[RoomHandle] = []
+
+        def on_joined(reply: dict[str, Any]) -> None:
+            handle = RoomHandle(
+                room,
+                reply,
+                buffer=self._room_buffer,
+                fetch=self._room_page,
+                leave=self._leave_room,
+            )
+            self._rooms[room] = handle
+            handles.append(handle)
+
+        await self._request(message, on_reply=on_joined, retry=False)
+        return handles[0]
+
+    async def send(
+        self,
+        room: str,
+        text: str,
+        *,
+        client_id: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> int:
+        """Send to a joined room; returns the message's id once the server has stored it. A
+        ``client_id`` is made when none is given, so the retry after a dropped connection
+        never posts it twice."""
+        message: dict[str, Any] = {
+            "type": "room.send",
+            "room": room,
+            "text": text,
+            "client_id": client_id or uuid.uuid4().hex,
+        }
+        if meta is not None:
+            message["meta"] = meta
+        reply = await self._request(message)  # idempotent by client_id: retried after a drop
+        return int(reply["id"])
+
+    async def typing(self, room: str, state: str = "start") -> None:
+        """Tell the room's other members you are typing (``start``) or stopped (``stop``);
+        send ``start`` again every few seconds while typing (the server stops it after
+        ``chat.typing_timeout``). Nothing is answered."""
+        conn = await self._connection()
+        try:
+            await conn.outbox.send(
+                orjson.dumps({"type": "typing", "room": room, "state": state}).decode()
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # typing is ephemeral: a dropped one is not sent again
+
+    async def room_history(
+        self, room: str, *, after: int | None = None, before: int | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Kept messages of a room (``room.history``): after ``after``, before ``before``."""
+        message: dict[str, Any] = {"type": "room.history", "room": room, "limit": limit}
+        if after is not None:
+            message["after"] = after
+        if before is not None:
+            message["before"] = before
+        reply = await self._request(message)
+        found = reply.get("messages")
+        return found if isinstance(found, list) else []
+
+    async def _room_page(self, room: str, after: int, before: int | None) -> list[dict[str, Any]]:
+        return await self.room_history(room, after=after, before=before, limit=HISTORY_PAGE)
+
+    async def _leave_room(self, handle: RoomHandle) -> None:
+        if self._rooms.get(handle.room) is handle:
+            del self._rooms[handle.room]
+        await self._request({"type": "room.leave", "room": handle.room})
 
     async def set_presence(
         self, status: str = "online", meta: dict[str, Any] | None = None
@@ -711,6 +796,9 @@ class RaafdClient:
         for handle in list(self._handles.values()):
             handle._end(error.copy())
         self._handles.clear()
+        for room in list(self._rooms.values()):
+            room._end(error.copy())
+        self._rooms.clear()
         self._notify()
 
     # --- the connection task ------------------------------------------------------------------
@@ -847,6 +935,14 @@ class RaafdClient:
                         conn, on_error=functools.partial(self._reattach_failed, handle)
                     )
                     await conn.outbox.send(_encode(_attach_message(handle), ref))
+                for room in list(self._rooms.values()):
+                    ref, _ = self._register(
+                        conn,
+                        on_reply=room._rejoined,
+                        on_error=functools.partial(self._rejoin_failed, room),
+                    )
+                    rejoin = {"type": "room.join", "room": room.room, "after": room.last_id}
+                    await conn.outbox.send(_encode(rejoin, ref))
                 self._conn = conn
                 self._notify()
                 await self._heartbeat(conn)
@@ -872,6 +968,12 @@ class RaafdClient:
         with contextlib.suppress(ClientError):  # connection_lost: the next one goes on
             await self._queued.consume(ack)
 
+    def _rejoin_failed(self, room: RoomHandle, error: ClientError) -> None:
+        if error.code != "connection_lost":
+            if self._rooms.get(room.room) is room:
+                del self._rooms[room.room]
+            room._end(error)
+
     def _reattach_failed(self, handle: StreamHandle, error: ClientError) -> None:
         if error.code != "connection_lost":  # that one: the next connection tries again
             self._give_up(handle, error)
@@ -895,6 +997,12 @@ class RaafdClient:
 
     def _dispatch(self, conn: _Connection, message: dict[str, Any]) -> None:
         kind = message.pop("type", None)
+        room = message.get("room")
+        if isinstance(room, str) and kind in _ROOM_EVENTS and "ref" not in message:
+            joined = self._rooms.get(room)
+            if joined is not None:
+                joined._offer({"type": kind, **message})
+            return
         if kind == "stream.event":
             handle = self._handles.get(message.get("stream", ""))
             if handle is not None and handle._offer(message):
@@ -944,6 +1052,12 @@ class RaafdClient:
             if waited.cancelled_caught:
                 conn.close_reason = "no pong from the server"
                 return
+
+
+# Frames about a joined room (a reply's stream.event frames carry `room` too).
+_ROOM_EVENTS: Final = frozenset(
+    {"room.message", "room.member", "room.reply", "typing", "stream.event"}
+)
 
 
 def _attach_message(handle: StreamHandle) -> dict[str, Any]:
@@ -998,6 +1112,7 @@ async def open_client(
     on_queued: QueuedHandler | None = None,
     on_presence: Callable[[dict[str, Any]], None] | None = None,
     queued_buffer: int = 1000,
+    room_buffer: int = 1000,
 ) -> AsyncIterator[RaafdClient]:
     """Connect to a raafd daemon's WebSocket endpoint; yields a :class:`RaafdClient`.
 
@@ -1017,6 +1132,8 @@ async def open_client(
     delivered again later (see :mod:`raafd.client.queued`; at most ``queued_buffer`` wait).
     Without it nothing is acknowledged and the server keeps the queue. ``on_presence``: called
     (in the reader: do not block) with each ``presence`` change of the users you watch.
+    ``room_buffer``: events buffered per joined room (past it messages are read back from the
+    room's history once the caller catches up; other room events are dropped).
 
     The block runs inside the client's nursery: an exception escaping it comes out in an
     ``ExceptionGroup``, as with any trio nursery.
@@ -1036,6 +1153,7 @@ async def open_client(
         on_queued=on_queued,
         on_presence=on_presence,
         queued_buffer=queued_buffer,
+        room_buffer=room_buffer,
     )
     failed: ClientError | None = None
     async with trio.open_nursery() as nursery:
