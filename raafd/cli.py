@@ -39,6 +39,7 @@ async def serve(config: Config, config_path: Path | None) -> int:
     # it out of the collector's sight, so that a full collection walks only what came later.
     gc.collect()
     gc.freeze()
+    daemon.frozen_objects = gc.get_freeze_count()  # walks them: once here, not per stats call
     # Each collection stops every stream. Young ones are kept small and frequent, middle ones
     # (every running stream walked) rare; see conf/raafd.toml and docs/performance.md.
     gc.set_threshold(*config.server.gc_thresholds)

@@ -126,6 +126,7 @@ class Daemon:
         self.guard = Guard(self.authenticator, self.limiter, self.metrics)
         self.notifier = SdNotifier.from_environ(environ)
         self.started_at = time.time()
+        self.frozen_objects = 0  # moved out of the collector's sight at start (raafd serve)
         self.draining = False
         self._drain_requested = trio.Event()
         self.address: str | None = None
@@ -531,7 +532,7 @@ class Daemon:
                 "open_fds": snap.get("process_open_fds"),
                 "gc_thresholds": list(gc.get_threshold()),
                 "gc_counts": list(gc.get_count()),
-                "gc_frozen": gc.get_freeze_count(),
+                "gc_frozen": self.frozen_objects,
                 "tasks": _count_tasks(),
             },
             "log_level": get_level(),
