@@ -198,7 +198,14 @@ def _python(expression: str) -> object:
         return None
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the oracle (Python's own eval) can spend minutes on a huge power that the
+# calculator refuses at once, so a random draw could hang the suite; the same 400 every run.
+@settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(_expressions)
 def test_agrees_with_python(expression: str) -> None:
     expected = _python(expression)
