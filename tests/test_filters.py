@@ -436,3 +436,23 @@ async def test_the_daemon_redacts_what_every_reader_sees(start_daemon: Any) -> N
     assert said == [text]
     assert [d["seq"] for d in lines] == list(range(1, len(lines) + 1))
     assert answer.json()["choices"][0]["message"]["content"].startswith("[code] ")
+
+
+async def test_a_reload_with_a_bad_filter_changes_nothing_and_a_good_one_applies(
+    start_daemon: Any, make_config: Callable[..., Any]
+) -> None:
+    rd = await start_daemon()
+    daemon = rd.daemon
+    bad = make_config(agents={"assistant": {"filters": [{"type": "redact", "patterns": ["x+"]}]}})
+    with pytest.raises(ConfigError) as err:
+        daemon.reload(bad)
+    assert err.value.problems[0].startswith("agents.assistant.filters.0.patterns.0:")
+    assert daemon.config.agents["assistant"].filters == []
+    good = make_config(agents={"assistant": {"filters": [{"type": "block", "patterns": ["x"]}]}})
+    daemon.reload(good)
+    stream = daemon.streams.start(agent="assistant", messages=[{"role": "user", "content": "x"}])
+    with trio.fail_after(20):
+        await stream.wait()
+    assert stream.terminal is not None
+    assert stream.terminal.fields["error"]["code"] == "content_filtered"
+    rd.cancel_scope.cancel()
