@@ -111,7 +111,11 @@ async def test_kill_9_with_1000_accepted_jobs_loses_none_and_runs_none_twice_sil
 
     async with serve(tmp_path, port, "second") as proc:
         async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(max_connections=16)
+            base_url=f"http://127.0.0.1:{port}",
+            limits=httpx.Limits(max_connections=16),
+            # Above the long poll's wait=60: a recovered slow job runs about 5 s again, past
+            # httpx's default 5 s read timeout.
+            timeout=httpx.Timeout(90.0, connect=10.0),
         ) as client:
             with trio.fail_after(240):
                 recovered = (await client.get("/v1/stats")).json()["jobs"]["lease_recoveries"]
