@@ -641,7 +641,7 @@ class RoomConfig:
     agent: str = ""
     agent_reply: str = field(default="mention", validator=_one_of(*AGENT_REPLY_MODES))
     agent_cancel: bool = True  # a member may cancel the room's running reply
-    offline_delivery: bool = False
+    offline_delivery: bool = False  # queue messages for members with no connection open
     max_message_length: int = field(default=4000, validator=_between(1, 1_000_000))
     rate_limit: int = field(default=60, validator=_between(1, 100_000))  # per member per minute
 

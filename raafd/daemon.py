@@ -59,13 +59,14 @@ from raafd.gateway.gateway import Gateway
 from raafd.gateway.job_commands import add_job_commands
 from raafd.gateway.presence_commands import add_presence_commands
 from raafd.gateway.room_commands import add_room_commands
+from raafd.gateway.table import Peer
 from raafd.http.app import build_app
 from raafd.http.context import StreamingContext
 from raafd.http.events_bus import add_event_routes
 from raafd.http.jobs import add_job_routes
 from raafd.http.offline import add_offline_routes
 from raafd.http.openai_compat import add_openai_routes
-from raafd.http.presence import add_presence_routes
+from raafd.http.presence import add_presence_routes, add_room_member_routes
 from raafd.http.raw import RawHttpServer
 from raafd.http.responses import add_responses_routes
 from raafd.http.rooms import add_room_routes
@@ -176,7 +177,7 @@ class Daemon:
             lambda: self.config.default_agent,
         )
         self.presence = PresenceService(lambda: self.config.chat, self.metrics, emit=emit)
-        add_presence_commands(self.gateway.commands, self.presence)
+        add_presence_commands(self.gateway.commands, self.presence, self._room_members)
         self.offline = OfflineQueues(lambda: self.config.chat, self.presence, self.metrics)
         add_dm_commands(self.gateway.commands, self.offline)
         # Presence first: a user is online before their queue is delivered.
@@ -191,6 +192,14 @@ class Daemon:
             emit=emit,
         )
         add_room_commands(self.gateway.commands, self.rooms, self.guard)
+        # Rooms and presence: member lists carry each member's presence, a change is a
+        # `room.member` update in their rooms, and rooms with offline_delivery queue their
+        # messages for members with no connection.
+        self.rooms.presence_of = lambda user: self.presence.get([user])[0].state()
+        self.rooms.offline_delivery = self.offline.room_message
+        self.presence.listeners.append(
+            lambda view: self.rooms.presence_changed(view.user, view.state())
+        )
         # The HTTP adapters get the services they use, never the daemon.
         http = StreamingContext(
             config=lambda: self.config,
@@ -207,6 +216,7 @@ class Daemon:
         add_session_routes(app, lambda: self.sessions)
         add_workflow_routes(app, http, self.start_workflow)
         add_presence_routes(app, self.presence)
+        add_room_member_routes(app, self.rooms, self.guard)
         add_room_routes(app, self.rooms, self.guard)
         add_responses_routes(app, http, lambda: self.sessions)
         add_offline_routes(app, self.offline, self.guard)
@@ -428,6 +438,11 @@ class Daemon:
             body,
             allow_private=hook.allow_private,
         )
+
+    def _room_members(self, conn: Peer, room: str) -> list[str]:
+        """``presence.get {room}``: the members of a room ``conn`` may join."""
+        self.guard.require(conn.principal, "room.join", room, "room")
+        return sorted(self.rooms.get(room, conn.user).members)
 
     def start_workflow(self, cmd: WorkflowStart, owner: str) -> Stream:
         """Start a workflow's stream, checked against the agents configured now."""

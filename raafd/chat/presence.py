@@ -103,8 +103,11 @@ class Presence:
     meta: dict[str, Any] | None
 
     def to_dict(self) -> dict[str, Any]:
+        return {"user": self.user, **self.state()}
+
+    def state(self) -> dict[str, Any]:
+        """``{status, last_seen, meta}``: as a room's member list carries it."""
         return {
-            "user": self.user,
             "status": self.status,
             "last_seen": None if self.last_seen is None else round(self.last_seen, 3),
             "meta": self.meta,

@@ -252,7 +252,11 @@ class Room:
     def describe(self) -> dict[str, Any]:
         """For ``GET /v1/rooms/{room}``, ``raafd ctl room``."""
         online = self.online_users()
-        members = [{"user": u, "online": u in online} for u in sorted(self.members)]
+        presence = self.rooms.presence_of
+        members = [
+            {"user": u, "online": u in online, **(presence(u) if presence is not None else {})}
+            for u in sorted(self.members)
+        ]
         if self.settings.agent:
             members.append({"user": agent_user(self.agent), "online": True, "agent": True})
         return {
@@ -346,6 +350,11 @@ class Rooms:
         self.timers = Timers()
         self._nursery: trio.Nursery | None = None
         self._memberships: collections.Counter[str] = collections.Counter()  # user → rooms
+        # Set by the daemon: a user's presence for member lists ({status, last_seen, meta};
+        # raafd.chat.presence), and the offline queues a message of a room with
+        # offline_delivery goes to for its members with no connection (raafd.chat.offline).
+        self.presence_of: Callable[[str], dict[str, Any]] | None = None
+        self.offline_delivery: Callable[[str, list[str], str, str, float], object] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -423,6 +432,22 @@ class Rooms:
         if user is not None and not room.may_enter(user):
             raise Forbidden(f"room {name!r} is restricted", field="room")
         return room
+
+    def presence_changed(self, user: str, presence: dict[str, Any]) -> None:
+        """``user``'s presence changed (:mod:`raafd.chat.presence`, after its linger): tell
+        the connections joined to each room they are a member of, with ``room.member``
+        {``event: "update"``, ``status``, ``last_seen``, ``meta``}. At most ``chat.max_rooms``
+        rooms are looked at; never waits (``signal``)."""
+        for room in self.rooms.values():
+            if user in room.members:
+                message = {
+                    "type": "room.member",
+                    "room": room.name,
+                    "user": user,
+                    "event": "update",
+                    **presence,
+                }
+                room.broadcast(message)
 
     def visible(self, user: str | None) -> list[Room]:
         return [r for r in self.rooms.values() if user is None or r.may_enter(user)]
@@ -657,6 +682,11 @@ class Rooms:
                     if room.settings.restricted
                     else wire,
                 )
+                if room.settings.offline_delivery and self.offline_delivery is not None:
+                    members = list(room.members)
+                    self.offline_delivery(
+                        room.name, members, wire["from"], wire["text"], wire["ts"]
+                    )
             item.result = message
             item.done = True
         keep = room.settings.history

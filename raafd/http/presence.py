@@ -18,8 +18,10 @@ from raafd.protocol.presence import MAX_PRESENCE_USERS
 
 if TYPE_CHECKING:
     from raafd.chat.presence import PresenceService
+    from raafd.chat.rooms import Rooms
+    from raafd.security.guard import Guard
 
-__all__ = ["add_presence_routes", "query_limit"]
+__all__ = ["add_presence_routes", "add_room_member_routes", "query_limit"]
 
 MAX_LIST: Final = 1000
 
@@ -51,3 +53,17 @@ def add_presence_routes(router: Router, presence: PresenceService) -> None:
         return JSONResponse({"users": [view.to_dict() for view in views]})
 
     router.add("GET", "/v1/presence", listing)
+
+
+def add_room_member_routes(router: Router, rooms: Rooms, guard: Guard) -> None:
+    """``GET /v1/rooms/{room}/members`` → ``{"room", "members": [{user, online, status,
+    last_seen, meta}, …]}`` (``online``: joined to the room on a connection now; ``status``:
+    the user's presence). As ``GET /v1/rooms/{room}``: ``room.join`` permission, restricted
+    rooms only for their allowlist."""
+
+    async def members(request: Request, room: str) -> Response:
+        guard.require(request.principal, "room.join", room, "room")
+        found = rooms.get(room, request.principal.user)
+        return JSONResponse({"room": found.name, "members": found.describe()["members"]})
+
+    router.add("GET", "/v1/rooms/{room}/members", members)

@@ -1,8 +1,8 @@
 """Client commands of presence and direct messages, validated into attrs types (no I/O).
 
 - ``presence.set`` {``status``: ``online`` | ``away``, ``meta``: a small JSON object or null}
-- ``presence.get`` {``users``: 1 to 100 names, ``watch``: bool} (``watch``: send ``presence``
-  frames at their changes from now on)
+- ``presence.get`` {``users``: 1 to 100 names, or ``room``, ``watch``: bool} (``watch``: send
+  ``presence`` frames at their changes from now on)
 - ``presence.unwatch`` {``users``}
 - ``dm.send`` {``to``, ``text``, ``client_id``}
 
@@ -44,11 +44,23 @@ class PresenceSet:
     ref: str | None = None
 
 
+def _optional_users(inst: Any, a: attrs.Attribute[Any], value: list[str] | None) -> None:
+    if value is not None:
+        _users(inst, a, value)
+
+
 @frozen
 class PresenceGet:
-    users: list[str] = field(validator=_users)
+    """Exactly one of ``users`` and ``room`` (its members)."""
+
+    users: list[str] | None = field(default=None, validator=_optional_users)
+    room: str | None = field(default=None, validator=_short)
     watch: bool = False
     ref: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.users is None) == (self.room is None):
+            raise _FieldError("users", "give exactly one of 'users' or 'room'")
 
 
 @frozen
