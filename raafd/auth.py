@@ -6,7 +6,8 @@ raw HTTP streaming path): when auth is on, a request names a token in
 ``?token=TOKEN`` (the header wins when both are given). Whether a token is good and whom it
 stands for is the :class:`TokenCheck`'s to say (:mod:`raafd.security.authenticator`: static
 tokens compared in constant time, JWTs). Tokens are never logged or echoed; errors say only
-why a token was refused.
+why a token was refused. The Anthropic Messages API (``POST /v1/messages``) also takes
+``x-api-key: TOKEN``, what its SDKs send (``Authorization`` wins when both are given).
 
 Whoever a request or connection acts as is a :class:`Principal`: a user name and roles. With
 static tokens the user is ``token-`` and the first 12 hex digits of the token's SHA-256 (stable,
@@ -26,6 +27,7 @@ from raafd.errors import Unauthorized
 
 __all__ = [
     "ANONYMOUS",
+    "API_KEY_PATHS",
     "PUBLIC_PATHS",
     "Principal",
     "TokenCheck",
@@ -58,6 +60,9 @@ def principal_for_token(token: str) -> Principal:
 # HTTP endpoints open without a token: liveness and readiness probes (load balancers and
 # service managers do not carry tokens). /metrics joins them with `http.public_metrics`.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Where a token may also come as `x-api-key` (the Anthropic SDKs send their key so); the
+# Authorization header wins when both are given.
+API_KEY_PATHS = frozenset({"/v1/messages"})
 
 
 class TokenCheck(Protocol):
@@ -145,6 +150,8 @@ def check_http(
     if not check.enabled or is_public(method, path, public_metrics=public_metrics):
         return ANONYMOUS
     principal = authenticate(headers, query, check)
+    if principal is None and path in API_KEY_PATHS and "x-api-key" in headers:
+        principal = check.authenticate(headers["x-api-key"])
     if principal is None:
         raise Unauthorized(MISSING if check.query_token else MISSING_NO_QUERY)
     return principal

@@ -60,6 +60,7 @@ from raafd.gateway.job_commands import add_job_commands
 from raafd.gateway.presence_commands import add_presence_commands
 from raafd.gateway.room_commands import add_room_commands
 from raafd.gateway.table import Peer
+from raafd.http.anthropic_api import add_anthropic_routes
 from raafd.http.app import build_app
 from raafd.http.context import StreamingContext
 from raafd.http.events_bus import add_event_routes
@@ -223,6 +224,7 @@ class Daemon:
         add_web_routes(app, lambda: self.config)
         add_event_routes(app, http, self.bus, self._restricted_events)
         add_job_routes(app, http, lambda: self.jobs)
+        add_anthropic_routes(app, http)
         self.raw_http = RawHttpServer(http)
         self.listener = PublicListener(
             config.server,

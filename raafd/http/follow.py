@@ -11,7 +11,7 @@ stream's log is the buffer, and the request's task does the work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -27,9 +27,15 @@ if TYPE_CHECKING:
     from raafd.core.feed import Subscription
     from raafd.streams.stream import Stream
 
-__all__ = ["deliver", "fold"]
+__all__ = ["deliver", "disconnect_cancels", "fold"]
 
 log = get_logger("raafd.http")
+
+
+def disconnect_cancels(headers: Mapping[str, str], store: bool = True) -> bool:
+    """Whether the request asked that a disconnect cancel its stream instead of detaching: the
+    header ``x-raafd-disconnect: cancel`` (or, for the Responses API, ``store: false``)."""
+    return not store or headers.get("x-raafd-disconnect", "").lower() == "cancel"
 
 
 async def deliver(

@@ -35,7 +35,7 @@ import orjson
 from raafd.errors import BadRequest, NotFound, RaafdError, Unavailable
 from raafd.http.asgi import JSONResponse, Request, Response, Router, StreamingResponse
 from raafd.http.context import StreamingContext
-from raafd.http.follow import deliver, fold
+from raafd.http.follow import deliver, disconnect_cancels, fold
 from raafd.http.openai_compat import error_from_raafd, openai_error
 from raafd.http.responses_wire import (
     ResponsesFraming,
@@ -51,15 +51,10 @@ if TYPE_CHECKING:
     from raafd.store import SessionBackend
     from raafd.streams.stream import Stream
 
-__all__ = ["add_responses_routes", "disconnect_cancels"]
+__all__ = ["add_responses_routes"]
 
 _SSE: Final = "text/event-stream"
 _STATUS: Final = {"upstream_error": 502, "timeout": 504, "unavailable": 503}
-
-
-def disconnect_cancels(headers: dict[str, str], store: bool = True) -> bool:
-    """Whether the request asked that a disconnect cancel its stream instead of detaching."""
-    return not store or headers.get("x-raafd-disconnect", "").lower() == "cancel"
 
 
 def _snapshot(stream: Stream) -> ResponseTranslator:
