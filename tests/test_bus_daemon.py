@@ -18,6 +18,7 @@ from raafd.admin import ctl
 from raafd.admin.client import admin_call
 from raafd.protocol.codes import SUBPROTOCOL
 from tests.sse import sse_events
+from tests.waiting import wait_until
 from tests.wsclient import open_ws
 
 FAST = {"providers": {"demo": {"tokens_per_second": 1000.0, "reply_words": 3}}}
@@ -206,8 +207,10 @@ async def test_ctl_events_prints_and_follows(
             async def poll() -> None:
                 got.append(await admin_call(socket, "events", {"pattern": "x.>", "wait": 10}))
 
+            waiting = bus.feed.subscribers
             nursery.start_soon(poll)
-            await trio.sleep(0.2)
+            with trio.fail_after(30):  # the long poll is subscribed before anything is emitted
+                await wait_until(lambda: bus.feed.subscribers > waiting)
             bus.emit("x.y", {"secret": False})
         assert [e["subject"] for e in got[0]["events"]] == ["x.y"]
         code = await trio.to_thread.run_sync(
