@@ -182,6 +182,11 @@ class HttpConfig:
     web_ui: bool | None = None
 
 
+def _echo_path(_: Any, a: attrs.Attribute[Any], value: str) -> None:
+    if value and (not value.startswith("/") or value == "/v1/ws" or "?" in value):
+        raise ValueError("a path such as /v1/echo, other than /v1/ws, with no query")
+
+
 @frozen
 class WebSocketConfig:
     """``[websocket]``: per-connection limits and heartbeats of ``/v1/ws``."""
@@ -192,6 +197,9 @@ class WebSocketConfig:
     auth_timeout: float = field(default=10.0, validator=_positive)
     send_queue: int = field(default=256, validator=_positive)
     allowed_origins: list[str] = field(factory=list)
+    # An echo endpoint for WebSocket conformance suites (Autobahn): off when empty. Read at
+    # start; refused on a non-loopback host without auth; a token comes with the upgrade.
+    echo_path: str = field(default="", validator=_echo_path)
 
 
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA")
@@ -1013,6 +1021,11 @@ def _cross_check(cfg: Config, environ: Mapping[str, str] | None) -> list[str]:
             problems.append(
                 f"server.host: {cfg.server.host!r} is not a loopback address and [auth] has no"
                 " tokens; configure tokens or set server.allow_public_without_auth = true"
+            )
+        elif not loopback and not has_auth and cfg.websocket.echo_path:
+            problems.append(
+                f"websocket.echo_path: never served on a non-loopback host ({cfg.server.host!r})"
+                " without auth, whatever server.allow_public_without_auth says"
             )
     problems.extend(_events_problems(cfg, environ))
     if cfg.websocket.heartbeat_timeout <= cfg.websocket.heartbeat_interval:

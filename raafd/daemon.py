@@ -233,6 +233,7 @@ class Daemon:
             self.gateway.handle,
             http_handler=self.raw_http,
             admit=partial(self.limiter.check_ip, "connections"),
+            websocket_paths=frozenset({"/v1/ws", config.websocket.echo_path} - {""}),
         )
         self.admin = AdminServer(
             config.admin_socket_path,

@@ -107,6 +107,18 @@ def test_public_listener_needs_auth_or_explicit_consent() -> None:
     ]
 
 
+def test_the_echo_endpoint_is_never_public_without_auth() -> None:
+    public = '[server]\nhost = "0.0.0.0"\nallow_public_without_auth = true\n'
+    (line,) = problems(public + '[websocket]\necho_path = "/v1/echo"')
+    assert line.startswith("websocket.echo_path: never served on a non-loopback host")
+    parse_config(tomllib.loads('[websocket]\necho_path = "/v1/echo"'))  # loopback
+    text = '[server]\nhost = "0.0.0.0"\n[auth]\ntokens = ["t"]\n[websocket]\necho_path = "/e"'
+    parse_config(tomllib.loads(text), {})
+    for bad in ("echo", "/v1/ws", "/e?x=1"):
+        (line,) = problems(f'[websocket]\necho_path = "{bad}"')
+        assert line.startswith("websocket.echo_path: a path such as /v1/echo"), line
+
+
 def test_a_token_source_that_yields_no_token_fails_closed() -> None:
     env_source = tomllib.loads('[auth]\ntokens_env = "RAAFD_TOKENS"')
     unset = "auth.tokens_env: the environment variable RAAFD_TOKENS is not set; set it, or remove"

@@ -264,6 +264,44 @@ async def test_oversize_frame_closes_1009(start_daemon: Any) -> None:
         assert info.value.reason.code == 1009
 
 
+async def test_the_echo_endpoint_echoes_and_needs_the_upgrades_token(
+    start_daemon: Any,
+) -> None:
+    rd = await start_daemon(
+        auth={"tokens": ["s3cret"]}, websocket={"echo_path": "/v1/echo", "max_frame": 4096}
+    )
+    echo_url = f"ws://{rd.address}/v1/echo"
+    async with open_websocket_url(echo_url + "?token=s3cret") as ws:
+        for message in ("hé", b"\x00\xff" * 1000, '{"type":"stream.start"}', b""):
+            await ws.send_message(message)
+            with trio.fail_after(10):
+                assert await ws.get_message() == message  # no welcome, no command
+        await ws.send_message("x" * 5000)
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
+            await ws.get_message()
+        assert info.value.reason.code == 1009
+    for headers in ([], [("Authorization", "Bearer wrong")]):
+        async with open_websocket_url(echo_url, extra_headers=headers) as ws:
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
+                await ws.get_message()
+            assert info.value.reason.code == 4401
+
+
+async def test_the_echo_endpoint_is_off_by_default(running: Any) -> None:
+    # An upgrade anywhere but /v1/ws then goes to the HTTP app, which refuses it.
+    host, port = running.address.rsplit(":", 1)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(
+                b"GET /v1/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            answer = await stream.receive_some()
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
+
+
 async def test_auth_bad_token_4401_hello_and_timeout_4408(
     start_daemon: Any, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -57,7 +57,14 @@ from raafd.errors import (
     TooManyStreams,
     Unauthorized,
 )
-from raafd.gateway.frames import ClientFrames, close_frame, ping_frame, pong_frame, text_frame
+from raafd.gateway.frames import (
+    ClientFrames,
+    binary_frame,
+    close_frame,
+    ping_frame,
+    pong_frame,
+    text_frame,
+)
 from raafd.logging import get_logger
 from raafd.net.delivery import Delivery, Framing
 from raafd.net.h1 import RequestHead
@@ -126,6 +133,7 @@ def _frames(batch: list[StreamEvent]) -> bytes:
 class Connection:
     __slots__ = (
         "_announced",
+        "_binary",
         "_close",
         "_message",
         "_message_size",
@@ -138,6 +146,7 @@ class Connection:
         "attachments",
         "authenticated",
         "draining",
+        "echo",
         "events_sent",
         "gateway",
         "head",
@@ -151,9 +160,18 @@ class Connection:
     )
 
     def __init__(
-        self, gateway: Gateway, stream: trio.SocketStream, prefix: bytes, head: RequestHead
+        self,
+        gateway: Gateway,
+        stream: trio.SocketStream,
+        prefix: bytes,
+        head: RequestHead,
+        *,
+        echo: bool = False,
     ) -> None:
         self.gateway = gateway
+        # The opt-in echo endpoint (websocket.echo_path, for conformance suites): every
+        # message comes back as it came; no hello, no commands, no welcome.
+        self.echo = echo
         self.stream = RawSocket(stream, prefix)
         self.head: RequestHead | None = head  # dropped once authenticated (idle memory)
         self.id = f"c_{next(_conn_ids)}_{secrets.token_hex(3)}"
@@ -178,6 +196,7 @@ class Connection:
         self._peer_closed = False
         self._announced = False  # the gateway's observers were told of this connection
         self._message: list[str] | None = None  # the parts of a fragmented message
+        self._binary: list[bytes] | None = None  # the same for binary (echo only)
         self._message_size = 0
 
     # --- entry point --------------------------------------------------------------------------
@@ -374,6 +393,18 @@ class Connection:
         if origin is not None and allowed and origin not in allowed:
             raise _Close(CloseCode.FORBIDDEN, "origin not allowed")
         check = self.gateway.authenticator()
+        if self.echo:
+            # No hello on the echo endpoint: the token comes with the upgrade, or no echo.
+            found = None
+            if check.enabled:
+                try:
+                    found = authenticate(self.head.headers, self.head.query, check)
+                except Unauthorized as err:
+                    raise self._refused(err) from None
+                if found is None:
+                    raise self._refused(Unauthorized("the echo endpoint needs a token"))
+            self._authenticated_as(found or ANONYMOUS)
+            return
         if not check.enabled:
             self.authenticated = True
             await self._welcome()
@@ -493,9 +524,17 @@ class Connection:
     async def _on_bytes(self, event: BytesMessage) -> None:
         # Binary messages carry nothing raafd reads: bounded like text, answered once each.
         self._count(len(event.data))
+        if self.echo:
+            if self._binary is None:
+                self._binary = []
+            self._binary.append(bytes(event.data))
         if not event.message_finished:
             return
         self._message_size = 0
+        if self._binary is not None:
+            data, self._binary = b"".join(self._binary), None
+            await self._out.write(binary_frame(data))
+            return
         if not self.authenticated:
             raise _Close(CloseCode.UNAUTHORIZED, "authenticate with a hello frame first")
         await self.send_error(BadRequest("binary frames are not supported"))
@@ -516,6 +555,9 @@ class Connection:
             text = "".join(self._message)
             self._message = None
         self._message_size = 0
+        if self.echo:
+            await self._out.write(text_frame(text.encode()))
+            return
         await self._command(text)
 
     # --- commands (the gateway's table: raafd.gateway.table) ---------------------------------

@@ -25,9 +25,17 @@ from collections.abc import Iterator
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.frame_protocol import LOCAL_ONLY_CLOSE_REASONS, CloseReason, Opcode
 
-__all__ = ["ClientFrames", "close_frame", "ping_frame", "pong_frame", "text_frame"]
+__all__ = [
+    "ClientFrames",
+    "binary_frame",
+    "close_frame",
+    "ping_frame",
+    "pong_frame",
+    "text_frame",
+]
 
 _OP_TEXT = 0x1
+_OP_BINARY = 0x2
 _OP_CLOSE = 0x8
 _OP_PING = 0x9
 _OP_PONG = 0xA
@@ -50,6 +58,11 @@ def text_frame(payload: bytes) -> bytes:
     return _frame(_OP_TEXT, payload)
 
 
+def binary_frame(payload: bytes) -> bytes:
+    """A final binary frame (only the opt-in echo endpoint sends these)."""
+    return _frame(_OP_BINARY, payload)
+
+
 def close_frame(code: int, reason: str = "") -> bytes:
     # Control frame payloads are at most 125 bytes: 2 for the code, the rest for the reason.
     data = reason.encode()[:123]
@@ -67,7 +80,6 @@ def pong_frame(payload: bytes = b"") -> bytes:
 # --- client frames --------------------------------------------------------------------------
 
 _OP_CONTINUATION = 0x0
-_OP_BINARY = 0x2
 _OPCODES = frozenset((_OP_CONTINUATION, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG))
 _PROTOCOL_ERROR = 1002
 _INVALID_DATA = 1007

@@ -66,7 +66,9 @@ class Gateway:
         await self.timers.run(task_status=task_status)
 
     async def handle(self, stream: trio.SocketStream, prefix: bytes, head: RequestHead) -> None:
-        connection = Connection(self, stream, prefix, head)
+        echo_path = self.config().websocket.echo_path
+        echo = bool(echo_path) and head.path == echo_path
+        connection = Connection(self, stream, prefix, head, echo=echo)
         # Not kept in this frame for the connection's life: the connection reads the prefix
         # once and drops the head once authenticated (memory of idle connections).
         del prefix, head
@@ -78,7 +80,7 @@ class Gateway:
         finally:
             gauge.dec()
             del self.connections[connection.id]
-            if connection.authenticated:
+            if connection.authenticated and not connection.echo:
                 self.emit(
                     "connection.closed",
                     {

@@ -173,8 +173,11 @@ class PublicListener:
         *,
         http_handler: HttpHandler | None = None,
         admit: Callable[[str], float] | None = None,
+        websocket_paths: frozenset[str] = frozenset({"/v1/ws"}),
     ) -> None:
         self.config = config
+        # The paths whose upgrades go to the gateway: /v1/ws, and websocket.echo_path if set.
+        self.websocket_paths = websocket_paths
         self.metrics = metrics
         # A new connection's client address -> 0.0 to serve it, else seconds until it may
         # come back (the per-IP connection rate limit; refused with 429 before any parsing).
@@ -298,7 +301,9 @@ class PublicListener:
                 await _send_and_close(stream, answer)
             return
         head = parse_request_head(bytes(buf[: head_end + 4])) if head_end >= 0 else None
-        websocket = head is not None and head.is_websocket_upgrade and head.path == "/v1/ws"
+        websocket = (
+            head is not None and head.is_websocket_upgrade and head.path in self.websocket_paths
+        )
         if head is not None and websocket and self.websocket_handler is not None:
             if self.draining:
                 self.metrics.connections_refused.labels("draining").inc()
