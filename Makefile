@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: help run test lint typecheck pytest browser bench clean
+.PHONY: help run test lint typecheck pytest browser bench autobahn clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -48,5 +48,10 @@ test: lint typecheck pytest  ## everything CI runs: lint, typecheck, the suite
 bench: $(VENV)/.installed  ## the stream benchmark (prints figures)
 	$(BIN)/python bench/stream_bench.py
 
+# Autobahn|Testsuite (Python 2.7, installed into .autobahn/venv on first use): groups 1-10
+# against websocket.echo_path of a raafd of its own; fails on any FAILED case.
+autobahn: $(VENV)/.installed  ## WebSocket conformance: Autobahn|Testsuite 1.*-10.*
+	$(BIN)/python bench/autobahn.py $(AUTOBAHN_ARGS)
+
 clean:  ## remove the venv, state and caches
-	rm -rf $(VENV) var build *.egg-info .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) var build *.egg-info .mypy_cache .ruff_cache test-artifacts .autobahn
