@@ -203,6 +203,16 @@ async def test_good_tokens_are_principals_whose_roles_are_enforced(
                 "/v1/responses", json={"model": "secret-agent", "input": "x"}, headers=as_alice
             )
             assert response.status_code == 403
+            message = await http.post(
+                "/v1/messages",
+                json={
+                    "model": "secret-agent",
+                    "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+                headers={"x-api-key": ALICE_TOKEN},
+            )
+            assert message.status_code == 403 and message.json()["type"] == "error"
             assert (await http.get("/v1/stats", headers=as_alice)).status_code == 403
             as_carol = {"authorization": f"Bearer {ops}"}
             assert (await http.get("/v1/stats", headers=as_carol)).status_code == 200
@@ -211,7 +221,7 @@ async def test_good_tokens_are_principals_whose_roles_are_enforced(
             )
             assert started.status_code == 201
     snapshot = rd.daemon.metrics.snapshot()
-    assert snapshot["raafd_permission_refusals_total{action=agent.run}"] == 4
+    assert snapshot["raafd_permission_refusals_total{action=agent.run}"] == 5
     assert snapshot["raafd_permission_refusals_total{action=admin}"] == 1
 
 

@@ -82,8 +82,12 @@ def add_anthropic_routes(router: Router, ctx: StreamingContext) -> None:
             )
         if ctx.draining():
             raise Unavailable("the server is draining", retry_after=1)
+        ctx.guard.require(request.principal, "agent.run", req.model, "model")
+        ctx.guard.limit("stream_starts", None, request.principal)
         stream = ctx.streams.start(
-            agent=req.model, messages=messages, owner=f"anthropic:{request.id}"
+            agent=req.model,
+            messages=messages,
+            owner=f"anthropic:{request.id}",
         )
         headers = {"x-raafd-stream": stream.id}
         translator = MessageTranslator(f"msg_{stream.id}")
