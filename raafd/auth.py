@@ -47,6 +47,13 @@ class Principal:
     user: str
     roles: frozenset[str] = field(factory=frozenset)
 
+    @property
+    def counted_as(self) -> str:
+        """The name per-principal caps count under (``streams.max_streams_per_principal``):
+        the user, or empty for :data:`ANONYMOUS` (with auth off there is nobody to tell
+        apart; the per-connection and global caps still hold)."""
+        return "" if self.user == "anonymous" else self.user
+
 
 ANONYMOUS = Principal("anonymous")
 """Whoever acts where no token is needed (auth off, public endpoints)."""

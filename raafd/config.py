@@ -429,6 +429,9 @@ class StreamsConfig:
 
     max_streams: int = field(default=10_000, validator=_positive)
     max_streams_per_connection: int = field(default=32, validator=_positive)
+    # Running streams one principal may have started, over all its connections and requests
+    # (background jobs are not counted: they queue instead). Not applied with auth off.
+    max_streams_per_principal: int = field(default=100, validator=_positive)
     log_max_events: int = field(default=100_000, validator=_positive)
     log_max_bytes: int = field(default=8 << 20, validator=_positive)
     retention: float = field(default=300.0, validator=_non_negative)

@@ -447,9 +447,11 @@ class Daemon:
         self.guard.require(conn.principal, "room.join", room, "room")
         return sorted(self.rooms.get(room, conn.user).members)
 
-    def start_workflow(self, cmd: WorkflowStart, owner: str) -> Stream:
+    def start_workflow(self, cmd: WorkflowStart, owner: str, principal: str = "") -> Stream:
         """Start a workflow's stream, checked against the agents configured now."""
-        return start_workflow(self.streams, cmd, self.config.agents, owner=owner)
+        return start_workflow(
+            self.streams, cmd, self.config.agents, owner=owner, principal=principal
+        )
 
     def _callback_post(self, client: httpx.AsyncClient) -> Post | None:
         """Job and batch callbacks: signed with the secret in ``jobs.callback_secret_env``

@@ -288,3 +288,50 @@ async def test_rate_limits_answer_rate_limited_then_429_and_close_4429(
     snapshot = rd.daemon.metrics.snapshot()
     assert snapshot["raafd_rate_limited_total{limit=connection.stream_starts}"] == 5
     assert snapshot["raafd_rate_limited_total{limit=principal.stream_starts}"] == 1
+
+
+async def test_a_principals_running_streams_are_capped_across_connections_and_transports(
+    start_daemon: Any, make_config: Any, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    slow = {"demo": {"tokens_per_second": 1.0, "reply_words": 200}}
+    rd = await _daemon(
+        start_daemon,
+        make_config,
+        tmp_path,
+        rsa_key,
+        providers=slow,
+        streams={"max_streams_per_principal": 2},
+    )
+    headers = [("Authorization", f"Bearer {ALICE_TOKEN}"), ("Origin", "https://app.test")]
+    as_alice = {"authorization": f"Bearer {ALICE_TOKEN}"}
+    carol = jwt.encode(_claims(sub="carol", roles=["ops"]), rsa_key, "RS256", headers={"kid": "k1"})
+    start = {"type": "stream.start", "ref": "s", "input": "x"}
+    with trio.fail_after(30):
+        async with (
+            open_ws(rd.ws_url, extra_headers=headers) as first,
+            open_ws(rd.ws_url, extra_headers=headers) as second,
+            httpx.AsyncClient(base_url=rd.base_url) as http,
+        ):
+            await recv(first), await recv(second)
+            await first.send_message(json.dumps(start))
+            assert (await recv(first))["type"] == "stream.started"
+            started = await http.post("/v1/streams", json={"input": "x"}, headers=as_alice)
+            assert started.status_code == 201
+            await second.send_message(json.dumps(start))
+            while (reply := await recv(second)).get("ref") != "s":
+                pass
+            assert reply["type"] == "error" and reply["code"] == "too_many_streams"
+            refused = await http.post("/v1/streams", json={"input": "x"}, headers=as_alice)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "too_many_streams"
+            # Another principal is not held back by alice's streams.
+            other = await http.post(
+                "/v1/streams", json={"input": "x"}, headers={"authorization": f"Bearer {carol}"}
+            )
+            assert other.status_code == 201
+            # A stream that ends gives its place back.
+            stream = started.json()["stream"]
+            cancelled = await http.post(f"/v1/streams/{stream}/cancel", headers=as_alice)
+            assert cancelled.status_code == 200
+            again = await http.post("/v1/streams", json={"input": "x"}, headers=as_alice)
+            assert again.status_code == 201

@@ -848,6 +848,32 @@ async def test_limits_and_bad_starts(
         manager.get("st_missing")
 
 
+async def test_a_principal_runs_at_most_its_cap_over_all_its_connections(
+    autojump_clock: trio.testing.MockClock, start_manager: StartManager
+) -> None:
+    hang = HangingProvider()
+    manager = await start_manager(
+        providers={"hang": hang}, max_streams_per_connection=2, max_streams_per_principal=3
+    )
+    alice = [
+        manager.start(agent="hang", messages=user(), owner=owner, principal="alice")
+        for owner in ("c1", "c1", "c2")
+    ]
+    with pytest.raises(TooManyStreams) as refused:
+        manager.start(agent="hang", messages=user(), owner="c3", principal="alice")
+    assert "alice already runs 3 streams" in refused.value.message
+    # Others, and starts no principal is counted for (auth off, background jobs), go on.
+    manager.start(agent="hang", messages=user(), owner="c4", principal="bob")
+    manager.start(agent="hang", messages=user(), owner="c5")
+    alice[0].cancel("client")  # an ended stream gives its place back
+    manager.start(agent="hang", messages=user(), owner="c3", principal="alice")
+    with pytest.raises(TooManyStreams):
+        manager.start(agent="hang", messages=user(), owner="c3", principal="alice")
+    for stream in [*alice[1:]]:
+        stream.cancel("client")
+    assert manager.running_count() == 3
+
+
 async def test_drain_lets_streams_finish_then_cancels_the_rest(
     autojump_clock: trio.testing.MockClock,
     start_manager: StartManager,

@@ -176,6 +176,7 @@ def start_workflow(
     agents: Mapping[str, Any],
     *,
     owner: str,
+    principal: str = "",
     detach_grace: float | None = None,
 ) -> Stream:
     """Check ``cmd`` against the configured ``agents`` and start its stream (what
@@ -191,6 +192,7 @@ def start_workflow(
         messages=_user(workflow.input),
         stream_id=cmd.stream,
         owner=owner,
+        principal=principal,
         detach_grace=detach_grace,
         body=workflow_body(bodies.runner, workflow),
     )

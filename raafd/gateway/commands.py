@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WorkflowStarter", "add_connection_commands", "add_stream_commands"]
 
-WorkflowStarter = Callable[[WorkflowStart, str], "Stream"]
+WorkflowStarter = Callable[[WorkflowStart, str, str], "Stream"]  # cmd, owner, principal
 """Starts a ``workflow.start`` command's stream for an owner (checked against the running
 agents); raises what :meth:`StreamManager.start` raises."""
 
@@ -74,6 +74,7 @@ def add_stream_commands(
             messages=cmd.conversation(),
             stream_id=cmd.stream,
             owner=conn.id,
+            principal=conn.principal.counted_as,
             session=cmd.session,
         )
         _attach_started(conn, streams, stream.id, cmd.ref)
@@ -83,7 +84,7 @@ def add_stream_commands(
             raise Unavailable("the server is draining; start the workflow elsewhere")
         guard.require_agents(conn.principal, cmd.agents, cmd.synthesizer)
         conn.check_room()
-        stream = start_workflow(cmd, conn.id)
+        stream = start_workflow(cmd, conn.id, conn.principal.counted_as)
         _attach_started(conn, streams, stream.id, cmd.ref)
 
     async def attach(conn: Peer, cmd: StreamAttach) -> None:

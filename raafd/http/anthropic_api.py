@@ -88,6 +88,7 @@ def add_anthropic_routes(router: Router, ctx: StreamingContext) -> None:
             agent=req.model,
             messages=messages,
             owner=f"anthropic:{request.id}",
+            principal=request.principal.counted_as,
         )
         headers = {"x-raafd-stream": stream.id}
         translator = MessageTranslator(f"msg_{stream.id}")

@@ -430,7 +430,10 @@ def start_completion(
         ctx.guard.limit("stream_starts", None, principal)
         try:
             stream = ctx.streams.start(
-                agent=req.model, messages=messages, owner=f"openai:{request_id}"
+                agent=req.model,
+                messages=messages,
+                owner=f"openai:{request_id}",
+                principal=principal.counted_as,
             )
         except NotFound as err:
             if err.field == "agent":  # removed by a reload since the check above

@@ -150,6 +150,7 @@ def add_responses_routes(
             messages=messages,
             stream_id=response_id,
             owner=f"responses:{request.id}",
+            principal=request.principal.counted_as,
             session=session,
             detach_grace=math.inf if req.background else None,
         )

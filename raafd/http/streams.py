@@ -146,6 +146,7 @@ def start_stream(
         messages=cmd.conversation(),
         stream_id=cmd.stream,
         owner=f"http:{request_id}",
+        principal=principal.counted_as,
         session=cmd.session,
     )
 

@@ -183,6 +183,7 @@ def start_ui_chat(
         agent=agent,
         messages=[{"role": "user", "content": text}],
         owner=f"ui:{request_id}",
+        principal=principal.counted_as,
         session=req.id,
     )
     # "cancel" in the body, or the header the other protocol adapters take.

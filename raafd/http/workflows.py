@@ -36,9 +36,9 @@ __all__ = ["add_workflow_routes"]
 def add_workflow_routes(
     router: Router,
     ctx: StreamingContext,
-    start_workflow: Callable[[WorkflowStart, str], Stream],
+    start_workflow: Callable[[WorkflowStart, str, str], Stream],
 ) -> None:
-    """``start_workflow(cmd, owner)`` checks the command against the running agents and
+    """``start_workflow(cmd, owner, principal)`` checks the command against the running agents and
     starts its stream."""
 
     async def start(request: Request) -> Response | StreamingResponse:
@@ -52,7 +52,7 @@ def add_workflow_routes(
         cmd = structure(data, WorkflowStart)
         ctx.guard.require_agents(request.principal, cmd.agents, cmd.synthesizer)
         ctx.guard.limit("stream_starts", None, request.principal)
-        stream = start_workflow(cmd, f"http:{request.id}")
+        stream = start_workflow(cmd, f"http:{request.id}", request.principal.counted_as)
         framing = framing_for(request.headers.get("accept", ""), None)
         if framing is not None:
             return event_stream(ctx, stream.id, 0, framing)

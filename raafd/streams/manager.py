@@ -7,8 +7,9 @@ runs every stream's timers (:class:`~raafd.timers.Timers`).
 
 Bounds (DESIGN invariant 2):
 
-- at most ``max_streams`` streams running at once, and at most ``max_streams_per_connection``
-  per non-empty ``owner``: :meth:`StreamManager.start` refuses more with ``TooManyStreams``;
+- at most ``max_streams`` streams running at once, at most ``max_streams_per_connection``
+  per non-empty ``owner`` and at most ``max_streams_per_principal`` per non-empty
+  ``principal``: :meth:`StreamManager.start` refuses more with ``TooManyStreams``;
 - a finished stream stays retrievable (replay, status) for ``retention`` seconds after its
   terminal event; at most ``max_streams`` finished streams are retained, and beyond that the
   one that ended first is forgotten early;
@@ -100,6 +101,8 @@ class StreamManager:
         self._streams: dict[str, Stream] = {}  # running and retained
         self._running: dict[str, Stream] = {}
         self._per_owner: Counter[str] = Counter()
+        self._per_principal: Counter[str] = Counter()
+        self._principal_of: dict[str, str] = {}  # running stream → the principal counted
         self._ended: OrderedDict[str, float] = OrderedDict()  # id → trio clock at its end
         self._ended_lot = trio.lowlevel.ParkingLot()  # the reaper and drain wait here
 
@@ -169,6 +172,7 @@ class StreamManager:
         messages: list[dict[str, Any]] | None = None,
         stream_id: str | None = None,
         owner: str = "",
+        principal: str = "",
         session: str | None = None,
         detach_grace: float | None = None,
         body: Body | None = None,
@@ -179,7 +183,8 @@ class StreamManager:
         with ``after=0`` sees everything.
 
         ``agent`` None means the default agent. ``owner`` is opaque (a connection id); with a
-        non-empty owner, ``max_streams_per_connection`` applies. ``detach_grace`` overrides the
+        non-empty owner, ``max_streams_per_connection`` applies; with a non-empty ``principal``
+        (a user name), ``max_streams_per_principal``. ``detach_grace`` overrides the
         configured grace for this stream (``math.inf`` for a run nobody watches).
 
         Without ``body`` the stream runs ``agent`` on ``messages`` (see the module docstring).
@@ -235,6 +240,11 @@ class StreamManager:
             raise TooManyStreams(
                 f"this connection already runs {cfg.max_streams_per_connection} streams"
             )
+        if principal and self._per_principal[principal] >= cfg.max_streams_per_principal:
+            raise TooManyStreams(
+                f"{principal} already runs {cfg.max_streams_per_principal} streams"
+                " (streams.max_streams_per_principal); wait for one to end"
+            )
 
         stream = Stream(
             agent=name,
@@ -257,6 +267,9 @@ class StreamManager:
         self._running[stream.id] = stream
         if owner:
             self._per_owner[owner] += 1
+        if principal:
+            self._per_principal[principal] += 1
+            self._principal_of[stream.id] = principal
         if kept is not None:
             self._session_streams[kept] = stream.id
         self._metrics.streams_started.inc()
@@ -353,6 +366,11 @@ class StreamManager:
             self._per_owner[stream.owner] -= 1
             if self._per_owner[stream.owner] <= 0:
                 del self._per_owner[stream.owner]
+        principal = self._principal_of.pop(stream.id, "")
+        if principal:
+            self._per_principal[principal] -= 1
+            if self._per_principal[principal] <= 0:
+                del self._per_principal[principal]
         self._ended[stream.id] = stream.ended_clock or trio.current_time()
         while len(self._ended) > self._config.max_streams:
             oldest, _ = self._ended.popitem(last=False)
