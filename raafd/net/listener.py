@@ -330,7 +330,16 @@ class PublicListener:
                 stream, prefix = handed
             # hypercorn types the stream as SSLStream; it duck-types any Stream.
             stream_arg: Any = PrefixedStream(stream, prefix)
-            await TCPServer(self._app, self._hyper, self._context, self._state, stream_arg)
+            server = TCPServer(self._app, self._hyper, self._context, self._state, stream_arg)
+            try:
+                await server
+            finally:
+                # hypercorn's connection objects refer to each other (the server holds its
+                # protocol, which holds the server's send method): about 30 objects per
+                # connection that only a collection of an old generation would free, and the
+                # daemon runs those rarely (server.gc_thresholds). Drop the finished server's
+                # references, so reference counting frees the connection at once.
+                getattr(server, "__dict__", {}).clear()
         finally:
             # hypercorn closes the socket itself, except when cancelled in its own close (its
             # send_eof is a checkpoint); never leave that to the garbage collector.
