@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from raafd.core import (
     FeedLimits,
     SlowConsumer,
     SubscriberFailed,
+    Subscription,
 )
 from raafd.errors import Gone, RaafdError
 from raafd.metrics import Metrics
@@ -193,3 +196,41 @@ async def test_a_reader_parked_on_a_dropped_subscription_wakes_with_its_error() 
             # The reader is parked, so the cursor is at the head and the push is tried.
             feed.append("content", {"delta": "x"})
             await failed.wait()
+
+
+class _Owner:
+    """What owns a feed (an agent stream) or reads one (a delivery), holding it as they do."""
+
+    def __init__(self) -> None:
+        self.feed: Feed | None = None
+        self.subscription: Subscription | None = None
+
+    def subscribers_changed(self, count: int) -> None:
+        pass
+
+    def push(self, event: StreamEvent) -> bool:
+        return True
+
+    def dropped(self, error: RaafdError) -> None:
+        pass
+
+
+def test_an_ended_feed_and_a_closed_subscription_let_go_of_their_owners() -> None:
+    # The daemon runs the collector rarely (server.gc_thresholds): an owner and its feed, or a
+    # reader and its subscription, holding each other would stay in memory long after both
+    # are done (the soak's RSS grew 6 KB per stream so). Reference counting alone frees them.
+    owner, reader = _Owner(), _Owner()
+    feed = owner.feed = _feed(on_subscribers=owner.subscribers_changed)
+    subscription = reader.subscription = feed.subscribe(0)
+    subscription.open()
+    subscription.push, subscription.on_drop = reader.push, reader.dropped
+    feed.append("content", {"delta": "x"})
+    feed.append("complete", {"final_response": "x", "finish_reason": "stop"})
+    subscription.close()
+    owners = [weakref.ref(owner), weakref.ref(reader)]
+    del owner, reader, feed, subscription
+    gc.disable()
+    try:
+        assert [ref() for ref in owners] == [None, None]
+    finally:
+        gc.enable()

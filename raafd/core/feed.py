@@ -233,6 +233,11 @@ class Feed:
             if self._solo is None and not event.terminal:  # shared: see _solo_changed
                 self._drop_laggards()
             self._deliver(event)
+        if event.terminal:
+            # What subscriber counts drove (an agent stream's detach grace) is over. Letting go
+            # of the callback also lets go of its owner: a cycle (owner -> feed -> its bound
+            # method) that reference counting alone would never free.
+            self._on_subscribers = None
         return event
 
     def backlogged(self) -> bool:
@@ -510,10 +515,14 @@ class Subscription:
         self.close()
 
     def close(self) -> None:
-        """Unregister (idempotent)."""
+        """Unregister (idempotent), and let go of the reader's callbacks: nothing is pushed to
+        or dropped from a closed subscription, and they refer back to the reader (a cycle
+        that reference counting alone would never free)."""
         if self._state == "open":
             self.feed._unregister(self)
         self._state = "closed"
+        self.push = None
+        self.on_drop = None
 
     def __aiter__(self) -> Subscription:
         return self
