@@ -127,3 +127,32 @@ async def test_streams_and_their_deliveries_leave_no_cyclic_garbage(start_daemon
             await wait_until(lambda: not manager.stats()["running"] + manager.stats()["retained"])
         assert manager.stats()["by_status"] == dict.fromkeys(manager.stats()["by_status"], 0)
     assert not found, f"cyclic garbage: {_described(found)}"
+
+
+async def test_rooms_the_bus_and_jobs_leave_no_cyclic_garbage(start_daemon: Any) -> None:
+    rd = await start_daemon(
+        providers=FAST,
+        streams={"retention": 0.0},
+        rooms={"lobby": {"agent": "assistant"}},
+    )
+    manager = rd.daemon.streams
+    with cyclic_garbage() as found:
+        with trio.fail_after(60):
+            async with open_ws(rd.ws_url) as ws, open_ws(rd.ws_url) as watcher:
+                await recv(ws), await recv(watcher)
+                await _command(watcher, type="events.subscribe", pattern="room.>")
+                await _command(ws, type="room.join", room="lobby")
+                await _command(watcher, type="room.join", room="lobby")
+                # A message, and one the room's agent answers in a stream of its own.
+                await _command(ws, type="room.send", room="lobby", text="hello")
+                await _command(ws, type="room.send", room="lobby", text="@assistant hi")
+                while (await recv(ws)).get("event") != "complete":
+                    pass
+                await _command(watcher, type="room.leave", room="lobby")
+                await _command(watcher, type="events.unsubscribe", sub="room.>")
+            async with httpx.AsyncClient(base_url=rd.base_url, timeout=30) as http:
+                job = (await http.post("/v1/jobs", json={"input": "x"})).json()
+                done = await http.get(f"/v1/jobs/{job['job']}", params={"wait": 20})
+                assert done.json()["status"] == "completed", done.json()
+            await wait_until(lambda: not manager.stats()["running"] + manager.stats()["retained"])
+    assert not found, f"cyclic garbage: {_described(found)}"
