@@ -44,16 +44,31 @@ def test_a_preflight_from_an_allowed_origin_is_answered_204() -> None:
     assert dict(answer.headers) == {
         "access-control-allow-origin": APP,
         "access-control-allow-credentials": "true",
-        "vary": "Origin",
+        "vary": "Origin, Access-Control-Request-Headers",
         "access-control-allow-methods": ALLOW_METHODS,
-        "access-control-allow-headers": ALLOW_HEADERS,
+        "access-control-allow-headers": "authorization, content-type",
         "access-control-max-age": MAX_AGE,
     }
-    for name in ("authorization", "content-type", "last-event-id", "accept"):
+    for name in ("authorization", "content-type", "last-event-id", "accept", "x-api-key"):
         assert name in ALLOW_HEADERS.split(", ")
     # OPTIONS without Access-Control-Request-Method is no preflight: it goes on (405, 401 …).
     plain = cors(APP, "OPTIONS", {"origin": APP}, [APP])
     assert plain.preflight is None and dict(plain.headers) == ALLOWED
+
+
+def test_a_preflight_gets_the_headers_it_asks_for_when_they_are_header_names() -> None:
+    def allowed(asked: str | None) -> str:
+        headers = {"origin": APP, "access-control-request-method": "POST"}
+        if asked is not None:
+            headers["access-control-request-headers"] = asked
+        return dict(cors(APP, "OPTIONS", headers, [APP]).headers)["access-control-allow-headers"]
+
+    # What the Anthropic and OpenAI SDKs send from a browser.
+    sdk = "X-Api-Key, anthropic-version, content-type, x-stainless-os, x-stainless-retry-count"
+    assert allowed(sdk) == sdk.lower()
+    assert allowed("x-raafd-agent,x-raafd-agent") == "x-raafd-agent"
+    for odd in (None, "", "bad header", "x\r\ny", ",".join(f"x-{n}" for n in range(65))):
+        assert allowed(odd) == ALLOW_HEADERS, odd
 
 
 def test_a_disallowed_origin_gets_no_cors_headers_and_its_preflight_403() -> None:
@@ -116,7 +131,7 @@ async def test_both_http_paths_apply_it_and_preflights_come_before_auth(start_da
         )
         assert pre.status == 204 and pre.body == b"" and "content-length" not in pre.headers
         assert cors_headers(pre)["access-control-allow-methods"] == ALLOW_METHODS
-        assert cors_headers(pre)["access-control-allow-headers"] == ALLOW_HEADERS
+        assert cors_headers(pre)["access-control-allow-headers"] == "authorization, content-type"
         assert cors_headers(pre)["access-control-max-age"] == MAX_AGE
         assert cors_headers(pre)["access-control-allow-origin"] == APP
         # ... on any path, known or not: it reveals nothing.
