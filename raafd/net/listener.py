@@ -44,12 +44,22 @@ log = get_logger("raafd.listener")
 
 
 class PrefixedStream(trio.abc.HalfCloseableStream):
-    """A socket stream whose first reads return bytes already read from it."""
+    """A socket stream whose first reads return bytes already read from it, for hypercorn.
+
+    Its sends take turns: hypercorn's close (``send_eof``, from one task) could otherwise meet
+    an error response being written (``send_all``, from another, under hypercorn's own send
+    lock, which its close does not take), and trio refuses two senders at once with
+    ``BusyResourceError``, which failed the connection's handler (the fuzzer found it after
+    malformed requests). A ``send_all`` now waits out a ``send_eof`` in progress (and then meets
+    the closed stream, which hypercorn handles); a ``send_eof`` while a ``send_all`` is under
+    way raises ``BusyResourceError`` at once, as before, which hypercorn's close takes as "the
+    peer is gone" before closing the socket."""
 
     def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
         self.inner = inner
         self.socket = inner.socket
         self._prefix = prefix
+        self._sending = trio.Lock()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
@@ -60,13 +70,18 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         return await self.inner.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
+        async with self._sending:
+            await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
+        async with self._sending:
+            await self.inner.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self.inner.send_eof()
+        if self._sending.locked():
+            raise trio.BusyResourceError("another task is sending on this stream")
+        async with self._sending:
+            await self.inner.send_eof()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
