@@ -52,7 +52,7 @@ class Principal:
         """The name per-principal caps count under (``streams.max_streams_per_principal``):
         the user, or empty for :data:`ANONYMOUS` (with auth off there is nobody to tell
         apart; the per-connection and global caps still hold)."""
-        return "" if self.user == "anonymous" else self.user
+        return "" if self.user == ANONYMOUS.user else self.user
 
 
 ANONYMOUS = Principal("anonymous")
