@@ -1,7 +1,13 @@
-"""A raafd of its own for the abuse benchmarks (fuzz.py, slowloris.py, soak.py): ``python -m
-raafd.cli serve`` from this tree with a generated config, pinned to the first core of this
-process's affinity mask while the calling script moves to the last one; stopped (SIGTERM, then
-SIGKILL) on the way out. Also the process figures they print (RSS, open fds)."""
+"""A raafd of its own for the benchmarks: ``python -m raafd.cli serve`` from this tree with a
+generated config, pinned to one core while the calling script (the load generator) moves to
+another; stopped (SIGTERM, then SIGKILL) on the way out.
+
+- :func:`running_daemon`: the abuse benchmarks (fuzz.py, slowloris.py, soak.py), sessions in
+  memory, with the process figures they print (RSS, open fds);
+- :func:`serving`: the throughput benchmarks (dm_bench.py, job_bench.py, room_bench.py), on
+  SQLite in a temporary state directory as deployed (every acknowledgement durable), with the
+  server's CPU seconds and the store's group-commit figures.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -129,3 +136,95 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("raafd did not start:\n" + log.read_text()[-3000:]) from None
             time.sleep(0.05)
+
+
+@attrs.define
+class Served:
+    """A running ``raafd serve`` of :func:`serving`."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    load_core: int  # the core this process (the load generator) now runs on
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU the server has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def serving(
+    sections: str = "",
+    *,
+    server: str = "",
+    core: int = 0,
+    profile: str | None = None,
+    token: str = "",
+) -> Iterator[Served]:
+    """``raafd serve`` on SQLite until the block ends: ``[server]`` (a free port, plus the
+    ``server`` lines), ``[state]``, ``[admin]`` and ``[logging] level = "warning"`` are written
+    here, ``sections`` (more TOML tables) after them. Pinned to ``core``, this process to
+    another; ``profile``: run the server under cProfile into that path. Yields once
+    ``/readyz`` answers 200 (with ``token`` as the bearer when auth is on)."""
+    cores = sorted(os.sched_getaffinity(0))
+    load_core = next((c for c in cores if c != core), core)
+    with tempfile.TemporaryDirectory(prefix="raafd-bench-") as tmp:
+        port = _free_port()
+        config = Path(tmp) / "raafd.toml"
+        config.write_text(
+            f"[server]\nport = {port}\n{server}\n"
+            f'[state]\ndir = "{Path(tmp) / "var"}"\n'
+            f'[admin]\nsocket = "{Path(tmp) / "admin.sock"}"\n'
+            '[logging]\nlevel = "warning"\n' + sections
+        )
+        pin = ["taskset", "-c", str(core)] if shutil.which("taskset") else []
+        cprofile = ["-m", "cProfile", "-o", profile] if profile else []
+        cmd = [*pin, sys.executable, *cprofile, "-m", "raafd.cli", "serve", "--config", str(config)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            os.sched_setaffinity(0, {load_core})
+            _wait_ready(proc, port, token)
+            yield Served(proc, port, load_core)
+        finally:
+            proc.terminate()  # SIGTERM: a profiled server writes its profile on the way out
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, token: str) -> None:
+    import httpx
+
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"raafd exited ({proc.returncode}) before it was ready")
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{port}/readyz", headers=headers)
+            if answer.status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("raafd was not ready within 60 s")
+
+
+def store_line(stats: dict[str, Any]) -> str:
+    """The store's group-commit figures from ``/v1/stats``, as the throughput benches print
+    them."""
+    store = stats.get("store", {})
+    return (
+        f"  store: {store.get('commits')} commits, mean batch {store.get('mean_batch')},"
+        f" largest {store.get('largest_batch')}, mean commit {store.get('mean_commit_ms')} ms"
+    )

@@ -11,44 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import trio
+from daemon_proc import Served, serving, store_line  # bench/ is sys.path[0]
 from trio_websocket import open_websocket_url
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def wait_ready(base: str) -> None:
-    async with httpx.AsyncClient(base_url=base) as http:
-        with trio.fail_after(60):
-            while True:
-                try:
-                    if (await http.get("/readyz")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.1)
 
 
 async def sender(
@@ -102,14 +71,12 @@ async def drain(url: str, expected: int) -> tuple[int, float]:
         return acked, time.perf_counter() - started
 
 
-async def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], port: int) -> None:
-    base = f"http://127.0.0.1:{port}"
-    url = f"ws://127.0.0.1:{port}/v1/ws"
-    await wait_ready(base)
+async def run(args: argparse.Namespace, served: Served) -> None:
+    base, url = served.base, served.ws_url
     async with open_websocket_url(f"{url}?token=tok-read") as ws:
         reader_user = json.loads(await ws.get_message())["user"]
     latencies: list[float] = []
-    cpu_before = cpu_seconds(proc.pid)
+    cpu_before = served.cpu_seconds()
     began = time.perf_counter()
     until = began + args.seconds
     async with trio.open_nursery() as nursery:
@@ -118,10 +85,10 @@ async def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], port: int
                 sender, f"{url}?token=tok-send", reader_user, args.window, until, latencies, i
             )
     elapsed = time.perf_counter() - began
-    cpu = cpu_seconds(proc.pid) - cpu_before
+    cpu = served.cpu_seconds() - cpu_before
     headers = {"authorization": "Bearer tok-send"}
     async with httpx.AsyncClient(base_url=base, headers=headers) as http:
-        store = (await http.get("/v1/stats")).json().get("store", {})
+        stats = (await http.get("/v1/stats")).json()
     latencies.sort()
     n = len(latencies)
     print(
@@ -133,14 +100,11 @@ async def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], port: int
         f" p99 {1000 * latencies[int(n * 0.99) - 1]:.2f} ms"
     )
     print(f"  server CPU: {1e6 * cpu / n:.0f} us per message")
-    print(
-        f"  store: {store.get('commits')} commits, mean batch {store.get('mean_batch')},"
-        f" largest {store.get('largest_batch')}, mean commit {store.get('mean_commit_ms')} ms"
-    )
+    print(store_line(stats))
     if args.drain:
-        cpu_before = cpu_seconds(proc.pid)
+        cpu_before = served.cpu_seconds()
         acked, took = await drain(f"{url}?token=tok-read", n)
-        cpu = cpu_seconds(proc.pid) - cpu_before
+        cpu = served.cpu_seconds() - cpu_before
         print(
             f"drain: {acked} queued messages delivered and acknowledged in {took:.1f} s:"
             f" {acked / took:,.0f}/s, server CPU {1e6 * cpu / max(acked, 1):.0f} us each"
@@ -155,36 +119,9 @@ def main() -> None:
     ap.add_argument("--core", type=int, default=0, help="the server's core")
     ap.add_argument("--no-drain", dest="drain", action="store_false")
     args = ap.parse_args()
-    cores = sorted(os.sched_getaffinity(0))
-    others = [c for c in cores if c != args.core]
-    port = free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="dm_bench."))
-    config = tmp / "raafd.toml"
-    config.write_text(
-        f'[server]\nport = {port}\n[state]\ndir = "{tmp / "var"}"\n'
-        f'[admin]\nsocket = "{tmp / "admin.sock"}"\n[logging]\nlevel = "warning"\n'
-        "[chat]\noffline_max = 1000000\n"
-        '[auth]\ntokens = ["tok-send", "tok-read"]\n'
-    )
-    pin = ["taskset", "-c", str(args.core)] if shutil.which("taskset") else []
-    proc = subprocess.Popen(
-        [*pin, sys.executable, "-m", "raafd.cli", "serve", "--config", str(config)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        if others:
-            os.sched_setaffinity(0, {others[0]})  # the load generator: another core
-        trio.run(run, args, proc, port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    sections = '[chat]\noffline_max = 1000000\n[auth]\ntokens = ["tok-send", "tok-read"]\n'
+    with serving(sections, core=args.core, token="tok-read") as served:
+        trio.run(run, args, served)
 
 
 if __name__ == "__main__":

@@ -12,43 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import trio
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def wait_ready(base: str) -> None:
-    async with httpx.AsyncClient(base_url=base) as http:
-        with trio.fail_after(60):
-            while True:
-                try:
-                    if (await http.get("/readyz")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.1)
+from daemon_proc import Served, serving, store_line  # bench/ is sys.path[0]
 
 
 async def submitter(port: int, bodies: list[bytes], statuses: list[int]) -> None:
@@ -76,13 +45,12 @@ async def submitter(port: int, bodies: list[bytes], statuses: list[int]) -> None
             statuses.append(int(head.split(b" ", 2)[1]))
 
 
-async def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], port: int) -> None:
-    base = f"http://127.0.0.1:{port}"
-    await wait_ready(base)
+async def run(args: argparse.Namespace, served: Served) -> None:
+    base, port = served.base, served.port
     bodies = [json.dumps({"input": f"job {n}"}).encode() for n in range(args.jobs)]
     shards = [bodies[i :: args.connections] for i in range(args.connections)]
     statuses: list[int] = []
-    cpu_before = cpu_seconds(proc.pid)
+    cpu_before = served.cpu_seconds()
     began = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for shard in shards:
@@ -103,7 +71,7 @@ async def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], port: int
         listed = (await http.get("/v1/jobs", params={"limit": "1000"})).json()["jobs"]
         last_end = max(j["finished_at"] for j in listed)
         completed_in = time.perf_counter() - began - (time.time() - last_end)
-        cpu = cpu_seconds(proc.pid) - cpu_before
+        cpu = served.cpu_seconds() - cpu_before
         waits: list[float] = []
         cursor: str | None = None
         while True:
@@ -117,7 +85,6 @@ async def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], port: int
             cursor = page["next_cursor"]
             if cursor is None:
                 break
-    store = stats.get("store", {})
     waits.sort()
     n = len(waits)
     print(
@@ -131,10 +98,7 @@ async def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], port: int
         f" p99 {1000 * waits[int(n * 0.99) - 1]:.1f} ms"
     )
     print(f"  server CPU: {1e6 * cpu / args.jobs:.0f} us per job (submit, run, two writes)")
-    print(
-        f"  store: {store.get('commits')} commits, mean batch {store.get('mean_batch')},"
-        f" largest {store.get('largest_batch')}, mean commit {store.get('mean_commit_ms')} ms"
-    )
+    print(store_line(stats))
 
 
 def main() -> None:
@@ -146,38 +110,12 @@ def main() -> None:
     ap.add_argument("--core", type=int, default=0, help="the server's core")
     ap.add_argument("--profile", metavar="PATH", help="run the server under cProfile into PATH")
     args = ap.parse_args()
-    cores = sorted(os.sched_getaffinity(0))
-    others = [c for c in cores if c != args.core]
-    port = free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="job_bench."))
-    config = tmp / "raafd.toml"
-    config.write_text(
-        f'[server]\nport = {port}\n[state]\ndir = "{tmp / "var"}"\n'
-        f'[admin]\nsocket = "{tmp / "admin.sock"}"\n[logging]\nlevel = "warning"\n'
-        f'[providers.demo]\ntype = "demo"\ntokens_per_second = 100000.0\n'
-        f"reply_words = {args.words}\n"
-        f"[jobs]\nworkers = {args.workers}\n"
+    sections = (
+        '[providers.demo]\ntype = "demo"\ntokens_per_second = 100000.0\n'
+        f"reply_words = {args.words}\n[jobs]\nworkers = {args.workers}\n"
     )
-    pin = ["taskset", "-c", str(args.core)] if shutil.which("taskset") else []
-    profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-    proc = subprocess.Popen(
-        [*pin, sys.executable, *profile, "-m", "raafd.cli", "serve", "--config", str(config)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        if others:
-            os.sched_setaffinity(0, {others[0]})  # the load generator: another core
-        trio.run(run, args, proc, port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with serving(sections, core=args.core, profile=args.profile) as served:
+        trio.run(run, args, served)
 
 
 if __name__ == "__main__":

@@ -16,37 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-# This directory is sys.path[0] when the script runs as `python bench/room_bench.py`.
-from dm_bench import cpu_seconds, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+import httpx
+from daemon_proc import ROOT, serving, store_line  # bench/ is sys.path[0]
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("raafd exited before it was ready")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("raafd was not ready within 60 s")
-
-
-def config(tmp: Path, port: int, args: argparse.Namespace) -> str:
+def config(args: argparse.Namespace) -> str:
     off = "{ rate = 0.0 }"
     rooms = "\n".join(
         f"[rooms.room-{r}]\nmax_members = {args.members + 10}\nrate_limit = 100000\n"
@@ -54,9 +31,6 @@ def config(tmp: Path, port: int, args: argparse.Namespace) -> str:
         for r in range(args.rooms)
     )
     return (
-        f"[server]\nport = {port}\nmax_connections = {args.members + 100}\n"
-        f'[state]\ndir = "{tmp / "var"}"\n'
-        f'[admin]\nsocket = "{tmp / "admin.sock"}"\n[logging]\nlevel = "warning"\n'
         f"[chat]\nmax_rooms = {args.rooms + 10}\nmax_rooms_per_user = {args.rooms + 10}\n"
         f"max_lag = 100000\nsend_queue = 100000\n"
         f"[limits.connection]\ncommands = {off}\nroom_sends = {off}\n"
@@ -81,29 +55,11 @@ def main() -> None:
     ap.add_argument("--core", type=int, default=0, help="the server's core")
     ap.add_argument("--profile", metavar="PATH", help="run the server under cProfile into PATH")
     args = ap.parse_args()
-    cores = sorted(os.sched_getaffinity(0))
-    other = next((c for c in cores if c != args.core), args.core)
-    port = free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="room_bench."))
-    (tmp / "raafd.toml").write_text(config(tmp, port, args))
     pin = shutil.which("taskset")
-    profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-    server = [
-        *([pin, "-c", str(args.core)] if pin else []),
-        sys.executable,
-        *profile,
-        "-m",
-        "raafd.cli",
-    ]
-    proc = subprocess.Popen(
-        [*server, "serve", "--config", str(tmp / "raafd.toml")],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_ready(port, proc)
-        cpu_before = cpu_seconds(proc.pid)
+    server = f"max_connections = {args.members + 100}"
+    with serving(config(args), server=server, core=args.core, profile=args.profile) as served:
+        other, port = served.load_core, served.port
+        cpu_before = served.cpu_seconds()
         loadgen = [
             *([pin, "-c", str(other)] if pin else []),
             "node",
@@ -127,10 +83,8 @@ def main() -> None:
             "8",
         ]
         out = subprocess.run(loadgen, capture_output=True, text=True, timeout=args.seconds + 300)
-        cpu = cpu_seconds(proc.pid) - cpu_before
-        import httpx
-
-        store = httpx.get(f"http://127.0.0.1:{port}/v1/stats").json().get("store", {})
+        cpu = served.cpu_seconds() - cpu_before
+        stats = httpx.get(f"{served.base}/v1/stats").json()
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         if not lines:
             raise SystemExit(f"the load generator printed nothing: {out.stderr[-2000:]}")
@@ -157,18 +111,7 @@ def main() -> None:
             f" id gaps: {result['gaps']}"
         )
         print(f"  load generator CPU: {result['loadgen_cpu_ms'] / 1000:.2f} s")
-        print(
-            f"  store: {store.get('commits')} commits, mean batch {store.get('mean_batch')},"
-            f" largest {store.get('largest_batch')}, mean commit {store.get('mean_commit_ms')} ms"
-        )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        print(store_line(stats))
 
 
 if __name__ == "__main__":
