@@ -119,7 +119,12 @@ def main() -> None:
     ap.add_argument("--core", type=int, default=0, help="the server's core")
     ap.add_argument("--no-drain", dest="drain", action="store_false")
     args = ap.parse_args()
-    sections = '[chat]\noffline_max = 1000000\n[auth]\ntokens = ["tok-send", "tok-read"]\n'
+    off = "{ rate = 0.0 }"  # the rate limits have tests of their own; this measures the path
+    sections = (
+        '[chat]\noffline_max = 1000000\n[auth]\ntokens = ["tok-send", "tok-read"]\n'
+        f"[limits.connection]\ncommands = {off}\nroom_sends = {off}\n"
+        f"[limits.principal]\ncommands = {off}\nroom_sends = {off}\n"
+    )
     with serving(sections, core=args.core, token="tok-read") as served:
         trio.run(run, args, served)
 
