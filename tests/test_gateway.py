@@ -79,7 +79,12 @@ async def test_welcome_stream_and_one_terminal(start_daemon: Any) -> None:
         assert ws.subprotocol == "raafd.v1"
         welcome = await recv(ws)
         assert welcome["type"] == "welcome" and welcome["conn"] and welcome["user"] == "anonymous"
-        assert welcome["limits"]["max_frame"] == 1 << 20
+        assert welcome["limits"] == {
+            "max_frame": 1 << 20,
+            "max_streams": 32,
+            "max_streams_per_principal": 100,
+            "heartbeat_timeout": 60.0,
+        }
         stream = await start_stream(ws)
         events = await read_events(ws)
         assert_contiguous(events)

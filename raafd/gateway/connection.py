@@ -445,6 +445,8 @@ class Connection:
                 "limits": {
                     "max_frame": cfg.websocket.max_frame,
                     "max_streams": cfg.streams.max_streams_per_connection,
+                    # Over all this principal's connections (not counted with auth off).
+                    "max_streams_per_principal": cfg.streams.max_streams_per_principal,
                     "heartbeat_timeout": cfg.websocket.heartbeat_timeout,
                 },
             }
