@@ -19,6 +19,8 @@ from tests.waiting import wait_until
 
 FAST = {"providers": {"demo": {"tokens_per_second": 1000.0, "reply_words": 12}}}
 SLOW = {"providers": {"demo": {"tokens_per_second": 20.0, "reply_words": 400}}}
+# Running for about 5 s, then read to its end: long enough to drop and resume while it runs.
+RESUMABLE = {"providers": {"demo": {"tokens_per_second": 20.0, "reply_words": 100}}}
 AGENTS = {
     "assistant": {"tools": ["calculator"], "handoffs": ["billing"]},
     "billing": {"instructions": "bills"},
@@ -155,7 +157,7 @@ async def test_no_usage_from_the_upstream_is_null_usage(
 
 
 async def test_resume_after_a_disconnect_yields_exactly_the_rest(start_daemon: Any) -> None:
-    rd = await start_daemon(**SLOW)
+    rd = await start_daemon(**RESUMABLE)
     async with httpx.AsyncClient(base_url=rd.base_url) as client:
         with trio.fail_after(30):
             async with client.stream("POST", "/v1/ui/chat", json=body("c6", "go")) as r:
@@ -182,7 +184,7 @@ async def test_resume_after_a_disconnect_yields_exactly_the_rest(start_daemon: A
 async def test_a_plain_resume_replays_the_running_answer_from_its_start(
     start_daemon: Any,
 ) -> None:
-    rd = await start_daemon(**SLOW)
+    rd = await start_daemon(**RESUMABLE)
     async with httpx.AsyncClient(base_url=rd.base_url) as client:
         with trio.fail_after(30):
             assert (await client.get("/v1/ui/chat/c7/stream")).status_code == 204
