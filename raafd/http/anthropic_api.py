@@ -82,8 +82,7 @@ def add_anthropic_routes(router: Router, ctx: StreamingContext) -> None:
             )
         if ctx.draining():
             raise Unavailable("the server is draining", retry_after=1)
-        ctx.guard.require(request.principal, "agent.run", req.model, "model")
-        ctx.guard.limit("stream_starts", None, request.principal)
+        ctx.guard.admit_run(request.principal, req.model, "model")
         stream = ctx.streams.start(
             agent=req.model,
             messages=messages,

@@ -426,8 +426,7 @@ def start_completion(
             return _model_not_found(req.model)
         if ctx.draining():
             raise Unavailable("the server is draining", retry_after=1)
-        ctx.guard.require(principal, "agent.run", req.model, "model")
-        ctx.guard.limit("stream_starts", None, principal)
+        ctx.guard.admit_run(principal, req.model, "model")
         try:
             stream = ctx.streams.start(
                 agent=req.model,

@@ -141,8 +141,7 @@ def add_responses_routes(
             )
         if ctx.draining():
             raise Unavailable("the server is draining", retry_after=1)
-        ctx.guard.require(request.principal, "agent.run", req.model, "model")
-        ctx.guard.limit("stream_starts", None, request.principal)
+        ctx.guard.admit_run(request.principal, req.model, "model")
         await check_previous(req)
         response_id, session = new_response_id(req.previous_response_id)
         stream = ctx.streams.start(

@@ -139,8 +139,7 @@ def start_stream(
     if ctx.draining():
         raise Unavailable("the server is draining", retry_after=1)
     cmd = decode_body(body, StreamStart)
-    ctx.guard.require(principal, "agent.run", cmd.agent or ctx.config().default_agent, "agent")
-    ctx.guard.limit("stream_starts", None, principal)
+    ctx.guard.admit_run(principal, cmd.agent or ctx.config().default_agent, "agent")
     return ctx.streams.start(
         agent=cmd.agent,
         messages=cmd.conversation(),

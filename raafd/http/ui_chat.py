@@ -177,8 +177,7 @@ def start_ui_chat(
     req = structure(json_object(body), UIChatRequest)
     text = run_input(req)
     agent = req.agent or headers.get("x-raafd-agent") or query.get("agent")
-    ctx.guard.require(principal, "agent.run", agent or ctx.config().default_agent, "agent")
-    ctx.guard.limit("stream_starts", None, principal)
+    ctx.guard.admit_run(principal, agent or ctx.config().default_agent, "agent")
     stream = ctx.streams.start(
         agent=agent,
         messages=[{"role": "user", "content": text}],

@@ -83,6 +83,14 @@ class Guard:
         if synthesizer is not None:
             self.require(principal, "agent.run", synthesizer, "synthesizer")
 
+    def admit_run(self, principal: Principal, agent: str, field: str) -> None:
+        """What every HTTP stream start checks before it starts: ``forbidden`` unless the
+        principal may run ``agent`` (named by ``field``), then ``rate_limited`` past its
+        ``stream_starts``. One method, so no endpoint can start a stream with only half of it.
+        (The WebSocket gateway limits per connection as well, in its command loop.)"""
+        self.require(principal, "agent.run", agent, field)
+        self.limit("stream_starts", None, principal)
+
     def limit(self, action: str, conn: ConnectionLimits | None, principal: Principal) -> None:
         """Raise ``rate_limited`` when ``action`` is over a limit (see
         :meth:`~raafd.security.limiter.Limiter.check`)."""
